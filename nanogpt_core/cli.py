@@ -1,0 +1,277 @@
+"""The ``gpt`` command.
+
+Everything heavy (torch, datasets) is imported inside the commands that need it,
+so ``gpt --help`` and ``gpt plugins`` stay fast. Plugins are loaded in
+:func:`main`, never at import time, and handed to the commands through click's
+context object.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from nanogpt_core import __version__
+from nanogpt_core.config import ExperimentConfig, load_experiment
+from nanogpt_core.errors import ConfigError, NanoGPTError
+from nanogpt_core.options import describe_fields
+from nanogpt_core.plugins import Plugins, load_plugins
+
+DEBUG_ENV = "GPT_DEBUG"
+
+
+def debug_enabled(ctx: click.Context | None = None) -> bool:
+    """Whether tracebacks should be shown (``--debug`` or ``GPT_DEBUG=1``)."""
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        return True
+    root = ctx.find_root() if ctx else None
+    return bool(root and root.meta.get("gpt.debug"))
+
+
+def report(error: NanoGPTError) -> None:
+    """Print a user-facing error, one ``Error:`` line per problem, on stderr."""
+    for line in str(error).splitlines() or [type(error).__name__]:
+        click.echo(f"Error: {line}", err=True)
+
+
+class GptGroup(click.Group):
+    """A click group that turns :class:`NanoGPTError` into one-line errors and exit 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the subcommand, reporting user errors without a traceback."""
+        try:
+            return super().invoke(ctx)
+        except NanoGPTError as error:
+            if debug_enabled(ctx):
+                raise
+            report(error)
+            ctx.exit(error.exit_code)
+
+
+def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    ctx.meta["gpt.debug"] = value
+    return value
+
+
+def plugins_of(ctx: click.Context) -> Plugins:
+    """The :class:`Plugins` this invocation was built with."""
+    return ctx.find_object(Plugins) or load_plugins()
+
+
+EXPERIMENT = click.argument("experiment", type=click.Path(path_type=Path, dir_okay=False))
+RESULTS_DIR = click.option(
+    "--results-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default="results",
+    envvar="NANOGPT_RESULTS_DIR",
+    show_default=True,
+    help="Where results/<name>/ folders go (env: NANOGPT_RESULTS_DIR).",
+)
+DATA_DIR = click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default="data",
+    envvar="NANOGPT_DATA_DIR",
+    show_default=True,
+    help="Where prepared datasets go (env: NANOGPT_DATA_DIR).",
+)
+
+
+def load_runnable(ctx: click.Context, experiment: Path, overrides: tuple[str, ...]) -> ExperimentConfig:
+    """Load an experiment with its plugins' options checked; refuse abstract bases."""
+    config = load_experiment(experiment, overrides, plugins_of(ctx))
+    if config.abstract:
+        raise ConfigError(
+            [f"{experiment}: abstract = true: this file is a base to extend, not an experiment to run"]
+        )
+    return config
+
+
+@click.command()
+@EXPERIMENT
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a key; the value is a TOML literal (a bare word is a string).",
+)
+@click.option("--fresh", is_flag=True, help="Start over: move old results aside instead of resuming.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved experiment as JSON and exit.")
+@RESULTS_DIR
+@DATA_DIR
+@click.pass_context
+def run(
+    ctx: click.Context,
+    experiment: Path,
+    overrides: tuple[str, ...],
+    fresh: bool,
+    dry_run: bool,
+    results_dir: Path,
+    data_dir: Path,
+) -> None:
+    """Train the model an experiment file describes.
+
+    \b
+    Examples:
+      gpt run experiments/shakespeare_char.toml
+      gpt run experiments/fineweb.toml --set train.learning_rate=3e-4 --set model.n_layer=4
+      gpt run experiments/fineweb.toml --dry-run
+      accelerate launch --multi_gpu --num_processes 8 -m nanogpt_core run experiments/fineweb.toml
+    """
+    config = load_runnable(ctx, experiment, overrides)
+    if dry_run:
+        click.echo(json.dumps(config.to_dict(), indent=2))
+        return
+    from nanogpt_core.run import run_experiment
+
+    run_experiment(
+        config,
+        plugins_of(ctx),
+        results_dir=results_dir,
+        data_dir=data_dir,
+        fresh=fresh,
+    )
+
+
+@click.command()
+@EXPERIMENT
+@click.option("--force", is_flag=True, help="Prepare again even if the data is up to date.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a key.")
+@DATA_DIR
+@click.pass_context
+def prepare(
+    ctx: click.Context, experiment: Path, force: bool, overrides: tuple[str, ...], data_dir: Path
+) -> None:
+    """Prepare an experiment's dataset (train.bin, val.bin, meta.json) and nothing else.
+
+    \b
+    Examples:
+      gpt prepare experiments/shakespeare_char.toml
+      gpt prepare experiments/fineweb.toml --force --data-dir /scratch/data
+    """
+    config = load_runnable(ctx, experiment, overrides)
+    from nanogpt_core.datasets import prepare_dataset
+
+    prepared = prepare_dataset(config, plugins_of(ctx), data_dir=data_dir, force=force)
+    click.echo(f"prepared {prepared.folder}")
+
+
+def plugin_listing(plugins: Plugins) -> list[dict[str, Any]]:
+    """Everything ``gpt plugins`` shows, as plain data."""
+    registrations = [*plugins.datasets().values(), *plugins.callbacks().values()]
+    listing: list[dict[str, Any]] = []
+    for info in plugins.loaded:
+        hooks = sorted(
+            impl.name
+            for impl in plugins.manager.get_hookcallers(plugins.manager.get_plugin(info.name)) or []
+        )
+        listing.append(
+            {
+                "name": info.name,
+                "module": info.module,
+                "distribution": info.distribution,
+                "version": info.version,
+                "hooks": hooks,
+                "registers": [
+                    {
+                        "kind": r.kind,
+                        "name": r.name,
+                        "description": r.description,
+                        "options": describe_fields(r.options),
+                    }
+                    for r in registrations
+                    if r.plugin == info.name
+                ],
+            }
+        )
+    for info in plugins.broken:
+        listing.append(
+            {
+                "name": info.name,
+                "module": info.module,
+                "distribution": info.distribution,
+                "version": info.version,
+                "error": info.error,
+            }
+        )
+    return listing
+
+
+@click.command(name="plugins")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.pass_context
+def plugins_command(ctx: click.Context, as_json: bool) -> None:
+    """List installed plugins, what they register and their options.
+
+    \b
+    Examples:
+      gpt plugins
+      gpt plugins --json
+    """
+    listing = plugin_listing(plugins_of(ctx))
+    if as_json:
+        click.echo(json.dumps(listing, indent=2, default=str))
+        return
+    for entry in listing:
+        origin = f"{entry['distribution']} {entry['version']}" if entry["distribution"] else "in-process"
+        if "error" in entry:
+            click.echo(f"{entry['name']} ({origin}): BROKEN: {entry['error']}")
+            continue
+        click.echo(f"{entry['name']} ({origin}) hooks: {', '.join(entry['hooks'])}")
+        for reg in entry["registers"]:
+            click.echo(f"  {reg['kind']} {reg['name']}: {reg['description']}")
+            for opt in reg["options"]:
+                default = "required" if opt["required"] else f"default {json.dumps(opt['default'])}"
+                click.echo(f"    {opt['name']} ({default}): {opt['doc']}")
+
+
+def make_cli(plugins: Plugins) -> click.Group:
+    """Build the ``gpt`` group with the core commands and those plugins add."""
+
+    @click.group(cls=GptGroup, context_settings={"obj": plugins, "help_option_names": ["-h", "--help"]})
+    @click.version_option(__version__, prog_name="gpt")
+    @click.option(
+        "--debug",
+        is_flag=True,
+        expose_value=False,
+        is_eager=True,
+        callback=_set_debug,
+        help="Show tracebacks for errors (env: GPT_DEBUG=1).",
+    )
+    def gpt() -> None:
+        """Pre-train GPT models from experiment files, extended by plugins.
+
+        \b
+        Examples:
+          gpt run experiments/shakespeare_char.toml
+          gpt plugins
+        """
+
+    for command in (run, prepare, plugins_command):
+        gpt.add_command(command)
+    plugins.add_commands(gpt)
+    return gpt
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``gpt`` console script."""
+    try:
+        plugins = load_plugins()
+        for info in plugins.broken:
+            origin = f" ({info.distribution} {info.version})" if info.distribution else ""
+            click.echo(
+                f"Warning: plugin {info.name!r}{origin} failed to load: {info.error}", err=True
+            )
+        cli = make_cli(plugins)
+    except NanoGPTError as error:
+        if debug_enabled() or "--debug" in (argv if argv is not None else sys.argv):
+            raise
+        report(error)
+        sys.exit(error.exit_code)
+    cli.main(args=argv, prog_name="gpt")

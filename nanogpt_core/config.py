@@ -1,0 +1,371 @@
+"""Experiment files: TOML in, frozen attrs classes out.
+
+An experiment file names a dataset plugin, the model shape, the training recipe
+and the callbacks to enable. Loading happens in two passes: the core sections are
+structured first, with each plugin's table kept as a plain dict; then each of
+those tables is structured into the options class its plugin registered. Every
+problem found is reported as ``file: key.path: message``, one line each.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from nanogpt_core.errors import ConfigError
+from nanogpt_core.options import (
+    OptionProblems,
+    OptionValueError,
+    fraction,
+    join,
+    non_negative,
+    one_of,
+    option,
+    positive,
+    structure,
+    suggest,
+    unstructure,
+)
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+if TYPE_CHECKING:
+    from nanogpt_core.plugins import Plugins
+
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _valid_name(_instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    if not NAME_PATTERN.match(value):
+        raise OptionValueError(
+            attribute.name,
+            f"{value!r} is not usable as a folder name under results/ "
+            "(use letters, digits, '.', '_' and '-')",
+        )
+
+
+@attrs.frozen(kw_only=True)
+class ModelConfig:
+    """The GPT architecture: the ``[model]`` table."""
+
+    n_layer: int = option(12, "Number of transformer blocks.", validator=positive)
+    n_head: int = option(12, "Attention heads per block; must divide n_embd.", validator=positive)
+    n_embd: int = option(768, "Width of the residual stream.", validator=positive)
+    block_size: int = option(1024, "Context length in tokens.", validator=positive)
+    dropout: float = option(
+        0.0, "Dropout probability; 0 for pre-training, 0.1+ for fine-tuning.", validator=fraction
+    )
+    bias: bool = option(
+        False, "Bias in Linear and LayerNorm layers (GPT-2 has them; without is a bit better and faster)."
+    )
+    vocab_size: int | None = option(
+        None,
+        "Vocabulary size. Default: the prepared data's, padded up to a multiple of 64 for speed.",
+        validator=positive,
+    )
+    init_from: str | None = option(
+        None, "A local Hugging Face GPT-2 folder whose weights start the run (fine-tuning)."
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise OptionValueError(
+                "n_embd", f"{self.n_embd} is not divisible by n_head = {self.n_head}"
+            )
+
+
+@attrs.frozen(kw_only=True)
+class TrainConfig:
+    """The training recipe: the ``[train]`` table."""
+
+    batch_size: int = option(12, "Sequences per device per micro-step.", validator=positive)
+    gradient_accumulation_steps: int = option(
+        1, "Micro-steps per optimizer step.", validator=positive
+    )
+    epochs: int = option(1, "Number of epochs.", validator=positive)
+    steps_per_epoch: int = option(
+        1000, "Optimizer steps per epoch (each draws fresh random windows).", validator=positive
+    )
+    learning_rate: float = option(6e-4, "Peak learning rate, reached after warmup.", validator=positive)
+    min_lr: float = option(6e-5, "Learning rate at the last step (cosine decay).", validator=non_negative)
+    warmup_steps: int = option(100, "Linear warmup steps.", validator=non_negative)
+    weight_decay: float = option(
+        0.1, "AdamW weight decay (on 2-D weights only).", validator=non_negative
+    )
+    beta1: float = option(0.9, "AdamW beta1.", validator=fraction)
+    beta2: float = option(0.95, "AdamW beta2.", validator=fraction)
+    grad_clip: float = option(1.0, "Clip the gradient norm to this; 0 disables.", validator=non_negative)
+    eval_every: int = option(250, "Evaluate train and val loss every this many steps.", validator=positive)
+    eval_batches: int = option(50, "Batches per loss estimate.", validator=positive)
+    log_every: int = option(10, "Write a metrics line every this many steps.", validator=positive)
+    mixed_precision: str = option(
+        "no",
+        'Autocast precision: "no", "fp16" (V100; with loss scaling) or "bf16" (A100/H100).',
+        validator=one_of("no", "fp16", "bf16"),
+    )
+    compile: bool = option(False, "Wrap the model in torch.compile.")
+    device: str = option(
+        "auto", '"auto" (CUDA when present), "cpu" or "cuda".', validator=one_of("auto", "cpu", "cuda")
+    )
+    peak_flops: float | None = option(
+        None,
+        "Peak FLOP/s of one device for MFU. Default: known for V100/A100/H100/H200, else no MFU.",
+        validator=positive,
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if self.min_lr > self.learning_rate:
+            raise OptionValueError(
+                "min_lr", f"{self.min_lr} is above learning_rate = {self.learning_rate}"
+            )
+
+
+@attrs.frozen(kw_only=True)
+class PluginSpec:
+    """A ``[dataset]`` or ``[[callbacks]]`` table: the plugin's name and its options.
+
+    After the first pass ``options`` is the raw dict; after :func:`resolve_plugins`
+    it is an instance of the options class the plugin registered.
+    """
+
+    plugin: str
+    options: Any = attrs.field(factory=dict)
+
+
+@attrs.frozen(kw_only=True)
+class ExperimentConfig:
+    """A whole experiment, as read from an experiment file."""
+
+    name: str = option(doc="Results go to results/<name>/.", validator=_valid_name)
+    seed: int = option(1337, "Seed for initialisation and sampling.")
+    description: str = option("", "What this experiment is for.")
+    abstract: bool = option(
+        False, "A base that exists only to be extended: `gpt run` and `gpt batch` refuse it."
+    )
+    dataset: PluginSpec = option(doc="The dataset plugin and its options.")
+    model: ModelConfig = option(doc="The model.", factory=ModelConfig)
+    train: TrainConfig = option(doc="The training recipe.", factory=TrainConfig)
+    callbacks: list[PluginSpec] = option(doc="Callbacks, called in this order.", factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The experiment as plain data, in the shape of the TOML file (for config.json)."""
+
+        def table(spec: PluginSpec) -> dict[str, Any]:
+            options = spec.options if isinstance(spec.options, dict) else unstructure(spec.options)
+            return {"plugin": spec.plugin, **options}
+
+        return {
+            "name": self.name,
+            "seed": self.seed,
+            "description": self.description,
+            "dataset": table(self.dataset),
+            "model": unstructure(self.model),
+            "train": unstructure(self.train),
+            "callbacks": [table(spec) for spec in self.callbacks],
+        }
+
+
+# Reading TOML, with `extends`.
+
+
+def read_toml(path: Path, shown: str) -> dict[str, Any]:
+    """Parse one TOML file; syntax errors name the file, line and column."""
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError([f"{shown}: file not found"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"{shown}: is a folder, expected a .toml experiment file"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{shown}: invalid TOML: {exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{shown}: not UTF-8 text: {exc.reason}"]) from None
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Merge two TOML tables; ``override`` wins, tables merge, arrays are replaced."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_experiment_file(path: Path, shown: str | None = None, _chain: tuple[Path, ...] = ()) -> dict:
+    """Read an experiment file and the files it ``extends``, merged into one table."""
+    shown = shown or str(path)
+    resolved = path.resolve()
+    if resolved in _chain:
+        cycle = " -> ".join(p.name for p in (*_chain, resolved))
+        raise ConfigError([f"{shown}: extends: cycle {cycle}"])
+    data = read_toml(path, shown)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError([f"{shown}: extends: expected a file name (string), got {parent!r}"])
+    parent_path = path.parent / parent
+    if not parent_path.is_file():
+        raise ConfigError([f"{shown}: extends: file not found: {parent_path}"])
+    base = read_experiment_file(parent_path, str(parent_path), (*_chain, resolved))
+    # `abstract` marks one file as a base, and `name` one experiment's results
+    # folder: neither is inherited (a file's name defaults to its own stem).
+    base.pop("abstract", None)
+    base.pop("name", None)
+    return deep_merge(base, data)
+
+
+# --set overrides.
+
+_KEY_PART = re.compile(r"^([A-Za-z_][A-Za-z0-9_-]*)(?:\[(\d+)\])?$")
+
+
+def parse_value(text: str) -> Any:
+    """Read an override's value as a TOML literal; a bare word is a string."""
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``--set key.path=value`` to the raw experiment table, in place.
+
+    ``callbacks[0].every_steps`` picks a callback by position and
+    ``callbacks.checkpoint.every_steps`` by plugin name.
+    """
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError([f"--set {assignment}: expected KEY=VALUE, e.g. train.learning_rate=3e-4"])
+    parts = key.strip().split(".")
+    node: Any = data
+    for i, part in enumerate(parts):
+        match = _KEY_PART.match(part)
+        if not match:
+            raise ConfigError([f"--set {assignment}: {part!r} is not a key"])
+        name, index = match.group(1), match.group(2)
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            # `callbacks.checkpoint`: the table in the array whose plugin is that name.
+            tables = [t for t in node if isinstance(t, dict) and t.get("plugin") == name]
+            if not tables:
+                raise ConfigError([f"--set {assignment}: no table with plugin = {name!r}"])
+            node = tables[0]
+            if last:
+                raise ConfigError([f"--set {assignment}: name a key inside the {name!r} table"])
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError([f"--set {assignment}: {'.'.join(parts[:i])} is not a table"])
+        if index is not None:
+            array = node.get(name)
+            if not isinstance(array, list) or int(index) >= len(array):
+                raise ConfigError([f"--set {assignment}: {name}[{index}] does not exist"])
+            if last:
+                array[int(index)] = parse_value(text)
+            node = array[int(index)]
+        elif last:
+            node[name] = parse_value(text)
+        else:
+            node = node.setdefault(name, {})
+
+
+# Structuring.
+
+
+def _split_plugin_table(table: Any) -> Any:
+    """``{"plugin": "x", "a": 1}`` -> ``{"plugin": "x", "options": {"a": 1}}``."""
+    if not isinstance(table, dict):
+        return table
+    options = {k: v for k, v in table.items() if k != "plugin"}
+    split: dict[str, Any] = {"options": options}
+    if "plugin" in table:
+        split["plugin"] = table["plugin"]
+    return split
+
+
+def load_experiment(
+    path: str | Path,
+    overrides: tuple[str, ...] | list[str] = (),
+    plugins: Plugins | None = None,
+) -> ExperimentConfig:
+    """Load an experiment file, apply ``--set`` overrides and check every option.
+
+    :param plugins: when given, each plugin table is checked against the options
+        class its plugin registered (the second pass); without it options stay dicts.
+    :raises ConfigError: listing every problem, one line each.
+    """
+    shown = str(path)
+    path = Path(path)
+    data = read_experiment_file(path, shown)
+    for assignment in overrides:
+        try:
+            apply_override(data, assignment)
+        except ConfigError as exc:
+            raise ConfigError([f"{shown}: {p}" for p in exc.problems]) from None
+    data.setdefault("name", path.stem)
+    if isinstance(data.get("dataset"), dict):
+        data["dataset"] = _split_plugin_table(data["dataset"])
+    if isinstance(data.get("callbacks"), list):
+        data["callbacks"] = [_split_plugin_table(t) for t in data["callbacks"]]
+    try:
+        config = structure(data, ExperimentConfig)
+    except OptionProblems as exc:
+        raise ConfigError([f"{shown}: {_tidy(p)}" for p in exc.problems]) from None
+    if plugins is not None:
+        config = resolve_plugins(config, plugins, shown)
+    return config
+
+
+def _tidy(problem: str) -> str:
+    # The split of plugin tables is ours, not the user's: hide ".options" in paths.
+    return problem.replace(".options.", ".").replace(".options:", ":")
+
+
+def resolve_plugins(config: ExperimentConfig, plugins: Plugins, source: str) -> ExperimentConfig:
+    """Second pass: structure each plugin table into its plugin's options class.
+
+    :param source: the experiment file's name, which starts every problem line.
+    """
+    problems: list[str] = []
+    datasets = plugins.datasets()
+    callbacks = plugins.callbacks()
+
+    def resolve(spec: PluginSpec, registry: dict[str, Any], kind: str, path: str) -> PluginSpec:
+        registration = registry.get(spec.plugin)
+        if registration is None:
+            installed = ", ".join(sorted(registry)) or "none"
+            problems.append(
+                f"{join(path, 'plugin')}: no {kind} plugin named {spec.plugin!r}"
+                f"{suggest(spec.plugin, list(registry))}; installed: {installed}"
+            )
+            return spec
+        try:
+            options = structure(spec.options, registration.options, path)
+        except OptionProblems as exc:
+            problems.extend(exc.problems)
+            return spec
+        return attrs.evolve(spec, options=options)
+
+    dataset = resolve(config.dataset, datasets, "dataset", "dataset")
+    resolved_callbacks = [
+        resolve(spec, callbacks, "callback", f"callbacks[{i}]")
+        for i, spec in enumerate(config.callbacks)
+    ]
+    names = [spec.plugin for spec in config.callbacks]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            problems.append(f"callbacks[{i}].plugin: {name!r} is already enabled above")
+    if problems:
+        raise ConfigError([f"{source}: {p}" for p in problems])
+    return attrs.evolve(config, dataset=dataset, callbacks=resolved_callbacks)

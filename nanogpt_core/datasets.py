@@ -1,0 +1,244 @@
+"""Turning a dataset plugin's documents into ``train.bin``, ``val.bin`` and ``meta.json``.
+
+A dataset plugin only says *what* the documents are (a :class:`DatasetSource`);
+this module tokenizes them, streams the tokens to disk and publishes the result
+atomically under ``<data_dir>/<plugin>/<variant>/``. ``meta.json`` is written
+last and carries a fingerprint of the options, so a folder is either a complete,
+matching preparation or is prepared again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import attrs
+import numpy as np
+
+from nanogpt_core.errors import NanoGPTError
+from nanogpt_core.files import atomic_write_text, fsync_dir, remove_stale_temporaries, temporary_path
+from nanogpt_core.options import unstructure
+from nanogpt_core.tokenizers import CharTokenizer, GPT2Tokenizer, Tokenizer
+
+if TYPE_CHECKING:
+    from nanogpt_core.config import ExperimentConfig
+    from nanogpt_core.plugins import Plugins
+
+SPLITS = ("train", "val")
+FORMAT_VERSION = 1
+# Documents are tokenized in batches of about this many characters: large enough
+# for tiktoken's thread pool to keep both cores busy, small enough to bound memory.
+BATCH_CHARS = 4_000_000
+
+
+class DatasetSource(Protocol):
+    """What a dataset plugin's factory returns.
+
+    Attributes:
+        variant: the folder under ``<data_dir>/<plugin>/`` (e.g. ``"tiny-char"``);
+            options that change the tokens but not the variant are caught by the
+            fingerprint.
+        tokenizer: ``"char"`` or ``"gpt2"``.
+        description: one line about the source, recorded in ``meta.json``.
+    """
+
+    variant: str
+    tokenizer: str
+    description: str
+
+    def documents(self, split: str, downloads: Path) -> Iterable[str]:
+        """Yield the documents of ``split`` (``"train"`` or ``"val"``), in order.
+
+        :param downloads: a folder the plugin may cache downloads in.
+        """
+
+
+class DataError(NanoGPTError):
+    """A source or prepared dataset that cannot be used."""
+
+
+@attrs.frozen
+class PreparedData:
+    """A prepared dataset folder and its ``meta.json``."""
+
+    folder: Path
+    meta: dict[str, Any]
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The token dtype of the ``.bin`` files."""
+        return np.dtype(self.meta["dtype"])
+
+    @property
+    def tokenizer(self) -> dict[str, Any]:
+        """The tokenizer description."""
+        return self.meta["tokenizer"]
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the tokenizer's vocabulary (before any padding)."""
+        return int(self.meta["tokenizer"]["vocab_size"])
+
+    def split_path(self, split: str) -> Path:
+        """Path of ``train.bin`` or ``val.bin``."""
+        return self.folder / f"{split}.bin"
+
+
+def fingerprint(plugin: str, options: Any) -> str:
+    """A hash of everything that decides the prepared tokens."""
+    payload = {"format": FORMAT_VERSION, "plugin": plugin, "options": unstructure(options)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def token_dtype(vocab_size: int) -> str:
+    """uint16 when every id fits (GPT-2's 50,257 does), else uint32."""
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+def open_prepared(folder: Path) -> PreparedData | None:
+    """The prepared data in ``folder``, or None when it is missing or incomplete."""
+    meta_path = folder / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    data = PreparedData(folder, meta)
+    for split in SPLITS:
+        path = data.split_path(split)
+        expected = meta["splits"][split]["tokens"] * data.dtype.itemsize
+        if not path.is_file() or path.stat().st_size != expected:
+            return None
+    return data
+
+
+def source_for(config: ExperimentConfig, plugins: Plugins) -> DatasetSource:
+    """Instantiate the experiment's dataset plugin."""
+    registration = plugins.datasets()[config.dataset.plugin]
+    return registration.factory(config.dataset.options)
+
+
+def prepare_dataset(
+    config: ExperimentConfig, plugins: Plugins, *, data_dir: Path, force: bool = False
+) -> PreparedData:
+    """Prepare the experiment's dataset unless an up-to-date preparation exists."""
+    plugin = config.dataset.plugin
+    source = source_for(config, plugins)
+    folder = Path(data_dir) / plugin / source.variant
+    wanted = fingerprint(plugin, config.dataset.options)
+    existing = open_prepared(folder)
+    if existing and existing.meta.get("fingerprint") == wanted and not force:
+        return existing
+    return write_prepared(
+        source,
+        folder,
+        plugin=plugin,
+        fingerprint_=wanted,
+        options=unstructure(config.dataset.options),
+        downloads=Path(data_dir) / plugin / "downloads",
+    )
+
+
+def _char_vocabulary(source: DatasetSource, downloads: Path) -> CharTokenizer:
+    chars: set[str] = set()
+    for split in SPLITS:
+        for document in source.documents(split, downloads):
+            chars.update(document)
+    return CharTokenizer(chars)
+
+
+def _encode_batches(
+    tokenizer: Tokenizer, documents: Iterable[str], counts: dict[str, int]
+) -> Iterator[np.ndarray]:
+    """Yield arrays of token ids, a batch of documents at a time."""
+    batch: list[str] = []
+    size = 0
+
+    def flush() -> np.ndarray:
+        if isinstance(tokenizer, GPT2Tokenizer):
+            encoded = tokenizer.encode_batch(batch)
+            # Every document ends with <|endoftext|>, as in GPT-2's training data.
+            ids = [t for doc in encoded for t in (*doc, tokenizer.eot_id)]
+            return np.asarray(ids, dtype=np.int64)
+        return np.asarray(tokenizer.encode("".join(batch)), dtype=np.int64)
+
+    for document in documents:
+        if not isinstance(document, str):
+            raise DataError(f"a document is {type(document).__name__}, expected text")
+        counts["documents"] += 1
+        counts["characters"] += len(document)
+        batch.append(document)
+        size += len(document)
+        if size >= BATCH_CHARS:
+            yield flush()
+            batch, size = [], 0
+    if batch:
+        yield flush()
+
+
+def write_prepared(
+    source: DatasetSource,
+    folder: Path,
+    *,
+    plugin: str,
+    fingerprint_: str,
+    options: dict[str, Any],
+    downloads: Path,
+) -> PreparedData:
+    """Tokenize ``source`` into ``folder``, publishing the files only when all are done."""
+    from tqdm import tqdm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    downloads.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(folder)
+    if source.tokenizer == "char":
+        tokenizer: Tokenizer = _char_vocabulary(source, downloads)
+    elif source.tokenizer == "gpt2":
+        tokenizer = GPT2Tokenizer()
+    else:
+        raise DataError(f"dataset {plugin!r}: unknown tokenizer {source.tokenizer!r}")
+    dtype = np.dtype(token_dtype(tokenizer.vocab_size))
+    splits: dict[str, dict[str, int]] = {}
+    temporaries: dict[str, Path] = {}
+    try:
+        for split in SPLITS:
+            temporaries[split] = temporary_path(folder / f"{split}.bin")
+            counts = {"documents": 0, "characters": 0, "tokens": 0}
+            with temporaries[split].open("wb") as out, tqdm(
+                desc=f"{plugin} {split}", unit=" docs", delay=2, leave=False
+            ) as bar:
+                for ids in _encode_batches(tokenizer, source.documents(split, downloads), counts):
+                    ids.astype(dtype).tofile(out)
+                    counts["tokens"] += len(ids)
+                    bar.update(counts["documents"] - bar.n)
+                    bar.set_postfix(tokens=counts["tokens"])
+                out.flush()
+                os.fsync(out.fileno())
+            if counts["tokens"] == 0:
+                raise DataError(f"dataset {plugin!r}: the {split} split is empty (no text found)")
+            splits[split] = counts
+        # Publish: drop the old meta first so a crash mid-way never pairs old meta
+        # with new tokens; meta.json, written last, is the mark of a complete folder.
+        (folder / "meta.json").unlink(missing_ok=True)
+        for split, temp in temporaries.items():
+            os.replace(temp, folder / f"{split}.bin")
+        fsync_dir(folder)
+    finally:
+        for temp in temporaries.values():
+            temp.unlink(missing_ok=True)
+    meta = {
+        "format": FORMAT_VERSION,
+        "plugin": plugin,
+        "variant": source.variant,
+        "description": source.description,
+        "fingerprint": fingerprint_,
+        "options": options,
+        "tokenizer": tokenizer.description(),
+        "dtype": dtype.name,
+        "splits": splits,
+    }
+    atomic_write_text(folder / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    return PreparedData(folder, meta)

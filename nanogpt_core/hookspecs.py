@@ -1,0 +1,45 @@
+"""The hooks a nanogpt plugin can implement.
+
+A plugin is a module (or object) with functions marked ``@nanogpt_core.hookimpl``
+whose names match the specifications below. Plugins are found through the
+``nanogpt`` entry-point group; the built-in ones are registered the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("nanogpt")
+hookimpl = pluggy.HookimplMarker("nanogpt")
+
+
+@hookspec
+def register_datasets(register: Any) -> None:
+    """Register dataset plugins.
+
+    :param register: call ``register(name, factory, options=OptionsClass)`` once per
+        dataset. ``options`` is a frozen attrs class whose fields are the keys the
+        experiment's ``[dataset]`` table may set; ``factory(options)`` returns a
+        :class:`nanogpt_core.datasets.DatasetSource`.
+    """
+
+
+@hookspec
+def register_callbacks(register: Any) -> None:
+    """Register training callbacks.
+
+    :param register: call ``register(name, factory, options=OptionsClass)`` once per
+        callback. ``factory(options)`` returns a :class:`nanogpt_core.callbacks.Callback`;
+        it is called once per run in which an experiment's ``[[callbacks]]`` names it.
+    """
+
+
+@hookspec
+def register_commands(cli: Any) -> None:
+    """Add subcommands to the ``gpt`` command.
+
+    :param cli: the ``gpt`` :class:`click.Group`; decorate new commands with
+        ``@cli.command()``.
+    """

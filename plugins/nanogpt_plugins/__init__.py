@@ -1,0 +1,1 @@
+"""nanogpt's built-in plugins, registered through entry points like any other plugin."""

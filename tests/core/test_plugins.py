@@ -1,0 +1,193 @@
+"""The plugin manager: registration hooks, guarded loading, blocking, misspelled hooks."""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import re
+from pathlib import Path
+
+import attrs
+import click
+import pytest
+from click.testing import CliRunner
+
+from nanogpt_core import Callback, hookimpl, hookspecs, option
+from nanogpt_core.cli import make_cli
+from nanogpt_core.errors import PluginError
+from nanogpt_core.plugins import NoOptions, load_plugins
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@attrs.frozen(kw_only=True)
+class WordsOptions:
+    """Options of the toy dataset."""
+
+    words: int = option(10, "How many words.")
+
+
+class ToyDatasets:
+    """Registers one dataset."""
+
+    @hookimpl
+    def register_datasets(self, register):
+        register("words", lambda options: ("words", options.words), options=WordsOptions)
+
+
+class ToyCallbacks:
+    """Registers one callback without options."""
+
+    @hookimpl
+    def register_callbacks(self, register):
+        register("noop", lambda options: Callback(), description="Does nothing.")
+
+
+class SameDatasetName:
+    """Registers a dataset under a name ToyDatasets already uses."""
+
+    @hookimpl
+    def register_datasets(self, register):
+        register("words", lambda options: None, options=WordsOptions)
+
+
+def fresh():
+    return load_plugins(entry_points=False, disabled=())
+
+
+def test_register_datasets_records_name_options_factory_and_plugin():
+    plugins = fresh()
+    plugins.register(ToyDatasets(), name="toy")
+    registration = plugins.datasets()["words"]
+    assert registration.plugin == "toy"
+    assert registration.options is WordsOptions
+    assert registration.factory(WordsOptions(words=3)) == ("words", 3)
+    assert plugins.callbacks() == {}
+
+
+def test_register_callbacks_defaults_to_no_options_and_keeps_description():
+    plugins = fresh()
+    plugins.register(ToyCallbacks(), name="toy-callbacks")
+    registration = plugins.callbacks()["noop"]
+    assert registration.options is NoOptions
+    assert registration.description == "Does nothing."
+    assert isinstance(registration.factory(NoOptions()), Callback)
+
+
+def test_duplicate_name_is_an_error_naming_both_plugins():
+    plugins = fresh()
+    plugins.register(ToyDatasets(), name="first")
+    plugins.register(SameDatasetName(), name="second")
+    with pytest.raises(PluginError, match=r"'words' is registered by both plugin 'first' and plugin 'second'"):
+        plugins.datasets()
+
+
+def test_options_must_be_an_attrs_class():
+    class BadOptions:
+        @hookimpl
+        def register_datasets(self, register):
+            register("bad", lambda o: None, options=dict)
+
+    plugins = fresh()
+    plugins.register(BadOptions(), name="bad")
+    with pytest.raises(PluginError, match="options must be an attrs class"):
+        plugins.datasets()
+
+
+def test_register_commands_adds_a_gpt_subcommand():
+    class Hello:
+        @hookimpl
+        def register_commands(self, cli):
+            @cli.command()
+            @click.argument("who")
+            def hello(who):
+                """Say hello."""
+                click.echo(f"hello {who}")
+
+    plugins = fresh()
+    plugins.register(Hello(), name="hello")
+    result = CliRunner().invoke(make_cli(plugins), ["hello", "world"])
+    assert result.exit_code == 0, result.output
+    assert result.output == "hello world\n"
+
+
+def test_misspelled_hook_is_refused_by_check_pending():
+    class Misspelled:
+        @hookimpl
+        def register_dataset(self, register):  # missing "s"
+            register("x", lambda o: None)
+
+    plugins = fresh()
+    plugins.register(Misspelled(), name="typo")
+    plugins.register(ToyDatasets(), name="toy")
+    assert [b.name for b in plugins.broken] == ["typo"]
+    assert "register_dataset" in plugins.broken[0].error
+    assert set(plugins.datasets()) == {"words"}
+
+
+def test_hook_failure_names_the_plugin():
+    class Crashes:
+        @hookimpl
+        def register_callbacks(self, register):
+            raise RuntimeError("boom")
+
+    plugins = fresh()
+    plugins.register(Crashes(), name="crashy")
+    with pytest.raises(PluginError, match=r"plugin 'crashy' failed in register_callbacks: RuntimeError: boom"):
+        plugins.callbacks()
+
+
+def test_broken_entry_point_becomes_a_warning(monkeypatch):
+    good = importlib.metadata.EntryPoint("toy", "nanogpt_plugins.callbacks.checkpoint", "nanogpt")
+    broken = importlib.metadata.EntryPoint("broken", "no_such_module_xyz", "nanogpt")
+    monkeypatch.setattr("nanogpt_core.plugins._entry_points", lambda: [broken, good])
+    plugins = load_plugins(disabled=())
+    assert [p.name for p in plugins.broken] == ["broken"]
+    assert "ModuleNotFoundError" in plugins.broken[0].error
+    assert [p.name for p in plugins.loaded] == ["toy"]
+
+
+def test_gpt_disable_plugins_blocks_by_name(monkeypatch):
+    monkeypatch.setenv("GPT_DISABLE_PLUGINS", "shakespeare, checkpoint")
+    plugins = load_plugins()
+    names = {p.name for p in plugins.loaded}
+    assert "shakespeare" not in names and "checkpoint" not in names
+    assert "shakespeare" not in plugins.datasets()
+    assert "checkpoint" not in plugins.callbacks()
+
+
+def test_builtin_plugins_come_from_entry_points(installed_plugins):
+    infos = {p.name: p for p in installed_plugins.loaded}
+    for name in ("shakespeare", "checkpoint"):
+        assert infos[name].distribution == "nanogpt"
+        assert infos[name].module.startswith("nanogpt_plugins.")
+    assert installed_plugins.broken == []
+
+
+def test_core_never_imports_builtin_plugins_by_name():
+    for path in (REPO / "nanogpt_core").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                assert not (node.module or "").startswith("nanogpt_plugins"), path
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith("nanogpt_plugins") for a in node.names), path
+
+
+def hook_names() -> list[str]:
+    return sorted(
+        name for name in dir(hookspecs) if name.startswith("register_") and callable(getattr(hookspecs, name))
+    )
+
+
+def test_every_hook_is_documented_in_the_readme():
+    readme = (REPO / "README.md").read_text()
+    for name in hook_names():
+        assert re.search(rf"^### `{name}\(", readme, re.MULTILINE), f"README lacks a heading for {name}"
+        assert getattr(hookspecs, name).__doc__, f"{name} has no docstring"
+
+
+def test_every_hook_has_a_test():
+    tests = "\n".join(p.read_text() for p in (REPO / "tests").rglob("test_*.py"))
+    for name in hook_names():
+        assert re.search(rf"def test_{name}\w*\(", tests), f"no test named test_{name}..."
