@@ -82,12 +82,16 @@ DATA_DIR = click.option(
 )
 
 
-def load_runnable(ctx: click.Context, experiment: Path, overrides: tuple[str, ...]) -> ExperimentConfig:
+def load_runnable(
+    ctx: click.Context, experiment: Path, overrides: tuple[str, ...]
+) -> ExperimentConfig:
     """Load an experiment with its plugins' options checked; refuse abstract bases."""
     config = load_experiment(experiment, overrides, plugins_of(ctx))
     if config.abstract:
         raise ConfigError(
-            [f"{experiment}: abstract = true: this file is a base to extend, not an experiment to run"]
+            [
+                f"{experiment}: abstract = true: this file is a base to extend, not an experiment to run"
+            ]
         )
     return config
 
@@ -101,7 +105,9 @@ def load_runnable(ctx: click.Context, experiment: Path, overrides: tuple[str, ..
     metavar="KEY=VALUE",
     help="Override a key; the value is a TOML literal (a bare word is a string).",
 )
-@click.option("--fresh", is_flag=True, help="Start over: move old results aside instead of resuming.")
+@click.option(
+    "--fresh", is_flag=True, help="Start over: move old results aside instead of resuming."
+)
 @click.option("--dry-run", is_flag=True, help="Print the resolved experiment as JSON and exit.")
 @RESULTS_DIR
 @DATA_DIR
@@ -219,7 +225,9 @@ def plugins_command(ctx: click.Context, as_json: bool) -> None:
         click.echo(json.dumps(listing, indent=2, default=str))
         return
     for entry in listing:
-        origin = f"{entry['distribution']} {entry['version']}" if entry["distribution"] else "in-process"
+        origin = (
+            f"{entry['distribution']} {entry['version']}" if entry["distribution"] else "in-process"
+        )
         if "error" in entry:
             click.echo(f"{entry['name']} ({origin}): BROKEN: {entry['error']}")
             continue
@@ -234,7 +242,9 @@ def plugins_command(ctx: click.Context, as_json: bool) -> None:
 def make_cli(plugins: Plugins) -> click.Group:
     """Build the ``gpt`` group with the core commands and those plugins add."""
 
-    @click.group(cls=GptGroup, context_settings={"obj": plugins, "help_option_names": ["-h", "--help"]})
+    @click.group(
+        cls=GptGroup, context_settings={"obj": plugins, "help_option_names": ["-h", "--help"]}
+    )
     @click.version_option(__version__, prog_name="gpt")
     @click.option(
         "--debug",

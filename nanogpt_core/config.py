@@ -64,7 +64,8 @@ class ModelConfig:
         0.0, "Dropout probability; 0 for pre-training, 0.1+ for fine-tuning.", validator=fraction
     )
     bias: bool = option(
-        False, "Bias in Linear and LayerNorm layers (GPT-2 has them; without is a bit better and faster)."
+        False,
+        "Bias in Linear and LayerNorm layers (GPT-2 has them; without is a bit better and faster).",
     )
     vocab_size: int | None = option(
         None,
@@ -94,16 +95,24 @@ class TrainConfig:
     steps_per_epoch: int = option(
         1000, "Optimizer steps per epoch (each draws fresh random windows).", validator=positive
     )
-    learning_rate: float = option(6e-4, "Peak learning rate, reached after warmup.", validator=positive)
-    min_lr: float = option(6e-5, "Learning rate at the last step (cosine decay).", validator=non_negative)
+    learning_rate: float = option(
+        6e-4, "Peak learning rate, reached after warmup.", validator=positive
+    )
+    min_lr: float = option(
+        6e-5, "Learning rate at the last step (cosine decay).", validator=non_negative
+    )
     warmup_steps: int = option(100, "Linear warmup steps.", validator=non_negative)
     weight_decay: float = option(
         0.1, "AdamW weight decay (on 2-D weights only).", validator=non_negative
     )
     beta1: float = option(0.9, "AdamW beta1.", validator=fraction)
     beta2: float = option(0.95, "AdamW beta2.", validator=fraction)
-    grad_clip: float = option(1.0, "Clip the gradient norm to this; 0 disables.", validator=non_negative)
-    eval_every: int = option(250, "Evaluate train and val loss every this many steps.", validator=positive)
+    grad_clip: float = option(
+        1.0, "Clip the gradient norm to this; 0 disables.", validator=non_negative
+    )
+    eval_every: int = option(
+        250, "Evaluate train and val loss every this many steps.", validator=positive
+    )
     eval_batches: int = option(50, "Batches per loss estimate.", validator=positive)
     log_every: int = option(10, "Write a metrics line every this many steps.", validator=positive)
     mixed_precision: str = option(
@@ -113,7 +122,9 @@ class TrainConfig:
     )
     compile: bool = option(False, "Wrap the model in torch.compile.")
     device: str = option(
-        "auto", '"auto" (CUDA when present), "cpu" or "cuda".', validator=one_of("auto", "cpu", "cuda")
+        "auto",
+        '"auto" (CUDA when present), "cpu" or "cuda".',
+        validator=one_of("auto", "cpu", "cuda"),
     )
     peak_flops: float | None = option(
         None,
@@ -202,7 +213,9 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
-def read_experiment_file(path: Path, shown: str | None = None, _chain: tuple[Path, ...] = ()) -> dict:
+def read_experiment_file(
+    path: Path, shown: str | None = None, _chain: tuple[Path, ...] = ()
+) -> dict:
     """Read an experiment file and the files it ``extends``, merged into one table."""
     shown = shown or str(path)
     resolved = path.resolve()
@@ -247,7 +260,9 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     """
     key, sep, text = assignment.partition("=")
     if not sep or not key.strip():
-        raise ConfigError([f"--set {assignment}: expected KEY=VALUE, e.g. train.learning_rate=3e-4"])
+        raise ConfigError(
+            [f"--set {assignment}: expected KEY=VALUE, e.g. train.learning_rate=3e-4"]
+        )
     parts = key.strip().split(".")
     node: Any = data
     for i, part in enumerate(parts):

@@ -20,7 +20,12 @@ import attrs
 import numpy as np
 
 from nanogpt_core.errors import NanoGPTError
-from nanogpt_core.files import atomic_write_text, fsync_dir, remove_stale_temporaries, temporary_path
+from nanogpt_core.files import (
+    atomic_write_text,
+    fsync_dir,
+    remove_stale_temporaries,
+    temporary_path,
+)
 from nanogpt_core.options import unstructure
 from nanogpt_core.tokenizers import CharTokenizer, GPT2Tokenizer, Tokenizer
 
@@ -207,9 +212,10 @@ def write_prepared(
         for split in SPLITS:
             temporaries[split] = temporary_path(folder / f"{split}.bin")
             counts = {"documents": 0, "characters": 0, "tokens": 0}
-            with temporaries[split].open("wb") as out, tqdm(
-                desc=f"{plugin} {split}", unit=" docs", delay=2, leave=False
-            ) as bar:
+            with (
+                temporaries[split].open("wb") as out,
+                tqdm(desc=f"{plugin} {split}", unit=" docs", delay=2, leave=False) as bar,
+            ):
                 for ids in _encode_batches(tokenizer, source.documents(split, downloads), counts):
                     ids.astype(dtype).tofile(out)
                     counts["tokens"] += len(ids)

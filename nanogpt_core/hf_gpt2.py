@@ -46,7 +46,9 @@ def from_hf_state_dict(model: GPT, hf_state: dict[str, torch.Tensor]) -> None:
             if key == "transformer.wpe.weight":
                 source = source[: target.shape[0]]
             if source.shape != target.shape:
-                raise NanoGPTError(f"{key}: shape {tuple(source.shape)} does not fit {tuple(target.shape)}")
+                raise NanoGPTError(
+                    f"{key}: shape {tuple(source.shape)} does not fit {tuple(target.shape)}"
+                )
             target.copy_(source)
 
 
@@ -96,7 +98,9 @@ def read_hf_folder(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
-        raise NanoGPTError(f"model.init_from: {folder}: no config.json (expected a Hugging Face GPT-2 folder)")
+        raise NanoGPTError(
+            f"model.init_from: {folder}: no config.json (expected a Hugging Face GPT-2 folder)"
+        )
     hf_config = json.loads(config_path.read_text())
     if hf_config.get("model_type") != "gpt2":
         raise NanoGPTError(

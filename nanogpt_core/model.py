@@ -163,9 +163,11 @@ class GPT(nn.Module):
         Targets equal to -1 take no loss (padding, prompt tokens). Without targets
         only the last position's logits are computed: that is all sampling needs.
         """
-        B, T = idx.size()
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
+        _, T = idx.size()
+        if self.config.block_size < T:
+            raise ValueError(
+                f"sequence of length {T} is longer than block_size {self.config.block_size}"
+            )
         pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
         pos_emb = self.transformer.wpe(pos)  # (T, C)
@@ -228,7 +230,9 @@ class GPT(nn.Module):
         the last ``block_size`` tokens.
         """
         for _ in range(max_new_tokens):
-            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size :]
+            idx_cond = (
+                idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size :]
+            )
             logits, _ = self(idx_cond)
             logits = logits[:, -1, :]  # (B, V)
             if temperature == 0:

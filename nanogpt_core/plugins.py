@@ -94,7 +94,9 @@ class Plugins:
         if self._registrations is None:
             self._registrations = {
                 "dataset": self._call_register_hook("dataset", self.manager.hook.register_datasets),
-                "callback": self._call_register_hook("callback", self.manager.hook.register_callbacks),
+                "callback": self._call_register_hook(
+                    "callback", self.manager.hook.register_callbacks
+                ),
             }
         return self._registrations
 
@@ -159,7 +161,9 @@ def disabled_from_env() -> set[str]:
 
 def _entry_points() -> Iterable[importlib.metadata.EntryPoint]:
     seen: set[str] = set()
-    for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+    for ep in sorted(
+        importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name
+    ):
         # An editable install can list the same entry point twice.
         if ep.name in seen:
             continue

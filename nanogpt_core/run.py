@@ -26,10 +26,14 @@ def make_accelerator(train: TrainConfig) -> Any:
 
     has_cuda = torch.cuda.is_available()
     if train.device == "cuda" and not has_cuda:
-        raise NanoGPTError('train.device = "cuda" but no CUDA device is available; use "auto" or "cpu"')
+        raise NanoGPTError(
+            'train.device = "cuda" but no CUDA device is available; use "auto" or "cpu"'
+        )
     cpu = train.device == "cpu" or not has_cuda
     if train.mixed_precision == "fp16" and cpu:
-        raise NanoGPTError('train.mixed_precision = "fp16" needs a GPU; use "bf16" or "no" on the CPU')
+        raise NanoGPTError(
+            'train.mixed_precision = "fp16" needs a GPU; use "bf16" or "no" on the CPU'
+        )
     if train.mixed_precision == "bf16" and not cpu and not torch.cuda.is_bf16_supported():
         name = torch.cuda.get_device_name()
         raise NanoGPTError(

@@ -104,7 +104,12 @@ class GPT2Tokenizer:
 
     def description(self) -> dict[str, Any]:
         """``{"kind": "gpt2", ...}``."""
-        return {"kind": "gpt2", "name": "gpt2", "vocab_size": self.vocab_size, "eot_id": self.eot_id}
+        return {
+            "kind": "gpt2",
+            "name": "gpt2",
+            "vocab_size": self.vocab_size,
+            "eot_id": self.eot_id,
+        }
 
 
 @functools.cache
@@ -133,7 +138,9 @@ def gpt2_encoding() -> Any:
                 encoder_json_hash=GPT2_ENCODER_JSON_SHA256,
             )
         except ValueError as exc:
-            raise NanoGPTError(f"GPT-2 tokenizer files in {folder} failed their hash check: {exc}") from None
+            raise NanoGPTError(
+                f"GPT-2 tokenizer files in {folder} failed their hash check: {exc}"
+            ) from None
     return tiktoken.Encoding(
         name="gpt2",
         explicit_n_vocab=GPT2_VOCAB_SIZE,

@@ -249,7 +249,9 @@ class Trainer:
             self._init_from(self.config.model.init_from)
         total = self.raw_model.num_params()
         non_embedding = self.raw_model.num_params(non_embedding=True)
-        self.echo(f"model: {total / 1e6:.2f}M parameters ({non_embedding / 1e6:.2f}M non-embedding)")
+        self.echo(
+            f"model: {total / 1e6:.2f}M parameters ({non_embedding / 1e6:.2f}M non-embedding)"
+        )
         self.raw_model.to(acc.device)
         optimizer = self.raw_model.configure_optimizers(
             self.train_cfg.weight_decay,
@@ -308,7 +310,9 @@ class Trainer:
             if getattr(self.model_config, key) != getattr(theirs, key)
         ]
         if self.model_config.block_size > theirs.block_size:
-            differences.append(f"model.block_size {self.model_config.block_size} > {theirs.block_size}")
+            differences.append(
+                f"model.block_size {self.model_config.block_size} > {theirs.block_size}"
+            )
         if self.model_config.vocab_size != theirs.vocab_size:
             differences.append(
                 f"model.vocab_size = {self.model_config.vocab_size} but {folder} has {theirs.vocab_size}"
@@ -356,7 +360,9 @@ class Trainer:
             if saved.get(key) != current[key]
         ]
         if differences:
-            raise NanoGPTError("the checkpoint's model differs from the experiment's: " + "; ".join(differences))
+            raise NanoGPTError(
+                "the checkpoint's model differs from the experiment's: " + "; ".join(differences)
+            )
         self.raw_model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.state.step = int(checkpoint["step"])
@@ -479,7 +485,9 @@ class Trainer:
                     evaluate = state.step % train.eval_every == 0 or state.step == self.total_steps
                     if evaluate or state.step % train.log_every == 0:
                         now = time.perf_counter()
-                        tokens_per_sec = tokens_per_step * (state.step - last_step) / (now - last_time)
+                        tokens_per_sec = (
+                            tokens_per_step * (state.step - last_step) / (now - last_time)
+                        )
                         last_time, last_step = now, state.step
                         mfu = None
                         if self.peak_flops:
@@ -523,4 +531,3 @@ class Trainer:
                 f"stopped by {stop.requested} after step {state.step}; run the same command to resume"
             )
         return dict(state.metrics)
-

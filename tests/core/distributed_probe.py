@@ -1,0 +1,61 @@
+"""Run a tiny experiment under `accelerate launch` and record what each rank saw.
+
+Used by test_distributed.py: `accelerate launch --multi_gpu --num_processes 2
+distributed_probe.py EXPERIMENT RESULTS DATA PROBE_DIR`. Each rank writes
+PROBE_DIR/rank<N>.json (test output, outside the run's results folder).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from nanogpt_core import Callback, hookimpl
+from nanogpt_core.config import load_experiment
+from nanogpt_core.plugins import load_plugins
+from nanogpt_core.run import run_experiment
+
+
+class Probe(Callback):
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_train_end(self, state) -> None:
+        snapshot = state.snapshot()  # every rank must take part: it gathers
+        digest = hashlib.sha256()
+        for tensor in state.model.state_dict().values():
+            digest.update(tensor.detach().cpu().numpy().tobytes())
+        rank = state.accelerator.process_index
+        generators = [r["sampler"]["generator"] for r in snapshot["ranks"]]
+        record = {
+            "rank": rank,
+            "processes": state.accelerator.num_processes,
+            "params_sha256": digest.hexdigest(),
+            "ranks_in_snapshot": len(snapshot["ranks"]),
+            "generator_states_differ": not torch.equal(generators[0], generators[-1]),
+            "is_main": state.is_main_process,
+        }
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+def main() -> None:
+    experiment, results, data, probe = sys.argv[1:5]
+
+    class ProbePlugin:
+        @hookimpl
+        def register_callbacks(self, register):
+            register("probe", lambda options: Probe(Path(probe)))
+
+    plugins = load_plugins()
+    plugins.register(ProbePlugin(), name="probe")
+    config = load_experiment(experiment, ['callbacks=[{plugin = "probe"}]'], plugins)
+    run_experiment(config, plugins, results_dir=Path(results), data_dir=Path(data), progress=False)
+
+
+if __name__ == "__main__":
+    main()

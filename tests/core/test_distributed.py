@@ -1,0 +1,54 @@
+"""Two CPU processes under `accelerate launch` (gloo): different batches, equal weights."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROBE = Path(__file__).with_name("distributed_probe.py")
+
+
+@pytest.mark.slow
+def test_two_processes_draw_different_batches_and_stay_in_sync(
+    tiny_char_experiment, session_data_dir, tmp_path
+):
+    experiment = tiny_char_experiment(name="ddp")
+    results, probe = tmp_path / "results", tmp_path / "probe"
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    command = [
+        accelerate,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29533",
+        str(PROBE),
+        str(experiment),
+        str(results),
+        str(session_data_dir),
+        str(probe),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((probe / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["processes"] for r in ranks] == [2, 2]
+    assert ranks[0]["params_sha256"] == ranks[1]["params_sha256"]
+    assert ranks[0]["ranks_in_snapshot"] == 2 and ranks[0]["generator_states_differ"]
+    assert [r["is_main"] for r in ranks] == [True, False]
+    # One writer: each logged step appears once, and the folder holds only its files.
+    run = results / "ddp"
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "metrics.jsonl"]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(5, 41, 5))
+    assert done.stdout.count("model: ") == 1
