@@ -64,6 +64,11 @@ class TrainerState:
         optimizer: the optimizer.
         accelerator: the ``accelerate.Accelerator`` driving the run.
         metrics: the latest metrics (``train_loss``, ``val_loss``, ``lr``, ...).
+        record: the line written to ``metrics.jsonl`` at this step, or None on
+            steps that log nothing.
+        texts: text produced during the run, as ``(step, tag, text)``, appended
+            by callbacks such as ``fixed_prompts`` for others (``tensorboard``)
+            to log.
         tokenizer: the tokenizer's description from the prepared data's meta.
         is_main_process: whether this process writes files.
         status: ``"running"``, then ``"completed"``, ``"interrupted"`` (SIGTERM or
@@ -82,7 +87,9 @@ class TrainerState:
     model: Any = None
     optimizer: Any = None
     accelerator: Any = None
-    metrics: dict[str, float] = attrs.field(factory=dict)
+    metrics: dict[str, Any] = attrs.field(factory=dict)
+    record: dict[str, Any] | None = None
+    texts: list[tuple[int, str, str]] = attrs.field(factory=list)
     tokenizer: dict[str, Any] = attrs.field(factory=dict)
     is_main_process: bool = True
     status: str = "running"

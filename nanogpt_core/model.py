@@ -223,11 +223,13 @@ class GPT(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        vocab_limit: int | None = None,
     ) -> Iterator[torch.Tensor]:
         """Yield one new token (B, 1) at a time after the context ``idx`` (B, T).
 
         ``temperature = 0`` picks the most likely token. The context is cropped to
-        the last ``block_size`` tokens.
+        the last ``block_size`` tokens. ``vocab_limit`` (the tokenizer's size)
+        keeps the padding rows of the vocabulary from ever being sampled.
         """
         for _ in range(max_new_tokens):
             idx_cond = (
@@ -235,6 +237,8 @@ class GPT(nn.Module):
             )
             logits, _ = self(idx_cond)
             logits = logits[:, -1, :]  # (B, V)
+            if vocab_limit is not None:
+                logits[:, vocab_limit:] = -float("inf")
             if temperature == 0:
                 idx_next = torch.argmax(logits, dim=-1, keepdim=True)
             else:
@@ -254,7 +258,10 @@ class GPT(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        vocab_limit: int | None = None,
     ) -> torch.Tensor:
         """The context ``idx`` (B, T) followed by ``max_new_tokens`` sampled tokens."""
-        new = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, generator))
+        new = list(
+            self.generate_tokens(idx, max_new_tokens, temperature, top_k, generator, vocab_limit)
+        )
         return torch.cat([idx, *new], dim=1)

@@ -338,6 +338,7 @@ class Trainer:
             "model_args": asdict(self.model_config),
             "model": {k: v.detach().cpu() for k, v in self.raw_model.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
+            "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
             "step": self.state.step,
             "epoch": self.state.epoch,
             "elapsed_s": self.elapsed(),
@@ -365,6 +366,8 @@ class Trainer:
             )
         self.raw_model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if self.accelerator.scaler and checkpoint.get("scaler"):
+            self.accelerator.scaler.load_state_dict(checkpoint["scaler"])
         self.state.step = int(checkpoint["step"])
         self.state.epoch = int(checkpoint["epoch"])
         self.elapsed_before = float(checkpoint.get("elapsed_s", 0.0))
@@ -482,6 +485,7 @@ class Trainer:
                             "train.learning_rate or check the data (nothing was saved from this step)"
                         )
                     state.metrics.update({"train_loss": loss, "lr": lr, "grad_norm": grad_norm})
+                    state.record = None
                     evaluate = state.step % train.eval_every == 0 or state.step == self.total_steps
                     if evaluate or state.step % train.log_every == 0:
                         now = time.perf_counter()
@@ -513,6 +517,7 @@ class Trainer:
                             )
                         record["elapsed_s"] = self.elapsed()
                         self.metrics_log.append(record)
+                        state.record = record
                         bar.set_postfix(
                             epoch=state.epoch, loss=f"{loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}"
                         )

@@ -1,0 +1,127 @@
+"""The ``fixed_prompts`` callback: the same prompts, sampled at every epoch end.
+
+Watching one model answer the same questions epoch after epoch shows what it has
+learnt better than a loss curve. Samples go to
+``results/<name>/samples/epoch_{N:04d}.txt`` and, through ``state.texts``, to
+TensorBoard when that callback is enabled after this one. Sampling uses its own
+seeded generator and eval mode, so it never changes the training run.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from nanogpt_core import Callback, TrainerState, hookimpl, option
+from nanogpt_core.errors import NanoGPTError
+from nanogpt_core.files import atomic_write_text
+from nanogpt_core.options import non_negative, positive
+from nanogpt_core.tokenizers import Tokenizer, tokenizer_from_description
+
+DEFAULT_PROMPTS = ["What is AI?", "1+1 is", "The capital of France is", "Once upon a time"]
+
+
+@attrs.frozen(kw_only=True)
+class FixedPromptsOptions:
+    """Options of the ``fixed_prompts`` callback."""
+
+    prompts: list[str] = option(
+        doc="Prompts to complete; char-level models need prompts in their alphabet.",
+        factory=lambda: list(DEFAULT_PROMPTS),
+    )
+    max_new_tokens: int = option(64, "Tokens generated per prompt.", validator=positive)
+    temperature: float = option(
+        0.8, "Sampling temperature; 0 picks the most likely token.", validator=non_negative
+    )
+    top_k: int | None = option(
+        200, "Sample from the k most likely tokens only.", validator=positive
+    )
+    seed: int = option(1337, "Seed of the sampling generator (the same samples each time).")
+    every_epochs: int = option(
+        1, "Sample every this many epochs (and at the end).", validator=positive
+    )
+
+
+class FixedPromptsCallback(Callback):
+    """Completes fixed prompts at epoch ends and writes them to ``samples/``."""
+
+    def __init__(self, options: FixedPromptsOptions) -> None:
+        self.options = options
+        self.tokenizer: Tokenizer | None = None
+        self.encoded: list[list[int]] = []
+        self.sampled_step = -1
+
+    def on_train_start(self, state: TrainerState) -> None:
+        """Encode the prompts now, so a character outside the vocabulary fails at once."""
+        self.tokenizer = tokenizer_from_description(state.tokenizer)
+        self.encoded = []
+        for i, prompt in enumerate(self.options.prompts):
+            try:
+                ids = self.tokenizer.encode(prompt)
+            except NanoGPTError as exc:
+                raise NanoGPTError(f"fixed_prompts: prompts[{i}] = {prompt!r}: {exc}") from None
+            # An empty prompt starts from end-of-text (BPE) or a newline (char).
+            if not ids:
+                ids = (
+                    [self.tokenizer.eot_id]
+                    if self.tokenizer.eot_id is not None
+                    else self.tokenizer.encode("\n")
+                )
+            self.encoded.append(ids)
+
+    def on_epoch_end(self, state: TrainerState) -> None:
+        """Sample every ``every_epochs`` epochs."""
+        if state.epoch % self.options.every_epochs == 0:
+            self.sample(state)
+
+    def on_train_end(self, state: TrainerState) -> None:
+        """Sample once more at the end unless this step was just sampled."""
+        if state.status == "completed" and state.step != self.sampled_step:
+            self.sample(state)
+
+    def sample(self, state: TrainerState) -> None:
+        """Generate a completion of every prompt and write ``samples/epoch_{N:04d}.txt``."""
+        import torch
+
+        self.sampled_step = state.step
+        if not state.is_main_process:
+            return
+        model = state.model
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(self.options.seed)
+        opts = self.options
+        lines = [
+            f"step {state.step}, epoch {state.epoch}, val loss {state.metrics.get('val_loss', float('nan')):.4f}",
+            "",
+        ]
+        try:
+            for prompt, ids in zip(opts.prompts, self.encoded, strict=True):
+                context = torch.tensor([ids], dtype=torch.long, device=device)
+                with state.accelerator.autocast():
+                    out = model.generate(
+                        context,
+                        opts.max_new_tokens,
+                        temperature=opts.temperature,
+                        top_k=opts.top_k,
+                        generator=generator,
+                        vocab_limit=self.tokenizer.vocab_size,
+                    )
+                completion = self.tokenizer.decode(out[0, len(ids) :].tolist())
+                lines += [f"--- {prompt!r}", prompt + completion, ""]
+                state.texts.append((state.step, f"samples/{prompt}", prompt + completion))
+        finally:
+            model.train(was_training)
+        path = state.paths.samples / f"epoch_{state.epoch:04d}.txt"
+        atomic_write_text(path, "\n".join(lines))
+
+
+@hookimpl
+def register_callbacks(register):
+    """Register the ``fixed_prompts`` callback."""
+    register(
+        "fixed_prompts",
+        FixedPromptsCallback,
+        options=FixedPromptsOptions,
+        description="Complete fixed prompts at each epoch end into results/<name>/samples/.",
+    )

@@ -1,0 +1,73 @@
+"""The fixed_prompts callback: samples per epoch, early refusal, no effect on training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nanogpt_core.config import load_experiment
+from nanogpt_core.errors import NanoGPTError
+from nanogpt_core.plugins import load_plugins
+from nanogpt_core.run import run_experiment
+
+PROMPTS = (
+    '[[callbacks]]\nplugin = "fixed_prompts"\nprompts = ["ROMEO:", "To be"]\nmax_new_tokens = 20\n'
+)
+SHORT = [
+    "train.epochs=2",
+    "train.steps_per_epoch=4",
+    "train.eval_every=4",
+    "train.eval_batches=2",
+    "train.log_every=1",
+]
+
+
+def run(path, data_dir, results, overrides=SHORT):
+    plugins = load_plugins(disabled=())
+    config = load_experiment(path, overrides, plugins)
+    return run_experiment(config, plugins, results_dir=results, data_dir=data_dir, progress=False)
+
+
+def test_writes_one_sample_file_per_epoch(tiny_char_experiment, session_data_dir, tmp_path):
+    run(tiny_char_experiment(extra=PROMPTS), session_data_dir, tmp_path / "r")
+    folder = tmp_path / "r" / "tiny" / "samples"
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch_0001.txt", "epoch_0002.txt"]
+    text = (folder / "epoch_0002.txt").read_text()
+    assert text.startswith("step 8, epoch 2, val loss ")
+    assert "--- 'ROMEO:'\nROMEO:" in text and "--- 'To be'\nTo be" in text
+    completion = text.split("--- 'ROMEO:'\n", 1)[1].split("\n\n--- ")[0]
+    assert len(completion) == len("ROMEO:") + 20  # one character per token
+
+
+def test_same_seed_gives_the_same_samples(tiny_char_experiment, session_data_dir, tmp_path):
+    path = tiny_char_experiment(extra=PROMPTS)
+    run(path, session_data_dir, tmp_path / "a")
+    run(path, session_data_dir, tmp_path / "b")
+    a = (tmp_path / "a" / "tiny" / "samples" / "epoch_0001.txt").read_text()
+    assert a == (tmp_path / "b" / "tiny" / "samples" / "epoch_0001.txt").read_text()
+
+
+def test_sampling_does_not_disturb_training(tiny_char_experiment, session_data_dir, tmp_path):
+    run(tiny_char_experiment(extra=PROMPTS), session_data_dir, tmp_path / "with")
+    run(tiny_char_experiment(), session_data_dir, tmp_path / "without")
+
+    def losses(root):
+        lines = (root / "tiny" / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], r["train_loss"], r.get("val_loss")) for r in map(json.loads, lines)]
+
+    assert losses(tmp_path / "with") == losses(tmp_path / "without")
+
+
+def test_a_prompt_outside_the_vocabulary_is_refused_at_the_start(
+    tiny_char_experiment, session_data_dir, tmp_path
+):
+    path = tiny_char_experiment(
+        extra='[[callbacks]]\nplugin = "fixed_prompts"\n'
+    )  # default: "1+1 is"
+    with pytest.raises(
+        NanoGPTError,
+        match=r"prompts\[1\] = '1\+1 is': character '1' is not in this model's 65-character vocabulary",
+    ):
+        run(path, session_data_dir, tmp_path / "r")
+    assert not (tmp_path / "r" / "tiny" / "metrics.jsonl").exists()

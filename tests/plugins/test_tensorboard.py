@@ -1,0 +1,68 @@
+"""The tensorboard callback, read back with TensorBoard's own EventAccumulator."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nanogpt_core.config import load_experiment
+from nanogpt_core.plugins import load_plugins
+from nanogpt_core.run import run_experiment
+
+CALLBACKS = """
+[[callbacks]]
+plugin = "fixed_prompts"
+prompts = ["ROMEO:"]
+max_new_tokens = 8
+
+[[callbacks]]
+plugin = "tensorboard"
+flush_secs = 1
+"""
+
+
+def test_scalars_match_metrics_jsonl_and_samples_are_logged(
+    tiny_char_experiment, session_data_dir, tmp_path
+):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    plugins = load_plugins(disabled=())
+    overrides = [
+        "train.epochs=2",
+        "train.steps_per_epoch=6",
+        "train.eval_every=3",
+        "train.eval_batches=2",
+        "train.log_every=2",
+    ]
+    config = load_experiment(tiny_char_experiment(extra=CALLBACKS), overrides, plugins)
+    run_experiment(
+        config, plugins, results_dir=tmp_path / "r", data_dir=session_data_dir, progress=False
+    )
+    root = tmp_path / "r" / "tiny"
+    records = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
+
+    events = EventAccumulator(str(root / "logs"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    for key, tag in [
+        ("train_loss", "train/loss"),
+        ("lr", "lr"),
+        ("grad_norm", "grad_norm"),
+        ("tokens_per_sec", "tokens_per_sec"),
+    ]:
+        logged = [(e.step, e.value) for e in events.Scalars(tag)]
+        expected = [(r["step"], r[key]) for r in records]
+        assert [s for s, _ in logged] == [s for s, _ in expected], tag
+        assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6), tag
+    val = [(e.step, e.value) for e in events.Scalars("val/loss")]
+    assert val == [
+        (r["step"], pytest.approx(r["val_loss"], rel=1e-6)) for r in records if "val_loss" in r
+    ]
+    assert "mfu" not in events.Tags()["scalars"]  # null on a CPU: nothing to plot
+    tensors = events.Tags()["tensors"]
+    assert "config/text_summary" in tensors
+    samples = [t for t in tensors if t.startswith("samples/")]
+    assert samples, tensors
+    steps = sorted(e.step for e in events.Tensors(samples[0]))
+    assert steps == [6, 12]
+    assert list((root / "logs").glob("events.out.tfevents.*"))
