@@ -10,9 +10,13 @@ matching preparation or is prepared again.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import multiprocessing
 import os
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -27,17 +31,18 @@ from nanogpt_core.files import (
     temporary_path,
 )
 from nanogpt_core.options import unstructure
-from nanogpt_core.tokenizers import CharTokenizer, GPT2Tokenizer, Tokenizer
+from nanogpt_core.tokenizers import GPT2_EOT, CharTokenizer, GPT2Tokenizer, Tokenizer, gpt2_encoding
 
 if TYPE_CHECKING:
     from nanogpt_core.config import ExperimentConfig
     from nanogpt_core.plugins import Plugins
 
 SPLITS = ("train", "val")
+END_OF_TEXT = "<|endoftext|>"
 FORMAT_VERSION = 1
 # Documents are tokenized in batches of about this many characters: large enough
-# for tiktoken's thread pool to keep both cores busy, small enough to bound memory.
-BATCH_CHARS = 4_000_000
+# to keep worker processes busy, small enough to bound memory.
+BATCH_CHARS = 500_000
 
 
 class DatasetSource(Protocol):
@@ -155,21 +160,10 @@ def _char_vocabulary(source: DatasetSource, downloads: Path) -> CharTokenizer:
     return CharTokenizer(chars)
 
 
-def _encode_batches(
-    tokenizer: Tokenizer, documents: Iterable[str], counts: dict[str, int]
-) -> Iterator[np.ndarray]:
-    """Yield arrays of token ids, a batch of documents at a time."""
+def _document_batches(documents: Iterable[str], counts: dict[str, int]) -> Iterator[list[str]]:
+    """Group documents into batches of about BATCH_CHARS characters, counting them."""
     batch: list[str] = []
     size = 0
-
-    def flush() -> np.ndarray:
-        if isinstance(tokenizer, GPT2Tokenizer):
-            encoded = tokenizer.encode_batch(batch)
-            # Every document ends with <|endoftext|>, as in GPT-2's training data.
-            ids = [t for doc in encoded for t in (*doc, tokenizer.eot_id)]
-            return np.asarray(ids, dtype=np.int64)
-        return np.asarray(tokenizer.encode("".join(batch)), dtype=np.int64)
-
     for document in documents:
         if not isinstance(document, str):
             raise DataError(f"a document is {type(document).__name__}, expected text")
@@ -178,10 +172,54 @@ def _encode_batches(
         batch.append(document)
         size += len(document)
         if size >= BATCH_CHARS:
-            yield flush()
+            yield batch
             batch, size = [], 0
     if batch:
-        yield flush()
+        yield batch
+
+
+def encode_gpt2_batch(texts: list[str]) -> np.ndarray:
+    """GPT-2 ids of ``texts``, each followed by ``<|endoftext|>`` (runs in worker processes)."""
+    encoding = gpt2_encoding()
+    if any(END_OF_TEXT in text for text in texts):
+        # Literal "<|endoftext|>" inside a document is text, not a separator.
+        parts = [np.array([*encoding.encode_ordinary(t), GPT2_EOT], dtype=np.uint16) for t in texts]
+        return np.concatenate(parts)
+    # One call for the whole batch: tiktoken splits at the special token first, so
+    # this equals encoding each document on its own and appending <|endoftext|>.
+    joined = END_OF_TEXT.join(texts) + END_OF_TEXT
+    return np.array(encoding.encode(joined, allowed_special={END_OF_TEXT}), dtype=np.uint16)
+
+
+def _encode_batches(
+    tokenizer: Tokenizer, documents: Iterable[str], counts: dict[str, int]
+) -> Iterator[np.ndarray]:
+    """Yield arrays of token ids, a batch of documents at a time, in order."""
+    batches = _document_batches(documents, counts)
+    if not isinstance(tokenizer, GPT2Tokenizer):
+        for batch in batches:
+            yield np.asarray(tokenizer.encode("".join(batch)), dtype=np.int64)
+        return
+    first = next(batches, None)
+    second = next(batches, None) if first is not None else None
+    if second is None:  # small input: worker processes would cost more than they save
+        if first is not None:
+            yield encode_gpt2_batch(first)
+        return
+    # tiktoken holds the GIL for most of its work, so threads do not scale: use
+    # processes, keeping only a few batches in flight so memory stays bounded.
+    workers = max(1, os.cpu_count() or 1)
+    # fork where there is one: spawn would re-import the caller's __main__.
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        pending: deque[Future[np.ndarray]] = deque()
+        for batch in itertools.chain([first, second], batches):
+            pending.append(pool.submit(encode_gpt2_batch, batch))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def write_prepared(
@@ -214,7 +252,9 @@ def write_prepared(
             counts = {"documents": 0, "characters": 0, "tokens": 0}
             with (
                 temporaries[split].open("wb") as out,
-                tqdm(desc=f"{plugin} {split}", unit=" docs", delay=2, leave=False) as bar,
+                tqdm(
+                    desc=f"{plugin} {split}", unit=" docs", delay=2, leave=False, disable=None
+                ) as bar,
             ):
                 for ids in _encode_batches(tokenizer, source.documents(split, downloads), counts):
                     ids.astype(dtype).tofile(out)

@@ -1,0 +1,123 @@
+"""The ``tinystories`` dataset: short stories a small model learns fast.
+
+``source = "hub"`` streams ``roneneldan/TinyStories`` with ``datasets`` (its own
+``train`` and ``validation`` splits). ``source = "local"`` reads
+``train_files`` (and ``val_files`` when given): the original
+``TinyStoriesV2-GPT4-*.txt`` form (stories separated by ``<|endoftext|>``
+lines) or json/jsonl/parquet rows with a text field. Without a validation
+source, whole stories are held out: every story whose seeded hash falls under
+``val_fraction``, so the split does not depend on file order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+
+from nanogpt_core import hookimpl, option
+from nanogpt_core.documents import expand_files, hub_rows, read_texts
+from nanogpt_core.options import OptionValueError, one_of
+
+HUB_NAME = "roneneldan/TinyStories"
+
+
+def _val_fraction(_instance, attribute, value: float) -> None:
+    if not 0 < value < 1:
+        raise OptionValueError(attribute.name, f"must be between 0 and 1, got {value}")
+
+
+@attrs.frozen(kw_only=True)
+class TinyStoriesOptions:
+    """Options of the ``tinystories`` dataset."""
+
+    source: str = option(
+        "hub",
+        '"hub" (roneneldan/TinyStories, streamed) or "local" (train_files).',
+        validator=one_of("hub", "local"),
+    )
+    train_files: list[str] = option(
+        doc="Local files or globs: .txt (<|endoftext|>-separated), .jsonl, .json, .parquet.",
+        factory=list,
+    )
+    val_files: list[str] = option(
+        doc="Local validation files or globs (default: hold out val_fraction of train_files).",
+        factory=list,
+    )
+    text_field: str = option("text", "The field holding a story in json/jsonl/parquet rows.")
+    val_fraction: float = option(
+        0.05,
+        "Share of stories held out for validation when there are no val_files.",
+        validator=_val_fraction,
+    )
+    tokenizer: str = option(
+        "gpt2",
+        '"gpt2" (BPE, as TinyStories models use) or "char".',
+        validator=one_of("gpt2", "char"),
+    )
+    seed: int = option(1337, "Seed of the held-out split.")
+
+    def __attrs_post_init__(self) -> None:
+        if self.source == "local" and not self.train_files:
+            raise OptionValueError(
+                "train_files", 'source = "local" needs train_files (paths or globs)'
+            )
+
+
+def held_out(text: str, seed: int, fraction: float) -> bool:
+    """Whether a document belongs to the held-out validation set (stable, order-free)."""
+    digest = hashlib.blake2b(f"{seed}:{text}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < fraction
+
+
+class TinyStoriesSource:
+    """TinyStories from the hub or from local files."""
+
+    def __init__(self, options: TinyStoriesOptions) -> None:
+        self.options = options
+        self.tokenizer = options.tokenizer
+        self.variant = f"{options.source}-{options.tokenizer}"
+        self.description = (
+            f"TinyStories from the Hugging Face hub ({HUB_NAME})"
+            if options.source == "hub"
+            else "TinyStories from local files: "
+            + ", ".join(options.train_files + options.val_files)
+        )
+
+    def documents(self, split: str, downloads: Path) -> Iterator[str]:
+        """Stories of ``split``: the source's validation split, or held-out stories."""
+        opts = self.options
+        if opts.source == "hub":
+            hub_split = "train" if split == "train" else "validation"
+            for row in hub_rows(HUB_NAME, None, hub_split):
+                text = row[opts.text_field].strip()
+                if text:
+                    yield text
+            return
+        if opts.val_files:
+            patterns, option_name = (
+                (opts.train_files, "train_files")
+                if split == "train"
+                else (opts.val_files, "val_files")
+            )
+            for path in expand_files(patterns, f"dataset.{option_name}"):
+                yield from (t for t in read_texts(path, opts.text_field) if t.strip())
+            return
+        want_val = split == "val"
+        for path in expand_files(opts.train_files, "dataset.train_files"):
+            for text in read_texts(path, opts.text_field):
+                if text.strip() and held_out(text, opts.seed, opts.val_fraction) == want_val:
+                    yield text
+
+
+@hookimpl
+def register_datasets(register):
+    """Register the ``tinystories`` dataset."""
+    register(
+        "tinystories",
+        TinyStoriesSource,
+        options=TinyStoriesOptions,
+        description="TinyStories from the hub or local txt/json/jsonl/parquet files.",
+    )
