@@ -9,6 +9,7 @@ matching preparation or is prepared again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -64,6 +65,10 @@ class DatasetSource(Protocol):
         """Yield the documents of ``split`` (``"train"`` or ``"val"``), in order.
 
         :param downloads: a folder the plugin may cache downloads in.
+
+        A source that decides the split while reading (holding out documents by
+        hash, say) may also define ``split_documents(downloads)`` yielding
+        ``(split, document)`` pairs in one pass; it is then used instead.
         """
 
 
@@ -152,30 +157,46 @@ def prepare_dataset(
     )
 
 
-def _char_vocabulary(source: DatasetSource, downloads: Path) -> CharTokenizer:
-    chars: set[str] = set()
+def split_stream(source: DatasetSource, downloads: Path) -> Iterator[tuple[str, str]]:
+    """``(split, document)`` pairs: one pass when the source offers it, else train then val."""
+    one_pass = getattr(source, "split_documents", None)
+    if one_pass is not None:
+        yield from one_pass(downloads)
+        return
     for split in SPLITS:
         for document in source.documents(split, downloads):
-            chars.update(document)
+            yield split, document
+
+
+def _char_vocabulary(source: DatasetSource, downloads: Path) -> CharTokenizer:
+    chars: set[str] = set()
+    for _, document in split_stream(source, downloads):
+        chars.update(document)
     return CharTokenizer(chars)
 
 
-def _document_batches(documents: Iterable[str], counts: dict[str, int]) -> Iterator[list[str]]:
-    """Group documents into batches of about BATCH_CHARS characters, counting them."""
-    batch: list[str] = []
-    size = 0
-    for document in documents:
+Batch = tuple[str, list[str]]
+
+
+def _document_batches(
+    stream: Iterable[tuple[str, str]], counts: dict[str, dict[str, int]]
+) -> Iterator[Batch]:
+    """Group each split's documents into batches of about BATCH_CHARS characters."""
+    pending: dict[str, list[str]] = {split: [] for split in SPLITS}
+    sizes = dict.fromkeys(SPLITS, 0)
+    for split, document in stream:
         if not isinstance(document, str):
             raise DataError(f"a document is {type(document).__name__}, expected text")
-        counts["documents"] += 1
-        counts["characters"] += len(document)
-        batch.append(document)
-        size += len(document)
-        if size >= BATCH_CHARS:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
+        counts[split]["documents"] += 1
+        counts[split]["characters"] += len(document)
+        pending[split].append(document)
+        sizes[split] += len(document)
+        if sizes[split] >= BATCH_CHARS:
+            yield split, pending[split]
+            pending[split], sizes[split] = [], 0
+    for split in SPLITS:
+        if pending[split]:
+            yield split, pending[split]
 
 
 def encode_gpt2_batch(texts: list[str]) -> np.ndarray:
@@ -192,19 +213,19 @@ def encode_gpt2_batch(texts: list[str]) -> np.ndarray:
 
 
 def _encode_batches(
-    tokenizer: Tokenizer, documents: Iterable[str], counts: dict[str, int]
-) -> Iterator[np.ndarray]:
-    """Yield arrays of token ids, a batch of documents at a time, in order."""
-    batches = _document_batches(documents, counts)
+    tokenizer: Tokenizer, stream: Iterable[tuple[str, str]], counts: dict[str, dict[str, int]]
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(split, token ids)`` a batch at a time, each split's batches in order."""
+    batches = _document_batches(stream, counts)
     if not isinstance(tokenizer, GPT2Tokenizer):
-        for batch in batches:
-            yield np.asarray(tokenizer.encode("".join(batch)), dtype=np.int64)
+        for split, batch in batches:
+            yield split, np.asarray(tokenizer.encode("".join(batch)), dtype=np.int64)
         return
     first = next(batches, None)
     second = next(batches, None) if first is not None else None
     if second is None:  # small input: worker processes would cost more than they save
         if first is not None:
-            yield encode_gpt2_batch(first)
+            yield first[0], encode_gpt2_batch(first[1])
         return
     # tiktoken holds the GIL for most of its work, so threads do not scale: use
     # processes, keeping only a few batches in flight so memory stays bounded.
@@ -213,13 +234,15 @@ def _encode_batches(
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        pending: deque[Future[np.ndarray]] = deque()
-        for batch in itertools.chain([first, second], batches):
-            pending.append(pool.submit(encode_gpt2_batch, batch))
+        pending: deque[tuple[str, Future[np.ndarray]]] = deque()
+        for split, batch in itertools.chain([first, second], batches):
+            pending.append((split, pool.submit(encode_gpt2_batch, batch)))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
+                done_split, future = pending.popleft()
+                yield done_split, future.result()
         while pending:
-            yield pending.popleft().result()
+            done_split, future = pending.popleft()
+            yield done_split, future.result()
 
 
 def write_prepared(
@@ -244,28 +267,25 @@ def write_prepared(
     else:
         raise DataError(f"dataset {plugin!r}: unknown tokenizer {source.tokenizer!r}")
     dtype = np.dtype(token_dtype(tokenizer.vocab_size))
-    splits: dict[str, dict[str, int]] = {}
-    temporaries: dict[str, Path] = {}
+    counts = {split: {"documents": 0, "characters": 0, "tokens": 0} for split in SPLITS}
+    temporaries = {split: temporary_path(folder / f"{split}.bin") for split in SPLITS}
     try:
-        for split in SPLITS:
-            temporaries[split] = temporary_path(folder / f"{split}.bin")
-            counts = {"documents": 0, "characters": 0, "tokens": 0}
-            with (
-                temporaries[split].open("wb") as out,
-                tqdm(
-                    desc=f"{plugin} {split}", unit=" docs", delay=2, leave=False, disable=None
-                ) as bar,
-            ):
-                for ids in _encode_batches(tokenizer, source.documents(split, downloads), counts):
-                    ids.astype(dtype).tofile(out)
-                    counts["tokens"] += len(ids)
-                    bar.update(counts["documents"] - bar.n)
-                    bar.set_postfix(tokens=counts["tokens"])
+        with contextlib.ExitStack() as stack:
+            outs = {split: stack.enter_context(temporaries[split].open("wb")) for split in SPLITS}
+            bar = stack.enter_context(
+                tqdm(desc=f"preparing {plugin}", unit=" docs", delay=2, leave=False, disable=None)
+            )
+            for split, ids in _encode_batches(tokenizer, split_stream(source, downloads), counts):
+                ids.astype(dtype).tofile(outs[split])
+                counts[split]["tokens"] += len(ids)
+                bar.update(sum(c["documents"] for c in counts.values()) - bar.n)
+                bar.set_postfix(train=counts["train"]["tokens"], val=counts["val"]["tokens"])
+            for out in outs.values():
                 out.flush()
                 os.fsync(out.fileno())
-            if counts["tokens"] == 0:
+        for split in SPLITS:
+            if counts[split]["tokens"] == 0:
                 raise DataError(f"dataset {plugin!r}: the {split} split is empty (no text found)")
-            splits[split] = counts
         # Publish: drop the old meta first so a crash mid-way never pairs old meta
         # with new tokens; meta.json, written last, is the mark of a complete folder.
         (folder / "meta.json").unlink(missing_ok=True)
@@ -284,7 +304,7 @@ def write_prepared(
         "options": options,
         "tokenizer": tokenizer.description(),
         "dtype": dtype.name,
-        "splits": splits,
+        "splits": counts,
     }
     atomic_write_text(folder / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     return PreparedData(folder, meta)

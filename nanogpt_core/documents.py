@@ -90,12 +90,11 @@ def _open_text(path: Path) -> Any:
 
 
 def _decoding(path: Path, lines: Any) -> Iterator[tuple[int, str]]:
-    number = 0
+    """Number the lines of a text file, turning bad bytes into a one-line error."""
     try:
-        for number, line in enumerate(lines, 1):
-            yield number, line
+        yield from enumerate(lines, 1)
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: line {number + 1}: not UTF-8 text ({exc.reason})") from None
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason})") from None
 
 
 def _endoftext_documents(path: Path) -> Iterator[str]:

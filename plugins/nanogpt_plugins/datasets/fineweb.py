@@ -144,29 +144,27 @@ class FineWebSource:
             self._encoder = GPT2Tokenizer()
         return len(self._encoder.encode(text)) + 1
 
-    def documents(self, split: str, downloads: Path) -> Iterator[str]:
-        """Held-out documents for ``val``; the rest (up to ``max_tokens``) for ``train``."""
+    def split_documents(self, downloads: Path) -> Iterator[tuple[str, str]]:
+        """``(split, text)`` in one pass: held-out documents first, then training ones."""
         opts = self.options
-        if opts.val_files:
-            if split == "val":
-                yield from (text for text, _ in self._documents(opts.val_files, "val_files"))
-                return
-            held_out = 0
-        else:
-            held_out = opts.val_tokens
-        budget = opts.max_tokens
+        held_out = 0 if opts.val_files else opts.val_tokens
         seen = 0
         for text, tokens in self._documents(opts.train_files, "train_files"):
-            in_val = seen < held_out
+            if seen < held_out:
+                seen += tokens
+                yield "val", text
+                continue
             seen += tokens
-            if split == "val":
-                if not in_val:
-                    return
-                yield text
-            elif not in_val:
-                if budget is not None and seen - held_out > budget:
-                    return
-                yield text
+            if opts.max_tokens is not None and seen - held_out > opts.max_tokens:
+                break
+            yield "train", text
+        if opts.val_files:
+            for text, _ in self._documents(opts.val_files, "val_files"):
+                yield "val", text
+
+    def documents(self, split: str, downloads: Path) -> Iterator[str]:
+        """Held-out documents for ``val``; the rest (up to ``max_tokens``) for ``train``."""
+        return (text for which, text in self.split_documents(downloads) if which == split)
 
 
 @hookimpl

@@ -86,30 +86,32 @@ class TinyStoriesSource:
             + ", ".join(options.train_files + options.val_files)
         )
 
-    def documents(self, split: str, downloads: Path) -> Iterator[str]:
-        """Stories of ``split``: the source's validation split, or held-out stories."""
+    def split_documents(self, downloads: Path) -> Iterator[tuple[str, str]]:
+        """``(split, story)`` pairs, reading each source file once."""
         opts = self.options
         if opts.source == "hub":
-            hub_split = "train" if split == "train" else "validation"
-            for row in hub_rows(HUB_NAME, None, hub_split):
-                text = row[opts.text_field].strip()
-                if text:
-                    yield text
+            for split, hub_split in (("train", "train"), ("val", "validation")):
+                for row in hub_rows(HUB_NAME, None, hub_split):
+                    text = row[opts.text_field].strip()
+                    if text:
+                        yield split, text
             return
         if opts.val_files:
-            patterns, option_name = (
-                (opts.train_files, "train_files")
-                if split == "train"
-                else (opts.val_files, "val_files")
-            )
-            for path in expand_files(patterns, f"dataset.{option_name}"):
-                yield from (t for t in read_texts(path, opts.text_field) if t.strip())
+            for split, patterns, name in (
+                ("train", opts.train_files, "train_files"),
+                ("val", opts.val_files, "val_files"),
+            ):
+                for path in expand_files(patterns, f"dataset.{name}"):
+                    yield from ((split, t) for t in read_texts(path, opts.text_field) if t.strip())
             return
-        want_val = split == "val"
         for path in expand_files(opts.train_files, "dataset.train_files"):
             for text in read_texts(path, opts.text_field):
-                if text.strip() and held_out(text, opts.seed, opts.val_fraction) == want_val:
-                    yield text
+                if text.strip():
+                    yield ("val" if held_out(text, opts.seed, opts.val_fraction) else "train"), text
+
+    def documents(self, split: str, downloads: Path) -> Iterator[str]:
+        """Stories of ``split``: the source's validation split, or held-out stories."""
+        return (text for which, text in self.split_documents(downloads) if which == split)
 
 
 @hookimpl

