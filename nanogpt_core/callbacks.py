@@ -35,6 +35,11 @@ class RunPaths:
         return self.root / "metrics.jsonl"
 
     @property
+    def done(self) -> Path:
+        """Written when a run finishes, with its final metrics (``gpt batch`` skips done runs)."""
+        return self.root / "done"
+
+    @property
     def checkpoints(self) -> Path:
         """Folder for ``last.pth`` and per-epoch checkpoints."""
         return self.root / "checkpoints"

@@ -168,6 +168,173 @@ def prepare(
     click.echo(f"prepared {prepared.folder}")
 
 
+@click.command()
+@click.option(
+    "--ckpt",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="A checkpoint, e.g. results/<name>/checkpoints/last.pth.",
+)
+@click.option("--prompt", default=None, help="Text to continue (default: start of text).")
+@click.option(
+    "--prompt-file",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help="Read the prompt from a file.",
+)
+@click.option("--max-new-tokens", default=500, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--temperature",
+    default=0.8,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="0 is greedy.",
+)
+@click.option("--top-k", default=200, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--top-p", default=None, type=click.FloatRange(0, 1, min_open=True), help="Nucleus sampling."
+)
+@click.option("--num-samples", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=1337, show_default=True, type=int)
+@click.option(
+    "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])
+)
+def sample(
+    ckpt: Path,
+    prompt: str | None,
+    prompt_file: Path | None,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float | None,
+    num_samples: int,
+    seed: int,
+    device: str,
+) -> None:
+    """Generate text from a checkpoint, streamed to stdout.
+
+    The tokenizer comes from the checkpoint, so no data folder or experiment
+    file is needed. BPE models stop at end-of-text.
+
+    \b
+    Examples:
+      gpt sample --ckpt results/shakespeare_char/checkpoints/last.pth --prompt "ROMEO:"
+      gpt sample --ckpt last.pth --temperature 0 --max-new-tokens 100
+      gpt sample --ckpt last.pth --prompt-file prompt.txt --num-samples 3 --top-p 0.9
+    """
+    import torch
+
+    from nanogpt_core.sampling import encode_prompt, load_model, stream_sample
+
+    if prompt is not None and prompt_file is not None:
+        raise click.UsageError("give --prompt or --prompt-file, not both")
+    if prompt_file is not None:
+        try:
+            prompt = prompt_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise NanoGPTError(f"--prompt-file {prompt_file}: not UTF-8 text") from None
+    loaded = load_model(ckpt, device)
+    ids, dropped = encode_prompt(loaded, prompt)
+    if dropped:
+        click.echo(
+            f"note: the prompt has {len(ids) + dropped} tokens; keeping its last "
+            f"{len(ids)} (the model's block_size)",
+            err=True,
+        )
+    generator = torch.Generator(device=loaded.device).manual_seed(seed)
+    shown_prompt = loaded.tokenizer.decode(ids) if prompt else ""
+    for n in range(num_samples):
+        if n:
+            click.echo("\n---------------")
+        click.echo(shown_prompt, nl=False)
+        for piece in stream_sample(
+            loaded,
+            ids,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=generator,
+        ):
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+        click.echo()
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--launcher",
+    default=None,
+    metavar="COMMAND",
+    help='Put a launcher in front of each run, e.g. "accelerate launch --num_processes 8".',
+)
+@click.option(
+    "--rerun", is_flag=True, help="Run finished experiments again (old results are moved aside)."
+)
+@click.option("--stop-on-error", is_flag=True, help="Stop at the first failed experiment.")
+@RESULTS_DIR
+@DATA_DIR
+def batch(
+    paths: tuple[Path, ...],
+    launcher: str | None,
+    rerun: bool,
+    stop_on_error: bool,
+    results_dir: Path,
+    data_dir: Path,
+) -> None:
+    """Run experiments one after another, each in its own process.
+
+    A folder runs the files its experiment_list.conf lists (one a line, #
+    comments), else its *.toml files in sorted order, skipping abstract bases.
+    Finished experiments are skipped, interrupted ones resume. Exit status 1 if
+    any failed.
+
+    \b
+    Examples:
+      gpt batch experiments/
+      gpt batch experiments/tinystories.toml experiments/fineweb.toml --stop-on-error
+      gpt batch experiments/ --launcher "accelerate launch --multi_gpu --num_processes 8"
+    """
+    from nanogpt_core.batch import experiments_in, run_batch, summary_table
+
+    experiments = experiments_in(list(paths))
+    results = run_batch(
+        experiments,
+        launcher=launcher,
+        rerun=rerun,
+        stop_on_error=stop_on_error,
+        results_dir=results_dir,
+        data_dir=data_dir,
+    )
+    click.echo(summary_table(results))
+    if any(r.status == "failed" for r in results):
+        sys.exit(1)
+
+
+@click.command()
+@click.option(
+    "--ckpt", required=True, type=click.Path(path_type=Path), help="The checkpoint to export."
+)
+@click.option(
+    "--out", required=True, type=click.Path(path_type=Path), help="A new folder for the export."
+)
+def export(ckpt: Path, out: Path) -> None:
+    """Export a checkpoint as a Hugging Face transformers GPT-2 folder.
+
+    GPT2LMHeadModel.from_pretrained(OUT) then gives the same logits as ours;
+    GPT-2 BPE models also get their tokenizer files.
+
+    \b
+    Examples:
+      gpt export --ckpt results/fineweb_gpt2/checkpoints/last.pth --out exports/fineweb_gpt2
+    """
+    from nanogpt_core.export import export_hf
+
+    written = export_hf(ckpt, out)
+    click.echo(f"exported {ckpt} to {out}/: {', '.join(written)}")
+
+
 def plugin_listing(plugins: Plugins) -> list[dict[str, Any]]:
     """Everything ``gpt plugins`` shows, as plain data."""
     registrations = [*plugins.datasets().values(), *plugins.callbacks().values()]
@@ -263,7 +430,7 @@ def make_cli(plugins: Plugins) -> click.Group:
           gpt plugins
         """
 
-    for command in (run, prepare, plugins_command):
+    for command in (run, prepare, sample, batch, export, plugins_command):
         gpt.add_command(command)
     plugins.add_commands(gpt)
     return gpt

@@ -15,6 +15,7 @@ import inspect
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -63,16 +64,25 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, nh, T, hs)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        is_causal = True
+        if cache is not None:
+            first = cache.length == 0
+            k, v = cache.append(k, v)  # every key so far: (B, nh, L, hs)
+            if not first:
+                # One new token attends to all cached ones: nothing to mask.
+                if T != 1:
+                    raise ValueError("after the prompt, a KV cache takes one token at a time")
+                is_causal = False
         # Flash attention on GPUs that support it; (B, nh, T, hs)
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -103,9 +113,47 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
+
+
+class LayerCache:
+    """One layer's keys and values of the tokens seen so far (incremental decoding).
+
+    Sampling a token needs the keys and values of every earlier token; keeping
+    them turns each step from a forward pass over the whole context into one
+    over a single token.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.length = 0
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new keys and values (B, nh, T, hs); return all of them so far."""
+        B, nh, T, hs = k.shape
+        if self.keys is None:
+            self.keys = k.new_empty(B, nh, self.capacity, hs)
+            self.values = v.new_empty(B, nh, self.capacity, hs)
+        self.keys[:, :, self.length : self.length + T] = k
+        self.values[:, :, self.length : self.length + T] = v
+        self.length += T
+        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+
+class KVCache:
+    """A :class:`LayerCache` per block, up to ``block_size`` tokens."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        self.layers = [LayerCache(config.block_size) for _ in range(config.n_layer)]
+
+    @property
+    def length(self) -> int:
+        """Tokens cached so far."""
+        return self.layers[0].length
 
 
 class GPT(nn.Module):
@@ -157,23 +205,26 @@ class GPT(nn.Module):
         self,
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for ``idx`` (B, T); with ``targets``, also the mean cross-entropy.
 
         Targets equal to -1 take no loss (padding, prompt tokens). Without targets
         only the last position's logits are computed: that is all sampling needs.
+        With a ``cache``, ``idx`` continues the tokens already cached.
         """
         _, T = idx.size()
-        if self.config.block_size < T:
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
             raise ValueError(
-                f"sequence of length {T} is longer than block_size {self.config.block_size}"
+                f"sequence of length {start + T} is longer than block_size {self.config.block_size}"
             )
-        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
         pos_emb = self.transformer.wpe(pos)  # (T, C)
         x = self.transformer.drop(tok_emb + pos_emb)
-        for block in self.transformer.h:
-            x = block(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache.layers[i] if cache is not None else None)
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)  # (B, T, V)
@@ -222,46 +273,75 @@ class GPT(nn.Module):
         max_new_tokens: int,
         temperature: float = 1.0,
         top_k: int | None = None,
+        top_p: float | None = None,
         generator: torch.Generator | None = None,
         vocab_limit: int | None = None,
+        use_cache: bool = True,
     ) -> Iterator[torch.Tensor]:
         """Yield one new token (B, 1) at a time after the context ``idx`` (B, T).
 
-        ``temperature = 0`` picks the most likely token. The context is cropped to
-        the last ``block_size`` tokens. ``vocab_limit`` (the tokenizer's size)
-        keeps the padding rows of the vocabulary from ever being sampled.
-        """
-        for _ in range(max_new_tokens):
-            idx_cond = (
-                idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size :]
-            )
-            logits, _ = self(idx_cond)
-            logits = logits[:, -1, :]  # (B, V)
-            if vocab_limit is not None:
-                logits[:, vocab_limit:] = -float("inf")
-            if temperature == 0:
-                idx_next = torch.argmax(logits, dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
-                probs = F.softmax(logits, dim=-1)
-                idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
-            idx = torch.cat((idx, idx_next), dim=1)
-            yield idx_next
+        ``temperature = 0`` picks the most likely token; ``top_k`` and ``top_p``
+        (nucleus) restrict sampling to the likeliest tokens. ``vocab_limit`` (the
+        tokenizer's size) keeps the vocabulary's padding rows from being sampled.
 
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        generator: torch.Generator | None = None,
-        vocab_limit: int | None = None,
+        With ``use_cache`` each step feeds one token through a KV cache. While the
+        context fits in ``block_size`` this gives exactly what recomputing the
+        whole context gives. Once it is full the window slides in chunks: the
+        cache restarts from the last ``block_size // 2`` tokens, so the model
+        always sees at least half a window of context (``use_cache=False`` instead
+        recomputes the last ``block_size`` tokens at every step, as nanoGPT does).
+        """
+        block_size = self.config.block_size
+        cache = KVCache(self.config) if use_cache else None
+        logits, _ = self(idx[:, -block_size:], cache=cache)
+        for step in range(max_new_tokens):
+            idx_next = self._pick(
+                logits[:, -1, :], temperature, top_k, top_p, generator, vocab_limit
+            )
+            yield idx_next
+            if step == max_new_tokens - 1:
+                return
+            idx = torch.cat((idx, idx_next), dim=1)
+            if cache is None:
+                logits, _ = self(idx[:, -block_size:])
+            elif cache.length < block_size:
+                logits, _ = self(idx_next, cache=cache)
+            else:
+                cache = KVCache(self.config)
+                logits, _ = self(idx[:, -(block_size // 2) :], cache=cache)
+
+    @staticmethod
+    def _pick(
+        logits: torch.Tensor,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        generator: torch.Generator | None,
+        vocab_limit: int | None,
     ) -> torch.Tensor:
-        """The context ``idx`` (B, T) followed by ``max_new_tokens`` sampled tokens."""
-        new = list(
-            self.generate_tokens(idx, max_new_tokens, temperature, top_k, generator, vocab_limit)
-        )
+        """Choose the next token (B, 1) from the last position's logits (B, V)."""
+        logits = logits.float()
+        if vocab_limit is not None:
+            logits[:, vocab_limit:] = -float("inf")
+        if temperature == 0:
+            return torch.argmax(logits, dim=-1, keepdim=True)
+        logits = logits / temperature
+        if top_k is not None:
+            v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+            logits[logits < v[:, [-1]]] = -float("inf")
+        probs = F.softmax(logits, dim=-1)
+        if top_p is not None and top_p < 1.0:
+            # Keep the smallest set of likeliest tokens whose probability reaches top_p.
+            sorted_probs, order = torch.sort(probs, descending=True)
+            outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p
+            sorted_probs[outside] = 0.0
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        return torch.multinomial(probs, num_samples=1, generator=generator)
+
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **options: Any) -> torch.Tensor:
+        """The context ``idx`` (B, T) followed by ``max_new_tokens`` new tokens.
+
+        ``options`` are those of :meth:`generate_tokens`.
+        """
+        new = list(self.generate_tokens(idx, max_new_tokens, **options))
         return torch.cat([idx, *new], dim=1)

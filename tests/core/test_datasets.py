@@ -274,3 +274,16 @@ def test_a_validation_split_shorter_than_one_block_is_refused(write_toml, tmp_pa
         ]["val"]["tokens"]
         == 100
     )
+
+
+def test_gpt2_files_that_fail_the_hash_check_are_refused(monkeypatch):
+    from nanogpt_core import tokenizers
+    from nanogpt_core.errors import NanoGPTError
+
+    monkeypatch.setattr(tokenizers, "GPT2_VOCAB_BPE_SHA256", "0" * 64)
+    gpt2_encoding.cache_clear()
+    try:
+        with pytest.raises(NanoGPTError, match="failed their hash check"):
+            gpt2_encoding()
+    finally:
+        gpt2_encoding.cache_clear()
