@@ -37,4 +37,5 @@ def lint(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks against references measured in the same run (`-- --quick` for a smoke run)."""
     install(session)
-    session.run("python", "tests/bench/bench_training.py", *session.posargs)
+    for script in ("bench_training.py", "bench_prepare.py", "bench_sampling.py"):
+        session.run("python", f"tests/bench/{script}", *session.posargs)

@@ -93,8 +93,10 @@ def run_batch(
         try:
             name = load_experiment(experiment).name
         except NanoGPTError as exc:
+            for line in str(exc).splitlines():
+                print(f"Error: {line}", file=sys.stderr, flush=True)
             results.append(
-                BatchResult(experiment, experiment.stem, "failed", detail=str(exc).splitlines()[0])
+                BatchResult(experiment, experiment.stem, "failed", detail="bad experiment file")
             )
             if stop_on_error:
                 break

@@ -245,7 +245,7 @@ def sample(
     shown_prompt = loaded.tokenizer.decode(ids) if prompt else ""
     for n in range(num_samples):
         if n:
-            click.echo("\n---------------")
+            click.echo("---------------")
         click.echo(shown_prompt, nl=False)
         for piece in stream_sample(
             loaded,

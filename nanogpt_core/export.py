@@ -53,7 +53,9 @@ def export_hf(ckpt: Path, out: Path) -> list[str]:
             _write_gpt2_tokenizer(staging, config.block_size)
         else:
             # transformers has no char tokenizer: keep ours so the vocabulary is not lost.
-            (staging / "nanogpt_tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False) + "\n")
+            (staging / "nanogpt_tokenizer.json").write_text(
+                json.dumps(tokenizer, ensure_ascii=False) + "\n"
+            )
         written = sorted(p.name for p in staging.iterdir())
         if out.exists():
             out.rmdir()
@@ -73,7 +75,11 @@ def _write_gpt2_tokenizer(folder: Path, block_size: int) -> None:
     data = Path(next(iter(spec.submodule_search_locations))) / "data"
     shutil.copyfile(data / "encoder.json", folder / "vocab.json")
     shutil.copyfile(data / "vocab.bpe", folder / "merges.txt")
-    special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    special = {
+        "bos_token": "<|endoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+    }
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     config = {
         "tokenizer_class": "GPT2Tokenizer",

@@ -88,3 +88,58 @@ def tiny_char_experiment(shared_data: Path, tmp_path: Path) -> Callable[..., Pat
         return path
 
     return write
+
+
+def _train_tiny(experiment_text: str, folder: Path, data_dir: Path) -> Path:
+    from nanogpt_core.config import load_experiment
+    from nanogpt_core.run import run_experiment
+
+    path = folder / "exp.toml"
+    path.write_text(experiment_text + '\n[[callbacks]]\nplugin = "checkpoint"\n')
+    plugins = load_plugins(disabled=())
+    config = load_experiment(path, (), plugins)
+    run_experiment(
+        config, plugins, results_dir=folder / "results", data_dir=data_dir, progress=False
+    )
+    return folder / "results" / config.name / "checkpoints" / "last.pth"
+
+
+TINY_MODEL = """
+[model]
+n_layer = 2
+n_head = 2
+n_embd = 32
+block_size = 64
+
+[train]
+batch_size = 4
+steps_per_epoch = 20
+learning_rate = 3e-3
+warmup_steps = 2
+eval_every = 20
+eval_batches = 2
+"""
+
+
+@pytest.fixture(scope="session")
+def char_checkpoint(tmp_path_factory, session_data_dir) -> Path:
+    """A real last.pth of a tiny char-level model trained on Tiny Shakespeare."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data samples not found at {SHARED_DATA}")
+    text = SHARED_DATA / "tinyshakespeare" / "input.txt"
+    body = f'name = "char"\n[dataset]\nplugin = "shakespeare"\npath = "{text}"\n' + TINY_MODEL
+    return _train_tiny(body, tmp_path_factory.mktemp("char_ckpt"), session_data_dir)
+
+
+@pytest.fixture(scope="session")
+def bpe_checkpoint(tmp_path_factory, session_data_dir) -> Path:
+    """A real last.pth of a tiny GPT-2-BPE model trained on TinyStories rows."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data samples not found at {SHARED_DATA}")
+    ts = SHARED_DATA / "tinystories"
+    body = (
+        f'name = "bpe"\n[dataset]\nplugin = "tinystories"\nsource = "local"\n'
+        f'train_files = ["{ts / "derived_train.parquet"}"]\nval_files = ["{ts / "derived_validation.jsonl"}"]\n'
+        + TINY_MODEL
+    )
+    return _train_tiny(body, tmp_path_factory.mktemp("bpe_ckpt"), session_data_dir)

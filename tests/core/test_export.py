@@ -1,0 +1,75 @@
+"""`gpt export`: a Hugging Face GPT-2 folder that transformers loads with our logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from nanogpt_core.cli import make_cli
+from nanogpt_core.plugins import load_plugins
+from nanogpt_core.sampling import load_model
+
+transformers = pytest.importorskip("transformers")
+
+
+def export(ckpt, out):
+    return CliRunner().invoke(
+        make_cli(load_plugins(disabled=())), ["export", "--ckpt", str(ckpt), "--out", str(out)]
+    )
+
+
+def test_bpe_export_loads_in_transformers_with_equal_logits_and_greedy_text(
+    bpe_checkpoint, tmp_path
+):
+    out = tmp_path / "hf"
+    result = export(bpe_checkpoint, out)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "merges.txt",
+        "model.safetensors",
+        "special_tokens_map.json",
+        "tokenizer_config.json",
+        "vocab.json",
+    ]
+    hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    ours = load_model(bpe_checkpoint, "cpu").model
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("Once upon a time, there was a little", return_tensors="pt").input_ids
+    assert ids[0].tolist()[:3] == [7454, 2402, 257]  # the same ids tiktoken gives
+    with torch.no_grad():
+        theirs = hf(ids).logits
+        mine, _ = ours(ids, ids)
+    assert (theirs - mine).abs().max().item() < 1e-4
+    hf_greedy = hf.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=50256)
+    our_greedy = ours.generate(ids, 20, temperature=0)
+    assert torch.equal(hf_greedy, our_greedy)
+
+
+def test_char_export_keeps_its_vocabulary(char_checkpoint, tmp_path):
+    out = tmp_path / "hf"
+    assert export(char_checkpoint, out).exit_code == 0
+    assert (out / "nanogpt_tokenizer.json").exists()
+    hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    ours = load_model(char_checkpoint, "cpu").model
+    ids = torch.randint(0, 65, (1, 40))
+    with torch.no_grad():
+        assert (hf(ids).logits - ours(ids, ids)[0]).abs().max().item() < 1e-4
+
+
+def test_export_refuses_a_used_folder_and_bad_checkpoints(char_checkpoint, tmp_path):
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "x").write_text("keep me")
+    result = export(char_checkpoint, used)
+    assert result.exit_code == 2
+    assert (
+        result.output.strip()
+        == f"Error: --out {used}: exists and is not an empty folder; choose a new folder"
+    )
+    assert (used / "x").read_text() == "keep me"
+    config = char_checkpoint.parent.parent / "config.json"
+    result = export(config, tmp_path / "new")
+    assert result.exit_code == 2 and "not a readable checkpoint" in result.output
+    assert not (tmp_path / "new").exists()
