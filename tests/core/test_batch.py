@@ -58,7 +58,7 @@ def test_folders_run_sorted_without_abstract_bases_or_by_their_list(folder):
     )
     assert [p.name for p in experiments_in([folder])] == ["b_second.toml", "a_first.toml"]
     (folder / "experiment_list.conf").write_text("gone.toml\n")
-    with pytest.raises(NanoGPTError, match="line 1: gone.toml: file not found"):
+    with pytest.raises(NanoGPTError, match=r"line 1: gone\.toml: file not found"):
         experiments_in([folder])
     with pytest.raises(NanoGPTError, match="abstract = true"):
         experiments_in([folder / "base.toml"])
