@@ -21,6 +21,7 @@ import attrs
 from nanogpt_core.callbacks import RunPaths
 from nanogpt_core.config import load_experiment, read_toml
 from nanogpt_core.errors import NanoGPTError
+from nanogpt_core.run import finished_summary
 
 LIST_FILE = "experiment_list.conf"
 
@@ -91,7 +92,7 @@ def run_batch(
     results: list[BatchResult] = []
     for experiment in experiments:
         try:
-            name = load_experiment(experiment).name
+            config = load_experiment(experiment)
         except NanoGPTError as exc:
             for line in str(exc).splitlines():
                 print(f"Error: {line}", file=sys.stderr, flush=True)
@@ -101,8 +102,10 @@ def run_batch(
             if stop_on_error:
                 break
             continue
-        done = RunPaths(results_dir / name).done
-        if done.exists() and not rerun:
+        name = config.name
+        paths = RunPaths(results_dir / name)
+        done = paths.done
+        if finished_summary(config, paths) is not None and not rerun:
             results.append(_finished(experiment, name, "skipped", done, 0.0))
             continue
         command = [

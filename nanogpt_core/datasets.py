@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import attrs
 import numpy as np
 
-from nanogpt_core.errors import NanoGPTError
+from nanogpt_core.errors import DataError
 from nanogpt_core.files import (
     atomic_write_text,
     fsync_dir,
@@ -70,10 +70,6 @@ class DatasetSource(Protocol):
         hash, say) may also define ``split_documents(downloads)`` yielding
         ``(split, document)`` pairs in one pass; it is then used instead.
         """
-
-
-class DataError(NanoGPTError):
-    """A source or prepared dataset that cannot be used."""
 
 
 @attrs.frozen

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from nanogpt_core.datasets import DataError
+from nanogpt_core.errors import DataError
 
 END_OF_TEXT = "<|endoftext|>"
 SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")

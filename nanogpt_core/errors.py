@@ -25,6 +25,10 @@ class ConfigError(NanoGPTError):
         self.problems = problems
 
 
+class DataError(NanoGPTError):
+    """A dataset source or prepared dataset that cannot be used."""
+
+
 class PluginError(NanoGPTError):
     """A plugin registered something it must not (a duplicate name, a bad options class)."""
 

@@ -62,6 +62,20 @@ def move_aside(root: Path) -> Path | None:
     return target
 
 
+def finished_summary(config: ExperimentConfig, paths: RunPaths) -> dict[str, Any] | None:
+    """The final metrics of a run that already did all of this experiment's steps, else None.
+
+    A ``done`` run whose experiment now asks for more steps is not finished: it
+    resumes from its checkpoint.
+    """
+    try:
+        summary = json.loads(paths.done.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    total = config.train.epochs * config.train.steps_per_epoch
+    return summary if summary.get("step", 0) >= total else None
+
+
 def run_experiment(
     config: ExperimentConfig,
     plugins: Plugins,
@@ -76,9 +90,10 @@ def run_experiment(
     from nanogpt_core.trainer import Trainer
 
     paths = RunPaths(Path(results_dir) / config.name)
-    if paths.done.exists() and not fresh:
+    finished = finished_summary(config, paths)
+    if finished is not None and not fresh:
         print(f"{config.name} already finished ({paths.done}); use --fresh to start over")
-        return json.loads(paths.done.read_text())
+        return finished
     accelerator = make_accelerator(config.train)
     if fresh and accelerator.is_main_process:
         moved = move_aside(paths.root)

@@ -53,7 +53,8 @@ def main() -> None:
 
     plugins = load_plugins()
     plugins.register(ProbePlugin(), name="probe")
-    config = load_experiment(experiment, ['callbacks=[{plugin = "probe"}]'], plugins)
+    callbacks = 'callbacks=[{plugin = "checkpoint"}, {plugin = "probe"}]'
+    config = load_experiment(experiment, [callbacks], plugins)
     run_experiment(config, plugins, results_dir=Path(results), data_dir=Path(data), progress=False)
 
 

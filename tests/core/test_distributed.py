@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 PROBE = Path(__file__).with_name("distributed_probe.py")
 
@@ -48,7 +49,24 @@ def test_two_processes_draw_different_batches_and_stay_in_sync(
     assert [r["is_main"] for r in ranks] == [True, False]
     # One writer: each logged step appears once, and the folder holds only its files.
     run = results / "ddp"
-    assert sorted(p.name for p in run.iterdir()) == ["config.json", "metrics.jsonl"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoints",
+        "config.json",
+        "done",
+        "metrics.jsonl",
+    ]
+    # Saved once, with both ranks' sampler and RNG states inside.
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "ckpt_epoch_1.pth",
+        "last.pth",
+    ]
+    last = torch.load(run / "checkpoints" / "last.pth", weights_only=True)
+    assert len(last["ranks"]) == 2
+    assert not torch.equal(
+        last["ranks"][0]["rng"]["torch"], last["ranks"][1]["rng"]["torch"]
+    ) or not torch.equal(
+        last["ranks"][0]["sampler"]["generator"], last["ranks"][1]["sampler"]["generator"]
+    )
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(5, 41, 5))
     assert done.stdout.count("model: ") == 1

@@ -290,3 +290,33 @@ def test_compile_wraps_the_model_and_trains(tiny_char_experiment, session_data_d
     ]
     _, final = run(tiny_char_experiment(), session_data_dir, tmp_path / "r", overrides)
     assert math.isfinite(final["val_loss"])
+
+
+def test_first_interrupt_requests_a_stop_and_a_second_ctrl_c_aborts():
+    import signal
+
+    from nanogpt_core.trainer import StopRequest
+
+    stop = StopRequest()
+    with stop.installed():
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
+        stop._handle(signal.SIGTERM, None)
+        assert stop.requested == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            stop._handle(signal.SIGINT, None)
+    assert signal.getsignal(signal.SIGTERM) != stop._handle  # restored afterwards
+
+
+@pytest.mark.slow
+def test_nanogpt_baby_run_reaches_its_published_loss(shared_data, session_data_dir, tmp_path):
+    """nanoGPT's CPU baby configuration ends near val loss 1.88 (about three minutes)."""
+    from pathlib import Path
+
+    experiment = Path(__file__).resolve().parents[2] / "experiments" / "shakespeare_char_cpu.toml"
+    path = shared_data / "tinyshakespeare" / "input.txt"
+    plugins = load_plugins(disabled=())
+    config = load_experiment(experiment, [f'dataset.path="{path}"', "callbacks=[]"], plugins)
+    final = run_experiment(
+        config, plugins, results_dir=tmp_path, data_dir=session_data_dir, progress=False
+    )
+    assert 1.80 < final["val_loss"] < 1.95

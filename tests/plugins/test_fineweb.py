@@ -5,8 +5,8 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
-from nanogpt_core.datasets import DataError
 from nanogpt_core.documents import read_rows
+from nanogpt_core.errors import DataError
 from nanogpt_plugins.datasets import fineweb
 from nanogpt_plugins.datasets.fineweb import FineWebOptions, FineWebSource
 

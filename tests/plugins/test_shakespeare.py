@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from nanogpt_core.datasets import DataError
+from nanogpt_core.errors import DataError
 from nanogpt_plugins.datasets import shakespeare
 from nanogpt_plugins.datasets.shakespeare import (
     ShakespeareOptions,

@@ -8,8 +8,9 @@ import re
 import pytest
 
 from nanogpt_core.config import load_experiment
-from nanogpt_core.datasets import DataError, prepare_dataset
+from nanogpt_core.datasets import prepare_dataset
 from nanogpt_core.documents import read_texts
+from nanogpt_core.errors import DataError
 from nanogpt_core.plugins import load_plugins
 from nanogpt_core.tokenizers import GPT2Tokenizer
 from nanogpt_plugins.datasets import tinystories
@@ -150,3 +151,11 @@ def test_hub_failure_is_one_line(tmp_path, monkeypatch):
         match=r'could not read roneneldan/TinyStories from the Hugging Face hub .*use source = "local"',
     ):
         stories(TinyStoriesSource(TinyStoriesOptions()), "train", tmp_path)
+
+
+def test_undecodable_bytes_are_one_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    source = TinyStoriesSource(TinyStoriesOptions(source="local", train_files=[str(bad)]))
+    with pytest.raises(DataError, match=r"bad\.jsonl: not UTF-8 text"):
+        list(source.split_documents(tmp_path))

@@ -20,8 +20,8 @@ from typing import Any
 import attrs
 
 from nanogpt_core import hookimpl, option
-from nanogpt_core.datasets import DataError
 from nanogpt_core.documents import expand_files, hub_rows, read_rows
+from nanogpt_core.errors import DataError
 from nanogpt_core.options import OptionValueError, one_of, positive
 
 HUB_NAME = "HuggingFaceFW/fineweb-edu"

@@ -20,7 +20,7 @@ from pathlib import Path
 import attrs
 
 from nanogpt_core import hookimpl, option
-from nanogpt_core.datasets import DataError
+from nanogpt_core.errors import DataError
 from nanogpt_core.files import atomic_write
 from nanogpt_core.options import one_of
 
