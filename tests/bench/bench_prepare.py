@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchtable import print_table
+
 from nanogpt_core.config import load_experiment
 from nanogpt_core.datasets import prepare_dataset
 from nanogpt_core.plugins import load_plugins
@@ -122,12 +124,7 @@ def main() -> None:
             )
         )
 
-    headers = ("benchmark", "ours", "reference", "ratio", "target")
-    widths = [max(len(h), *(len(r[i]) for r in ROWS)) for i, h in enumerate(headers)]
-    print(" | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
-    print("-|-".join("-" * w for w in widths))
-    for row in ROWS:
-        print(" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    print_table(ROWS)
 
 
 if __name__ == "__main__":

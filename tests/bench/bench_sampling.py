@@ -14,6 +14,7 @@ import os
 import time
 
 import torch
+from benchtable import print_table
 
 from nanogpt_core.model import GPT, GPTConfig
 
@@ -58,12 +59,7 @@ def main() -> None:
                 target,
             )
         )
-    headers = ("benchmark", "ours", "reference", "ratio", "target")
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    print(" | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
-    print("-|-".join("-" * w for w in widths))
-    for row in rows:
-        print(" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    print_table(rows)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
+from benchtable import print_table
 
 from nanogpt_core.callbacks import RunPaths
 from nanogpt_core.config import ExperimentConfig, ModelConfig, PluginSpec, TrainConfig
@@ -291,13 +292,7 @@ def main() -> None:
             bench_callback_overhead(root, args.quick)
         if "sampler" in wanted:
             bench_sampler(root, args.quick)
-    headers = ("benchmark", "ours", "reference", "ratio", "target")
-    widths = [max(len(h), *(len(r[i]) for r in ROWS)) for i, h in enumerate(headers)]
-    line = " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
-    print(line)
-    print("-|-".join("-" * w for w in widths))
-    for r in ROWS:
-        print(" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+    print_table(ROWS)
 
 
 if __name__ == "__main__":
