@@ -1,7 +1,7 @@
 """Run a tiny experiment under `accelerate launch` and record what each rank saw.
 
 Used by test_distributed.py: `accelerate launch --multi_gpu --num_processes 2
-distributed_probe.py EXPERIMENT RESULTS DATA PROBE_DIR`. Each rank writes
+distributed_probe.py EXPERIMENT RESULTS DATA PROBE_DIR [--set-style overrides]`. Each rank writes
 PROBE_DIR/rank<N>.json (test output, outside the run's results folder).
 """
 
@@ -23,6 +23,11 @@ from nanogpt_core.run import run_experiment
 class Probe(Callback):
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        self.start_step = -1
+
+    def on_train_start(self, state) -> None:
+        # Listed after `checkpoint`, so a resumed run shows the restored step here.
+        self.start_step = state.step
 
     def on_train_end(self, state) -> None:
         snapshot = state.snapshot()  # every rank must take part: it gathers
@@ -38,6 +43,8 @@ class Probe(Callback):
             "ranks_in_snapshot": len(snapshot["ranks"]),
             "generator_states_differ": not torch.equal(generators[0], generators[-1]),
             "is_main": state.is_main_process,
+            "start_step": self.start_step,
+            "end_step": state.step,
         }
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / f"rank{rank}.json").write_text(json.dumps(record))
@@ -45,6 +52,7 @@ class Probe(Callback):
 
 def main() -> None:
     experiment, results, data, probe = sys.argv[1:5]
+    overrides = sys.argv[5:]
 
     class ProbePlugin:
         @hookimpl
@@ -54,7 +62,7 @@ def main() -> None:
     plugins = load_plugins()
     plugins.register(ProbePlugin(), name="probe")
     callbacks = 'callbacks=[{plugin = "checkpoint"}, {plugin = "probe"}]'
-    config = load_experiment(experiment, [callbacks], plugins)
+    config = load_experiment(experiment, [callbacks, *overrides], plugins)
     run_experiment(config, plugins, results_dir=Path(results), data_dir=Path(data), progress=False)
 
 

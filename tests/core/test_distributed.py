@@ -70,3 +70,14 @@ def test_two_processes_draw_different_batches_and_stay_in_sync(
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(5, 41, 5))
     assert done.stdout.count("model: ") == 1
+
+    # Resume under the launcher: both ranks continue from step 40 in sync.
+    resumed = subprocess.run(
+        [*command, "train.epochs=2"], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ranks = [json.loads((probe / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["start_step"], r["end_step"]) for r in ranks] == [(40, 80), (40, 80)]
+    assert ranks[0]["params_sha256"] == ranks[1]["params_sha256"]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(5, 81, 5))
