@@ -233,7 +233,7 @@ def _encode_batches(
         pending: deque[tuple[str, Future[np.ndarray]]] = deque()
         for split, batch in itertools.chain([first, second], batches):
             pending.append((split, pool.submit(encode_gpt2_batch, batch)))
-            if len(pending) >= 2 * workers:
+            if len(pending) >= 4 * workers:
                 done_split, future = pending.popleft()
                 yield done_split, future.result()
         while pending:

@@ -90,11 +90,12 @@ def run_experiment(
     from nanogpt_core.trainer import Trainer
 
     paths = RunPaths(Path(results_dir) / config.name)
+    accelerator = make_accelerator(config.train)
     finished = finished_summary(config, paths)
     if finished is not None and not fresh:
-        print(f"{config.name} already finished ({paths.done}); use --fresh to start over")
+        if accelerator.is_main_process:
+            print(f"{config.name} already finished ({paths.done}); use --fresh to start over")
         return finished
-    accelerator = make_accelerator(config.train)
     if fresh and accelerator.is_main_process:
         moved = move_aside(paths.root)
         if moved:
