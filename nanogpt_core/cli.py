@@ -154,7 +154,9 @@ def run(
 def prepare(
     ctx: click.Context, experiment: Path, force: bool, overrides: tuple[str, ...], data_dir: Path
 ) -> None:
-    """Prepare an experiment's dataset (train.bin, val.bin, meta.json) and nothing else.
+    """Prepare an experiment's dataset and nothing else.
+
+    Writes train.bin, val.bin and meta.json under the data folder.
 
     \b
     Examples:
