@@ -67,10 +67,8 @@ def encode_prompt(loaded: LoadedModel, prompt: str | None) -> tuple[list[int], i
             ids = tokenizer.encode(prompt)
         except NanoGPTError as exc:
             raise NanoGPTError(f"prompt: {exc}") from None
-    elif tokenizer.eot_id is not None:
-        ids = [tokenizer.eot_id]
     else:
-        ids = tokenizer.encode("\n") if "\n" in getattr(tokenizer, "chars", []) else [0]
+        ids = tokenizer.start_ids()
     block_size = loaded.model.config.block_size
     dropped = max(0, len(ids) - block_size)
     return ids[dropped:], dropped

@@ -39,6 +39,9 @@ class Tokenizer(Protocol):
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``."""
 
+    def start_ids(self) -> list[int]:
+        """What generation starts from when there is no prompt."""
+
     def description(self) -> dict[str, Any]:
         """A JSON-able description from which :func:`tokenizer_from_description` rebuilds it."""
 
@@ -71,6 +74,10 @@ class CharTokenizer:
         """Text of ``ids``."""
         return "".join(self.chars[i] for i in ids)
 
+    def start_ids(self) -> list[int]:
+        """A newline, where the vocabulary has one (a fresh line of text), else id 0."""
+        return [self._stoi["\n"]] if "\n" in self._stoi else [0]
+
     def description(self) -> dict[str, Any]:
         """``{"kind": "char", ...}`` with the whole vocabulary."""
         return {
@@ -95,13 +102,13 @@ class GPT2Tokenizer:
         """Token ids of ``text``; ``<|endoftext|>`` in the text is ordinary text."""
         return self.encoding.encode_ordinary(text)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of many texts, encoded on tiktoken's thread pool."""
-        return self.encoding.encode_ordinary_batch(texts)
-
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` (invalid UTF-8 sequences are replaced)."""
         return self.encoding.decode(list(ids))
+
+    def start_ids(self) -> list[int]:
+        """``<|endoftext|>``: the start of a new document, as in training."""
+        return [self.eot_id]
 
     def description(self) -> dict[str, Any]:
         """``{"kind": "gpt2", ...}``."""

@@ -392,10 +392,6 @@ class Trainer:
         """Seconds of training so far, across resumes."""
         return self.elapsed_before + (time.perf_counter() - self.started)
 
-    def autocast(self) -> Any:
-        """Accelerate's autocast for the configured mixed precision."""
-        return self.accelerator.autocast()
-
     @torch.no_grad()
     def estimate_loss(self) -> dict[str, float]:
         """Mean loss over ``eval_batches`` fixed batches of each split, averaged over processes."""
@@ -413,7 +409,7 @@ class Trainer:
             losses = torch.zeros(train.eval_batches, device=self.accelerator.device)
             for k in range(train.eval_batches):
                 x, y = (t.to(self.accelerator.device) for t in sampler.next_batch())
-                with self.autocast():
+                with self.accelerator.autocast():
                     _, loss = self.model(x, y)
                 losses[k] = loss.float()
             out[f"{split}_loss"] = self.accelerator.reduce(losses.mean(), reduction="mean").item()
@@ -433,7 +429,7 @@ class Trainer:
             x = x.to(acc.device, non_blocking=True)
             y = y.to(acc.device, non_blocking=True)
             with acc.accumulate(self.model):
-                with self.autocast():
+                with self.accelerator.autocast():
                     _, loss = self.model(x, y)
                 loss_sum += loss.detach().float()
                 acc.backward(loss)

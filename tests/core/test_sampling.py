@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from nanogpt_core.cli import make_cli
 from nanogpt_core.model import GPT, GPTConfig
 from nanogpt_core.plugins import load_plugins
+from nanogpt_core.sampling import load_model
 
 
 def cli_run(*args):
@@ -64,32 +65,21 @@ def test_top_p_keeps_only_the_nucleus():
 
 
 def test_sample_from_a_char_checkpoint_streams_text(char_checkpoint):
-    result = cli_run(
-        "sample",
-        "--ckpt",
-        str(char_checkpoint),
-        "--prompt",
-        "ROMEO:",
-        "--max-new-tokens",
-        "30",
-        "--seed",
-        "1",
-    )
+    args = ["sample", "--ckpt", str(char_checkpoint), "--prompt", "ROMEO:"]
+    args += ["--max-new-tokens", "30", "--seed", "1"]
+    result = cli_run(*args)
     assert result.exit_code == 0, result.output
     assert result.output.startswith("ROMEO:")
     assert len(result.output) == len("ROMEO:") + 30 + 1
-    again = cli_run(
-        "sample",
-        "--ckpt",
-        str(char_checkpoint),
-        "--prompt",
-        "ROMEO:",
-        "--max-new-tokens",
-        "30",
-        "--seed",
-        "1",
-    )
-    assert again.output == result.output
+    assert cli_run(*args).output == result.output  # the same seed, the same text
+
+
+def test_start_of_text_without_a_prompt(char_checkpoint, bpe_checkpoint):
+    from nanogpt_core.sampling import encode_prompt
+
+    char = load_model(char_checkpoint, "cpu")
+    assert encode_prompt(char, None) == (char.tokenizer.encode("\n"), 0)
+    assert encode_prompt(load_model(bpe_checkpoint, "cpu"), "") == ([50256], 0)
 
 
 def test_greedy_samples_and_several_samples(char_checkpoint, tmp_path):
@@ -126,7 +116,7 @@ def test_long_prompt_keeps_its_last_block_size_tokens(char_checkpoint):
 
 
 def test_bpe_sampling_stops_at_end_of_text(bpe_checkpoint):
-    from nanogpt_core.sampling import load_model, stream_sample
+    from nanogpt_core.sampling import stream_sample
 
     loaded = load_model(bpe_checkpoint, "cpu")
     loaded.model.lm_head.weight.data[50256] += 100.0  # make <|endoftext|> certain: an empty sample

@@ -59,14 +59,7 @@ class FixedPromptsCallback(Callback):
                 ids = self.tokenizer.encode(prompt)
             except NanoGPTError as exc:
                 raise NanoGPTError(f"fixed_prompts: prompts[{i}] = {prompt!r}: {exc}") from None
-            # An empty prompt starts from end-of-text (BPE) or a newline (char).
-            if not ids:
-                ids = (
-                    [self.tokenizer.eot_id]
-                    if self.tokenizer.eot_id is not None
-                    else self.tokenizer.encode("\n")
-                )
-            self.encoded.append(ids)
+            self.encoded.append(ids or self.tokenizer.start_ids())
 
     def on_epoch_end(self, state: TrainerState) -> None:
         """Sample every ``every_epochs`` epochs."""
