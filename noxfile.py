@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import nox
+from packaging.requirements import Requirement
 
 nox.options.sessions = ["tests", "lint"]
 nox.options.reuse_existing_virtualenvs = True
@@ -23,6 +24,41 @@ def tests(session: nox.Session) -> None:
     """Run the test suite; pytest arguments go after `--` (e.g. `-m 'not slow'`)."""
     install(session)
     session.run("pytest", *session.posargs)
+
+
+def lowest_pins() -> list[str]:
+    """`name==X` for each direct dependency `name>=X` of pyproject.toml, torch excepted.
+
+    torch stays at TORCH: older CPU builds of torch come only from PyTorch's own
+    index, and PyPI's are multi-GB CUDA builds, so its lower bound is not tested here.
+    """
+    pins = []
+    for line in nox.project.load_toml("pyproject.toml")["project"]["dependencies"]:
+        requirement = Requirement(line)
+        if requirement.name == "torch":
+            continue
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue
+        (lowest,) = (spec.version for spec in requirement.specifier if spec.operator == ">=")
+        pins.append(f"{requirement.name}=={lowest}")
+    return pins
+
+
+@nox.session(default=False)
+def lowest(session: nox.Session) -> None:
+    """Fast tests with the lowest versions pyproject.toml allows (torch excepted)."""
+    pins = lowest_pins()
+    constraints = f"{session.create_tmp()}/lowest.txt"
+    with open(constraints, "w") as handle:
+        handle.write("\n".join(pins) + "\n")
+    # torch alone first, as in `install`: resolving it together with the pins lets
+    # pip fall back to PyPI's CUDA build of the same version when it backtracks.
+    session.install(TORCH)
+    session.install(*pins)
+    # The test extras may not lift a pinned dependency: the pins are constraints here.
+    session.install("-c", constraints, "-e", ".[test]")
+    session.run("python", "-m", "pip", "list", "--format=freeze", silent=False)
+    session.run("pytest", "-m", "not slow", *session.posargs)
 
 
 @nox.session

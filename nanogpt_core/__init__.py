@@ -1,14 +1,69 @@
 """nanogpt: pre-train GPT models from experiment files, extended by plugins.
 
-A plugin needs only what this module exports: ``hookimpl`` to mark its hook
-functions, ``option`` to declare its options, and ``Callback`` for callbacks.
-Importing this package never imports torch.
+This module is the whole public surface a plugin needs: ``hookimpl`` to mark its
+hook functions, ``option`` and the validators to declare its options, the
+``Callback`` base class and the state objects callbacks are handed, the errors to
+raise, and the helpers dataset plugins use to read files and write them safely.
+Plugins import from here only; everything else is the core's own business and
+may change. Importing this package never imports torch.
 """
 
-from nanogpt_core.callbacks import Callback, TrainerState
+from nanogpt_core.callbacks import Callback, RunPaths, TrainerState
+from nanogpt_core.datasets import DatasetSource, PreparedData
+from nanogpt_core.documents import expand_files, hub_rows, read_rows, read_texts
+from nanogpt_core.errors import ConfigError, DataError, NanoGPTError, PluginError, PluginFault
+from nanogpt_core.files import atomic_write, atomic_write_text
 from nanogpt_core.hookspecs import hookimpl
-from nanogpt_core.options import option
+from nanogpt_core.options import (
+    OptionValueError,
+    fraction,
+    non_negative,
+    one_of,
+    option,
+    positive,
+)
+from nanogpt_core.tokenizers import (
+    GPT2_EOT,
+    GPT2_VOCAB_SIZE,
+    Tokenizer,
+    UnknownCharacterError,
+    gpt2_encoding,
+    gpt2_files,
+    tokenizer_from_description,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["Callback", "TrainerState", "__version__", "hookimpl", "option"]
+__all__ = [
+    "GPT2_EOT",
+    "GPT2_VOCAB_SIZE",
+    "Callback",
+    "ConfigError",
+    "DataError",
+    "DatasetSource",
+    "NanoGPTError",
+    "OptionValueError",
+    "PluginError",
+    "PluginFault",
+    "PreparedData",
+    "RunPaths",
+    "Tokenizer",
+    "TrainerState",
+    "UnknownCharacterError",
+    "__version__",
+    "atomic_write",
+    "atomic_write_text",
+    "expand_files",
+    "fraction",
+    "gpt2_encoding",
+    "gpt2_files",
+    "hookimpl",
+    "hub_rows",
+    "non_negative",
+    "one_of",
+    "option",
+    "positive",
+    "read_rows",
+    "read_texts",
+    "tokenizer_from_description",
+]

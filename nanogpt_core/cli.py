@@ -23,6 +23,7 @@ from nanogpt_core.options import describe_fields
 from nanogpt_core.plugins import Plugins, load_plugins
 
 DEBUG_ENV = "GPT_DEBUG"
+INTERRUPTED = 130
 
 
 def debug_enabled(ctx: click.Context | None = None) -> bool:
@@ -43,7 +44,11 @@ class GptGroup(click.Group):
     """A click group that turns :class:`NanoGPTError` into one-line errors and exit 2."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        """Run the subcommand, reporting user errors without a traceback."""
+        """Run the subcommand, reporting user errors without a traceback.
+
+        Ctrl-C outside training (during start-up, preparing data) exits 130 like
+        an interrupted run, not click's "Aborted!" with status 1.
+        """
         try:
             return super().invoke(ctx)
         except NanoGPTError as error:
@@ -51,6 +56,11 @@ class GptGroup(click.Group):
                 raise
             report(error)
             ctx.exit(error.exit_code)
+        except KeyboardInterrupt:
+            if debug_enabled(ctx):
+                raise
+            click.echo("Interrupted.", err=True)
+            ctx.exit(INTERRUPTED)
 
 
 def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
@@ -338,8 +348,7 @@ def export(ckpt: Path, out: Path) -> None:
 
 
 def plugin_listing(plugins: Plugins) -> list[dict[str, Any]]:
-    """Everything ``gpt plugins`` shows, as plain data."""
-    registrations = [*plugins.datasets().values(), *plugins.callbacks().values()]
+    """Everything ``gpt plugins`` shows, as plain data (one entry per plugin)."""
     listing: list[dict[str, Any]] = []
     for info in plugins.loaded:
         hooks = sorted(
@@ -359,9 +368,9 @@ def plugin_listing(plugins: Plugins) -> list[dict[str, Any]]:
                         "name": r.name,
                         "description": r.description,
                         "options": describe_fields(r.options),
+                        "conflict": plugins.registry(r.kind).conflicts.get(r.name),
                     }
-                    for r in registrations
-                    if r.plugin == info.name
+                    for r in plugins.registrations_of(info.name)
                 ],
             }
         )
@@ -403,6 +412,8 @@ def plugins_command(ctx: click.Context, as_json: bool) -> None:
         click.echo(f"{entry['name']} ({origin}) hooks: {', '.join(entry['hooks'])}")
         for reg in entry["registers"]:
             click.echo(f"  {reg['kind']} {reg['name']}: {reg['description']}")
+            if reg["conflict"]:
+                click.echo(f"    CONFLICT: {reg['conflict']}")
             for opt in reg["options"]:
                 default = "required" if opt["required"] else f"default {json.dumps(opt['default'])}"
                 click.echo(f"    {opt['name']} ({default}): {opt['doc']}")
@@ -434,7 +445,8 @@ def make_cli(plugins: Plugins) -> click.Group:
 
     for command in (run, prepare, sample, batch, export, plugins_command):
         gpt.add_command(command)
-    plugins.add_commands(gpt)
+    for failure in plugins.add_commands(gpt):
+        click.echo(f"Warning: {failure}", err=True)
     return gpt
 
 
@@ -453,4 +465,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         report(error)
         sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(INTERRUPTED)
     cli.main(args=argv, prog_name="gpt")

@@ -9,6 +9,7 @@ problem found is reported as ``file: key.path: message``, one line each.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from nanogpt_core.errors import ConfigError
+from nanogpt_core.errors import ConfigError, PluginError
 from nanogpt_core.options import (
     OptionProblems,
     OptionValueError,
@@ -25,7 +26,9 @@ from nanogpt_core.options import (
     non_negative,
     one_of,
     option,
+    path_fields,
     positive,
+    show,
     structure,
     suggest,
     unstructure,
@@ -40,15 +43,34 @@ if TYPE_CHECKING:
     from nanogpt_core.plugins import Plugins
 
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# Most file systems allow 255 bytes in a folder name; `--fresh` appends
+# `.old-YYYYmmdd-HHMMSS-N` (up to 32 characters with a large N) to move old results aside.
+MAX_NAME_LENGTH = 255 - 32
+# numpy's seeds are unsigned 32-bit integers.
+MAX_SEED = 2**32 - 1
 
 
 def _valid_name(_instance: Any, attribute: attrs.Attribute, value: str) -> None:
-    if not NAME_PATTERN.match(value):
+    # fullmatch, not match with `$`: `$` also matches before a final newline.
+    if not NAME_PATTERN.fullmatch(value):
         raise OptionValueError(
             attribute.name,
-            f"{value!r} is not usable as a folder name under results/ "
+            f"{show(value)} is not usable as a folder name under results/ "
             "(use letters, digits, '.', '_' and '-')",
+        )
+    if len(value) > MAX_NAME_LENGTH:
+        raise OptionValueError(
+            attribute.name,
+            f"{len(value)} characters is too long for a folder name under results/; "
+            f"use at most {MAX_NAME_LENGTH}",
+        )
+
+
+def _valid_seed(_instance: Any, attribute: attrs.Attribute, value: int) -> None:
+    if not 0 <= value <= MAX_SEED:
+        raise OptionValueError(
+            attribute.name, f"{value} is outside numpy's seed range; use 0 to {MAX_SEED}"
         )
 
 
@@ -73,7 +95,10 @@ class ModelConfig:
         validator=positive,
     )
     init_from: str | None = option(
-        None, "A local Hugging Face GPT-2 folder whose weights start the run (fine-tuning)."
+        None,
+        "A local Hugging Face GPT-2 folder whose weights start the run (fine-tuning); "
+        "relative to the experiment file.",
+        path=True,
     )
 
     def __attrs_post_init__(self) -> None:
@@ -116,9 +141,10 @@ class TrainConfig:
     eval_batches: int = option(50, "Batches per loss estimate.", validator=positive)
     log_every: int = option(10, "Write a metrics line every this many steps.", validator=positive)
     mixed_precision: str = option(
-        "no",
-        'Autocast precision: "no", "fp16" (V100; with loss scaling) or "bf16" (A100/H100).',
-        validator=one_of("no", "fp16", "bf16"),
+        "auto",
+        'Autocast precision: "auto" (bf16 where the GPU supports it, fp16 with loss scaling '
+        'where not, e.g. V100; none on the CPU), "no", "fp16" or "bf16".',
+        validator=one_of("auto", "no", "fp16", "bf16"),
     )
     compile: bool = option(False, "Wrap the model in torch.compile.")
     device: str = option(
@@ -131,6 +157,11 @@ class TrainConfig:
         "Peak FLOP/s of one device for MFU. Default: known for V100/A100/H100/H200, else no MFU.",
         validator=positive,
     )
+    memory_check: bool = option(
+        True,
+        "Refuse to start when the estimated parameter + optimizer memory exceeds the "
+        "device's memory; false to skip.",
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.min_lr > self.learning_rate:
@@ -141,7 +172,7 @@ class TrainConfig:
 
 @attrs.frozen(kw_only=True)
 class PluginSpec:
-    """A ``[dataset]`` or ``[[callbacks]]`` table: the plugin's name and its options.
+    """A ``[dataset]``, ``[tokenizer]`` or ``[[callbacks]]`` table: a plugin's name and options.
 
     After the first pass ``options`` is the raw dict; after :func:`resolve_plugins`
     it is an instance of the options class the plugin registered.
@@ -156,12 +187,13 @@ class ExperimentConfig:
     """A whole experiment, as read from an experiment file."""
 
     name: str = option(doc="Results go to results/<name>/.", validator=_valid_name)
-    seed: int = option(1337, "Seed for initialisation and sampling.")
+    seed: int = option(1337, "Seed for initialisation and sampling.", validator=_valid_seed)
     description: str = option("", "What this experiment is for.")
     abstract: bool = option(
         False, "A base that exists only to be extended: `gpt run` and `gpt batch` refuse it."
     )
     dataset: PluginSpec = option(doc="The dataset plugin and its options.")
+    tokenizer: PluginSpec | None = option(None, "A tokenizer plugin and its options.")
     model: ModelConfig = option(doc="The model.", factory=ModelConfig)
     train: TrainConfig = option(doc="The training recipe.", factory=TrainConfig)
     callbacks: list[PluginSpec] = option(doc="Callbacks, called in this order.", factory=list)
@@ -173,15 +205,20 @@ class ExperimentConfig:
             options = spec.options if isinstance(spec.options, dict) else unstructure(spec.options)
             return {"plugin": spec.plugin, **options}
 
-        return {
+        data: dict[str, Any] = {
             "name": self.name,
             "seed": self.seed,
             "description": self.description,
             "dataset": table(self.dataset),
-            "model": unstructure(self.model),
-            "train": unstructure(self.train),
-            "callbacks": [table(spec) for spec in self.callbacks],
         }
+        if self.tokenizer is not None:
+            data["tokenizer"] = table(self.tokenizer)
+        data.update(
+            model=unstructure(self.model),
+            train=unstructure(self.train),
+            callbacks=[table(spec) for spec in self.callbacks],
+        )
+        return data
 
 
 # Reading TOML, with `extends`.
@@ -213,30 +250,72 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
+# Where each value came from, so relative paths resolve against the folder of the
+# file that wrote them: key path (("dataset", "path"), ("callbacks",)) -> folder.
+# Only leaves are recorded; arrays are leaves, since they are replaced whole.
+Origins = dict[tuple[str | int, ...], Path]
+
+
+def _set_origin(origins: Origins, key: tuple[str | int, ...], folder: Path) -> None:
+    """Record that ``key`` was set in ``folder``, forgetting what it replaced below it."""
+    for old in [k for k in origins if k[: len(key)] == key]:
+        del origins[old]
+    origins[key] = folder
+
+
+def _leaf_origins(
+    table: dict[str, Any], folder: Path, prefix: tuple[str | int, ...] = ()
+) -> Origins:
+    origins: Origins = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            origins.update(_leaf_origins(value, folder, (*prefix, key)))
+        else:
+            origins[(*prefix, key)] = folder
+    return origins
+
+
+def origin_of(origins: Origins, key: tuple[str | int, ...]) -> Path:
+    """The folder of the file (or ``--set``) that set ``key``: its nearest recorded ancestor."""
+    for end in range(len(key), 0, -1):
+        if key[:end] in origins:
+            return origins[key[:end]]
+    return Path.cwd()
+
+
 def read_experiment_file(
     path: Path, shown: str | None = None, _chain: tuple[Path, ...] = ()
 ) -> dict:
     """Read an experiment file and the files it ``extends``, merged into one table."""
-    shown = shown or str(path)
+    return _read_with_origins(path, shown or str(path), _chain)[0]
+
+
+def _read_with_origins(
+    path: Path, shown: str, chain: tuple[Path, ...]
+) -> tuple[dict[str, Any], Origins]:
     resolved = path.resolve()
-    if resolved in _chain:
-        cycle = " -> ".join(p.name for p in (*_chain, resolved))
+    if resolved in chain:
+        cycle = " -> ".join(p.name for p in (*chain, resolved))
         raise ConfigError([f"{shown}: extends: cycle {cycle}"])
     data = read_toml(path, shown)
     parent = data.pop("extends", None)
+    # abspath also folds the `..` of `extends = "../base.toml"` out of the folder.
+    origins = _leaf_origins(data, Path(os.path.abspath(path.parent)))
     if parent is None:
-        return data
+        return data, origins
     if not isinstance(parent, str):
         raise ConfigError([f"{shown}: extends: expected a file name (string), got {parent!r}"])
     parent_path = path.parent / parent
     if not parent_path.is_file():
         raise ConfigError([f"{shown}: extends: file not found: {parent_path}"])
-    base = read_experiment_file(parent_path, str(parent_path), (*_chain, resolved))
+    base, merged_origins = _read_with_origins(parent_path, str(parent_path), (*chain, resolved))
     # `abstract` marks one file as a base, and `name` one experiment's results
     # folder: neither is inherited (a file's name defaults to its own stem).
     base.pop("abstract", None)
     base.pop("name", None)
-    return deep_merge(base, data)
+    for key, folder in origins.items():
+        _set_origin(merged_origins, key, folder)
+    return deep_merge(base, data), merged_origins
 
 
 # --set overrides.
@@ -252,11 +331,13 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def apply_override(data: dict[str, Any], assignment: str) -> None:
+def apply_override(data: dict[str, Any], assignment: str) -> tuple[str | int, ...]:
     """Apply one ``--set key.path=value`` to the raw experiment table, in place.
 
     ``callbacks[0].every_steps`` picks a callback by position and
     ``callbacks.checkpoint.every_steps`` by plugin name.
+
+    :returns: the key path that was set, with array positions as ints.
     """
     key, sep, text = assignment.partition("=")
     if not sep or not key.strip():
@@ -265,6 +346,7 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         )
     parts = key.strip().split(".")
     node: Any = data
+    where: list[str | int] = []
     for i, part in enumerate(parts):
         match = _KEY_PART.match(part)
         if not match:
@@ -276,6 +358,7 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
             tables = [t for t in node if isinstance(t, dict) and t.get("plugin") == name]
             if not tables:
                 raise ConfigError([f"--set {assignment}: no table with plugin = {name!r}"])
+            where.append(next(j for j, t in enumerate(node) if t is tables[0]))
             node = tables[0]
             if last:
                 raise ConfigError([f"--set {assignment}: name a key inside the {name!r} table"])
@@ -286,13 +369,17 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
             array = node.get(name)
             if not isinstance(array, list) or int(index) >= len(array):
                 raise ConfigError([f"--set {assignment}: {name}[{index}] does not exist"])
+            where.extend((name, int(index)))
             if last:
                 array[int(index)] = parse_value(text)
             node = array[int(index)]
         elif last:
+            where.append(name)
             node[name] = parse_value(text)
         else:
+            where.append(name)
             node = node.setdefault(name, {})
+    return tuple(where)
 
 
 # Structuring.
@@ -322,15 +409,19 @@ def load_experiment(
     """
     shown = str(path)
     path = Path(path)
-    data = read_experiment_file(path, shown)
+    data, origins = _read_with_origins(path, shown, ())
     for assignment in overrides:
         try:
-            apply_override(data, assignment)
+            key = apply_override(data, assignment)
         except ConfigError as exc:
             raise ConfigError([f"{shown}: {p}" for p in exc.problems]) from None
+        # A path given on the command line means what it means in the shell.
+        _set_origin(origins, key, Path.cwd())
+    resolve_paths(data, origins, plugins)
     data.setdefault("name", path.stem)
-    if isinstance(data.get("dataset"), dict):
-        data["dataset"] = _split_plugin_table(data["dataset"])
+    for table in ("dataset", "tokenizer"):
+        if isinstance(data.get(table), dict):
+            data[table] = _split_plugin_table(data[table])
     if isinstance(data.get("callbacks"), list):
         data["callbacks"] = [_split_plugin_table(t) for t in data["callbacks"]]
     try:
@@ -340,6 +431,54 @@ def load_experiment(
     if plugins is not None:
         config = resolve_plugins(config, plugins, shown)
     return config
+
+
+def resolve_paths(data: dict[str, Any], origins: Origins, plugins: Plugins | None) -> None:
+    """Make relative paths absolute against the folder of the file that set them, in place.
+
+    ``model.init_from`` and every plugin option declared with ``option(..., path=True)``
+    (known only when ``plugins`` is given); ``~`` is expanded. Values of the wrong
+    type are left alone for the type check to report.
+    """
+    _resolve_keys(data.get("model"), ["init_from"], ("model",), origins)
+    if plugins is None:
+        return
+    tables: list[tuple[Any, dict[str, Any], tuple[str | int, ...]]] = [
+        (data.get("dataset"), plugins.datasets(), ("dataset",)),
+        (data.get("tokenizer"), plugins.tokenizers(), ("tokenizer",)),
+    ]
+    if isinstance(data.get("callbacks"), list):
+        callbacks = plugins.callbacks()
+        tables += [(t, callbacks, ("callbacks", i)) for i, t in enumerate(data["callbacks"])]
+    for table, registry, key in tables:
+        if isinstance(table, dict) and isinstance(table.get("plugin"), str):
+            try:
+                registration = registry.get(table["plugin"])
+            except PluginError:
+                continue  # a name two plugins registered: the second pass reports it
+            if registration is not None:
+                _resolve_keys(table, path_fields(registration.options), key, origins)
+
+
+def _resolve_keys(
+    table: Any, names: list[str], prefix: tuple[str | int, ...], origins: Origins
+) -> None:
+    if not isinstance(table, dict):
+        return
+    for name in names:
+        value = table.get(name)
+        folder = origin_of(origins, (*prefix, name))
+        if isinstance(value, str):
+            table[name] = _resolve_path(value, folder)
+        elif isinstance(value, list):
+            table[name] = [_resolve_path(v, folder) if isinstance(v, str) else v for v in value]
+
+
+def _resolve_path(value: str, folder: Path) -> str:
+    if not value:
+        return value  # "" is no path at all; the plugin's own check reports it
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else folder / path)
 
 
 def _tidy(problem: str) -> str:
@@ -355,6 +494,7 @@ def resolve_plugins(config: ExperimentConfig, plugins: Plugins, source: str) -> 
     problems: list[str] = []
     datasets = plugins.datasets()
     callbacks = plugins.callbacks()
+    tokenizers = plugins.tokenizers()
 
     def resolve(spec: PluginSpec, registry: dict[str, Any], kind: str, path: str) -> PluginSpec:
         registration = registry.get(spec.plugin)
@@ -373,6 +513,7 @@ def resolve_plugins(config: ExperimentConfig, plugins: Plugins, source: str) -> 
         return attrs.evolve(spec, options=options)
 
     dataset = resolve(config.dataset, datasets, "dataset", "dataset")
+    tokenizer = config.tokenizer and resolve(config.tokenizer, tokenizers, "tokenizer", "tokenizer")
     resolved_callbacks = [
         resolve(spec, callbacks, "callback", f"callbacks[{i}]")
         for i, spec in enumerate(config.callbacks)
@@ -383,4 +524,4 @@ def resolve_plugins(config: ExperimentConfig, plugins: Plugins, source: str) -> 
             problems.append(f"callbacks[{i}].plugin: {name!r} is already enabled above")
     if problems:
         raise ConfigError([f"{source}: {p}" for p in problems])
-    return attrs.evolve(config, dataset=dataset, callbacks=resolved_callbacks)
+    return attrs.evolve(config, dataset=dataset, tokenizer=tokenizer, callbacks=resolved_callbacks)

@@ -1,49 +1,74 @@
 """Turning a dataset plugin's documents into ``train.bin``, ``val.bin`` and ``meta.json``.
 
-A dataset plugin only says *what* the documents are (a :class:`DatasetSource`);
-this module tokenizes them, streams the tokens to disk and publishes the result
-atomically under ``<data_dir>/<plugin>/<variant>/``. ``meta.json`` is written
-last and carries a fingerprint of the options, so a folder is either a complete,
-matching preparation or is prepared again.
+A dataset plugin only says *what* the documents are (a :class:`DatasetSource`)
+and names its tokenizer; this module tokenizes them with a registered tokenizer
+plugin, streams the tokens to disk and publishes the result atomically under
+``<data_dir>/<plugin>/<variant>/``. ``meta.json`` is written last and carries a
+fingerprint of the options, the tokenizer and the input files' identity, so a
+folder is either a complete, matching preparation or is prepared again.
+
+One process prepares a folder at a time: an OS lock beside it
+(``.<variant>.lock``) makes a second ``gpt prepare``, or a run sharing the
+dataset, wait and then use the result.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import glob
 import hashlib
 import itertools
 import json
 import multiprocessing
 import os
+import re
+import signal
+import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 import numpy as np
 
-from nanogpt_core.errors import DataError
+from nanogpt_core.errors import (
+    ConfigError,
+    DataError,
+    NanoGPTError,
+    PluginError,
+    PluginFault,
+)
 from nanogpt_core.files import (
     atomic_write_text,
     fsync_dir,
     remove_stale_temporaries,
+    storage_errors,
     temporary_path,
 )
-from nanogpt_core.options import unstructure
-from nanogpt_core.tokenizers import GPT2_EOT, CharTokenizer, GPT2Tokenizer, Tokenizer, gpt2_encoding
+from nanogpt_core.locks import locked
+from nanogpt_core.options import OptionProblems, path_fields, structure, suggest, unstructure
+from nanogpt_core.tokenizers import Tokenizer, encode_documents, learn_if_needed
 
 if TYPE_CHECKING:
     from nanogpt_core.config import ExperimentConfig
-    from nanogpt_core.plugins import Plugins
+    from nanogpt_core.plugins import Plugins, Registration
 
 SPLITS = ("train", "val")
-END_OF_TEXT = "<|endoftext|>"
-FORMAT_VERSION = 1
+# 2: the fingerprint covers the tokenizer and the input files' identity.
+FORMAT_VERSION = 2
+DTYPES = ("uint16", "uint32")
 # Documents are tokenized in batches of about this many characters: large enough
 # to keep worker processes busy, small enough to bound memory.
 BATCH_CHARS = 500_000
+# Input files smaller than this are also hashed, so an edit that keeps the size
+# and the modification time (a copy with `cp -p`, a coarse clock) is still seen.
+HASHED_FILE_BYTES = 1 << 20
+VARIANT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 class DatasetSource(Protocol):
@@ -51,9 +76,10 @@ class DatasetSource(Protocol):
 
     Attributes:
         variant: the folder under ``<data_dir>/<plugin>/`` (e.g. ``"tiny-char"``);
-            options that change the tokens but not the variant are caught by the
-            fingerprint.
-        tokenizer: ``"char"`` or ``"gpt2"``.
+            letters, digits, ``.``, ``_``, ``-`` and ``+``. Options that change the
+            tokens but not the variant are caught by the fingerprint.
+        tokenizer: the name of a registered tokenizer (``"char"``, ``"gpt2"``, ...);
+            an experiment's ``[tokenizer]`` table overrides it.
         description: one line about the source, recorded in ``meta.json``.
     """
 
@@ -69,12 +95,14 @@ class DatasetSource(Protocol):
         A source that decides the split while reading (holding out documents by
         hash, say) may also define ``split_documents(downloads)`` yielding
         ``(split, document)`` pairs in one pass; it is then used instead.
+        Raise :class:`~nanogpt_core.errors.DataError` for bad input; any other
+        exception is reported as a fault of the plugin (exit status 1).
         """
 
 
 @attrs.frozen
 class PreparedData:
-    """A prepared dataset folder and its ``meta.json``."""
+    """A prepared dataset folder and its (checked) ``meta.json``."""
 
     folder: Path
     meta: dict[str, Any]
@@ -98,10 +126,83 @@ class PreparedData:
         """Path of ``train.bin`` or ``val.bin``."""
         return self.folder / f"{split}.bin"
 
+    def tokens(self, split: str) -> int:
+        """How many tokens ``split`` (``"train"`` or ``"val"``) holds."""
+        return int(self.meta["splits"][split]["tokens"])
 
-def fingerprint(plugin: str, options: Any) -> str:
-    """A hash of everything that decides the prepared tokens."""
-    payload = {"format": FORMAT_VERSION, "plugin": plugin, "options": unstructure(options)}
+
+@attrs.frozen
+class TokenizerChoice:
+    """The tokenizer a preparation uses: registered name, registration and options.
+
+    ``from_table`` is true when the experiment's ``[tokenizer]`` table chose it
+    rather than the dataset source.
+    """
+
+    name: str
+    registration: Registration
+    options: Any
+    from_table: bool = False
+
+
+# Fingerprints.
+
+
+def file_identity(path: Path) -> dict[str, Any]:
+    """A file's resolved path, size and modification time, and a sha256 when it is small."""
+    resolved = Path(path).resolve()
+    stat = resolved.stat()
+    identity: dict[str, Any] = {
+        "path": str(resolved),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+    }
+    if resolved.is_file() and stat.st_size < HASHED_FILE_BYTES:
+        identity["sha256"] = hashlib.sha256(resolved.read_bytes()).hexdigest()
+    return identity
+
+
+def input_files(options: Any) -> list[dict[str, Any]]:
+    """The identity of every file the path options of ``options`` name (globs expanded).
+
+    Options declared with ``option(..., path=True)`` hold a path or a list of
+    paths and globs; a pattern that matches nothing is recorded as missing (the
+    source itself reports it when it reads).
+    """
+    found: list[dict[str, Any]] = []
+    for name in path_fields(type(options)):
+        value = getattr(options, name)
+        patterns = [value] if isinstance(value, str) else list(value or [])
+        for pattern in patterns:
+            matches = sorted(glob.glob(str(Path(pattern).expanduser()), recursive=True))
+            if not matches:
+                found.append({"option": name, "pattern": pattern, "missing": True})
+            for match in matches:
+                try:
+                    found.append({"option": name, **file_identity(Path(match))})
+                except OSError as exc:
+                    found.append({"option": name, "pattern": match, "error": exc.strerror})
+    return found
+
+
+def fingerprint(plugin: str, options: Any, tokenizer: TokenizerChoice | None = None) -> str:
+    """A hash of everything that decides the prepared tokens.
+
+    The dataset's options, the tokenizer's name and options, and the identity of
+    every input file named by a path option of either (:func:`input_files`).
+    """
+    payload: dict[str, Any] = {
+        "format": FORMAT_VERSION,
+        "plugin": plugin,
+        "options": unstructure(options),
+        "inputs": input_files(options),
+    }
+    if tokenizer is not None:
+        payload["tokenizer"] = {
+            "name": tokenizer.name,
+            "options": unstructure(tokenizer.options),
+            "inputs": input_files(tokenizer.options),
+        }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -110,65 +211,346 @@ def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 2**16 else "uint32"
 
 
+# Reading a prepared folder.
+
+
 def open_prepared(folder: Path) -> PreparedData | None:
-    """The prepared data in ``folder``, or None when it is missing or incomplete."""
-    meta_path = folder / "meta.json"
+    """The prepared data in ``folder``, or None when no preparation finished there.
+
+    :raises DataError: ``meta.json`` parses but is not what a preparation
+        writes (a key missing or of the wrong type, a dtype other than
+        uint16/uint32), or it contradicts the ``.bin`` files' sizes.
+    """
+    meta_path = Path(folder) / "meta.json"
     try:
-        meta = json.loads(meta_path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        # meta.json is written last: without a readable one nothing finished here.
         return None
-    data = PreparedData(folder, meta)
-    for split in SPLITS:
-        path = data.split_path(split)
-        expected = meta["splits"][split]["tokens"] * data.dtype.itemsize
-        if not path.is_file() or path.stat().st_size != expected:
-            return None
+    data = PreparedData(Path(folder), meta)
+    check_meta(data)
     return data
 
 
+def _meta_problem(data: PreparedData, key: str, problem: str) -> DataError:
+    return DataError(
+        f"{data.folder / 'meta.json'}: {key}: {problem}; prepare again with "
+        f"`gpt prepare EXPERIMENT --force` or delete {data.folder}"
+    )
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def check_meta(data: PreparedData) -> None:
+    """Refuse a ``meta.json`` with the wrong structure or one the ``.bin`` sizes contradict."""
+    meta = data.meta
+    if not isinstance(meta, dict):
+        raise _meta_problem(data, "(top level)", "expected a JSON object")
+    if meta.get("dtype") not in DTYPES:
+        raise _meta_problem(data, "dtype", f"expected uint16 or uint32, got {meta.get('dtype')!r}")
+    tokenizer = meta.get("tokenizer")
+    if not isinstance(tokenizer, dict):
+        raise _meta_problem(data, "tokenizer", "expected a table with 'kind' and 'vocab_size'")
+    if not isinstance(tokenizer.get("kind"), str) or not tokenizer["kind"]:
+        raise _meta_problem(data, "tokenizer.kind", "expected a tokenizer name")
+    vocab = tokenizer.get("vocab_size")
+    if type(vocab) is not int or vocab <= 0:
+        raise _meta_problem(
+            data, "tokenizer.vocab_size", f"expected a positive integer, got {vocab!r}"
+        )
+    if np.iinfo(np.dtype(meta["dtype"])).max < vocab - 1:
+        raise _meta_problem(
+            data, "dtype", f"{meta['dtype']} cannot hold the ids of a {vocab:,}-token vocabulary"
+        )
+    if not isinstance(meta.get("fingerprint"), str):
+        raise _meta_problem(data, "fingerprint", "expected a string")
+    splits = meta.get("splits")
+    if not isinstance(splits, dict):
+        raise _meta_problem(data, "splits", "expected a table with 'train' and 'val'")
+    for split in SPLITS:
+        counts = splits.get(split)
+        if not isinstance(counts, dict) or not _is_count(counts.get("tokens")):
+            raise _meta_problem(
+                data, f"splits.{split}.tokens", "expected a count of tokens (an integer, 0 or more)"
+            )
+    for split in SPLITS:
+        _check_bin_size(data, split)
+
+
+def _check_bin_size(data: PreparedData, split: str) -> None:
+    path = data.split_path(split)
+    expected = data.tokens(split) * data.dtype.itemsize
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise _meta_problem(
+            data,
+            f"splits.{split}.tokens",
+            f"says {data.tokens(split):,} tokens but {path} is missing",
+        ) from None
+    if size != expected:
+        raise _meta_problem(
+            data,
+            f"splits.{split}.tokens",
+            f"{data.tokens(split):,} {data.dtype.name} tokens are {expected:,} bytes, "
+            f"but {path} has {size:,}",
+        )
+
+
+# The source and its tokenizer.
+
+
+def _who(kind: str, name: str, plugin: str) -> str:
+    """``dataset 'x' (plugin 'y')``, or ``dataset plugin 'x'`` when the names agree."""
+    return f"{kind} plugin {name!r}" if name == plugin else f"{kind} {name!r} (plugin {plugin!r})"
+
+
+@contextlib.contextmanager
+def plugin_call(who: str, method: str) -> Iterator[None]:
+    """Report an exception a plugin raises inside the block as one :class:`PluginFault` line.
+
+    A :class:`NanoGPTError` (bad input the plugin reported well) passes unchanged;
+    the original exception is chained, so ``--debug`` shows its traceback.
+    """
+    try:
+        yield
+    except NanoGPTError:
+        raise
+    except Exception as exc:
+        raise PluginFault(f"{who} failed in {method}: {type(exc).__name__}: {exc}") from exc
+
+
 def source_for(config: ExperimentConfig, plugins: Plugins) -> DatasetSource:
-    """Instantiate the experiment's dataset plugin."""
-    registration = plugins.datasets()[config.dataset.plugin]
-    return registration.factory(config.dataset.options)
+    """Instantiate the experiment's dataset plugin and check what its factory returned."""
+    name = config.dataset.plugin
+    registration = plugins.datasets()[name]
+    who = _who("dataset", name, registration.plugin)
+    with plugin_call(who, "its factory"):
+        source = registration.factory(config.dataset.options)
+    check_source(source, who)
+    return source
+
+
+def check_source(source: Any, who: str) -> None:
+    """A dataset source has a usable ``variant``, ``tokenizer``, ``description`` and ``documents``."""
+    missing = [
+        f"{attr} (a string)"
+        for attr in ("variant", "tokenizer", "description")
+        if not isinstance(getattr(source, attr, None), str)
+    ]
+    if not callable(getattr(source, "documents", None)):
+        missing.append("documents (a method)")
+    if missing:
+        raise PluginError(
+            f"{who}: its factory returned {type(source).__name__}, which lacks "
+            f"{', '.join(missing)}; see nanogpt_core.DatasetSource"
+        )
+    if not VARIANT_PATTERN.fullmatch(source.variant) or ".." in source.variant:
+        raise PluginError(
+            f"{who}: variant {source.variant!r} is not usable as a folder name "
+            "(use letters, digits, '.', '_', '-' and '+')"
+        )
+
+
+def tokenizer_choice(
+    config: ExperimentConfig, source: DatasetSource, plugins: Plugins
+) -> TokenizerChoice:
+    """The tokenizer to prepare with: the ``[tokenizer]`` table's, else the source's."""
+    registry = plugins.tokenizers()
+    spec = getattr(config, "tokenizer", None)
+    if spec is not None:
+        name, where = spec.plugin, "tokenizer.plugin"
+    else:
+        name = source.tokenizer
+        has_option = hasattr(config.dataset.options, "tokenizer")
+        where = "dataset.tokenizer" if has_option else f"dataset {config.dataset.plugin!r}"
+    registration = registry.get(name)
+    if registration is None:
+        installed = ", ".join(sorted(registry)) or "none"
+        raise DataError(
+            f"{where}: no tokenizer named {name!r}{suggest(name, list(registry))}; "
+            f"installed: {installed}"
+        )
+    if spec is not None:
+        return TokenizerChoice(name, registration, _table_options(spec, registration), True)
+    return TokenizerChoice(name, registration, _default_options(registration, name, where))
+
+
+def _table_options(spec: Any, registration: Registration) -> Any:
+    """The ``[tokenizer]`` table's options (structured here if config loading did not)."""
+    if not isinstance(spec.options, dict):
+        return spec.options
+    try:
+        return structure(spec.options, registration.options, "tokenizer")
+    except OptionProblems as exc:
+        raise ConfigError(exc.problems) from None
+
+
+def _default_options(registration: Registration, name: str, where: str) -> Any:
+    """The tokenizer's default options; one that requires some asks for a ``[tokenizer]`` table."""
+    required = [f.name for f in attrs.fields(registration.options) if f.default is attrs.NOTHING]
+    if required:
+        raise DataError(
+            f"{where}: tokenizer {name!r} needs {', '.join(required)}: add a [tokenizer] table "
+            f'with plugin = "{name}" and {required[0]} = ...'
+        )
+    return registration.options()
+
+
+def data_folder(
+    data_dir: Path, plugin: str, source: DatasetSource, choice: TokenizerChoice
+) -> Path:
+    """``<data_dir>/<plugin>/<variant>``; a tokenizer other than the source's own adds a tag.
+
+    The tag (``.<tokenizer>-<hash of its options>``) keeps data prepared with,
+    say, a Korean tokenizer.json apart from the default preparation.
+    """
+    folder = Path(data_dir) / plugin / source.variant
+    if not choice.from_table:
+        return folder
+    options = unstructure(choice.options)
+    try:
+        defaults = unstructure(choice.registration.options())
+    except Exception:  # required options: there is no default to compare with
+        defaults = None
+    if choice.name == source.tokenizer and options == defaults:
+        return folder
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:8]
+    return folder.with_name(f"{source.variant}.{choice.name}-{digest}")
+
+
+def make_tokenizer(choice: TokenizerChoice) -> Tokenizer:
+    """A fresh tokenizer from its registration and options."""
+    with plugin_call(_who("tokenizer", choice.name, choice.registration.plugin), "its factory"):
+        return choice.registration.factory(choice.options)
+
+
+def _check_tokenizer(tokenizer: Any, choice: TokenizerChoice) -> dict[str, Any]:
+    """The tokenizer's description, after checking it names this tokenizer and a vocabulary."""
+    who = _who("tokenizer", choice.name, choice.registration.plugin)
+    with plugin_call(who, "description"):
+        description = tokenizer.description()
+    if not isinstance(description, dict) or description.get("kind") != choice.name:
+        kind = description.get("kind") if isinstance(description, dict) else description
+        raise PluginError(
+            f"{who}: description() must return a dict whose 'kind' is {choice.name!r} "
+            f"(the registered name), got {kind!r}"
+        )
+    vocab = getattr(tokenizer, "vocab_size", None)
+    if type(vocab) is not int or vocab <= 0 or description.get("vocab_size") != vocab:
+        raise PluginError(
+            f"{who}: vocab_size must be a positive integer, also in its description; got {vocab!r}"
+        )
+    return description
+
+
+# Preparing.
 
 
 def prepare_dataset(
     config: ExperimentConfig, plugins: Plugins, *, data_dir: Path, force: bool = False
 ) -> PreparedData:
-    """Prepare the experiment's dataset unless an up-to-date preparation exists."""
+    """Prepare the experiment's dataset unless an up-to-date preparation exists.
+
+    Another process preparing the same folder is waited for (one line on stderr
+    says so) and its result used. With ``force`` the folder is prepared again
+    whatever its state, unless it was just prepared by the process waited for.
+    """
     plugin = config.dataset.plugin
     source = source_for(config, plugins)
-    folder = Path(data_dir) / plugin / source.variant
-    wanted = fingerprint(plugin, config.dataset.options)
-    existing = open_prepared(folder)
-    if existing and existing.meta.get("fingerprint") == wanted and not force:
+    choice = tokenizer_choice(config, source, plugins)
+    folder = data_folder(Path(data_dir), plugin, source, choice)
+    wanted = fingerprint(plugin, config.dataset.options, choice)
+    if not force:
+        # Without the lock first, so a finished folder on read-only storage works; a
+        # folder some writer is publishing right now is checked again under the lock.
+        with contextlib.suppress(DataError):
+            ready = _matching(folder, wanted)
+            if ready is not None:
+                return ready
+    with storage_errors(folder), data_lock(folder) as waited:
+        if not force or waited:
+            ready = _matching(folder, wanted, strict=not force)
+            if ready is not None:
+                return ready
+        return write_prepared(
+            source,
+            folder,
+            plugin=plugin,
+            fingerprint_=wanted,
+            options=unstructure(config.dataset.options),
+            downloads=Path(data_dir) / plugin / "downloads",
+            tokenizer=choice,
+            who=_who("dataset", plugin, plugins.datasets()[plugin].plugin),
+            inputs=input_files(config.dataset.options) + input_files(choice.options),
+        )
+
+
+@contextlib.contextmanager
+def data_lock(folder: Path) -> Iterator[bool]:
+    """Hold the lock of a data folder (``.<name>.lock`` beside it); yields whether it waited.
+
+    Waiting is announced once on stderr, naming the holder's pid.
+    """
+    waited = False
+
+    def on_wait(pid: int | None) -> None:
+        nonlocal waited
+        waited = True
+        holder = f"pid {pid}" if pid else "another process"
+        print(f"waiting for {holder}, which is preparing {folder}", file=sys.stderr, flush=True)
+
+    lock = folder.with_name(f".{folder.name}.lock")
+    with locked(lock, wait=True, purpose=str(folder), on_wait=on_wait):
+        yield waited
+
+
+def _matching(folder: Path, wanted: str, *, strict: bool = True) -> PreparedData | None:
+    """The folder's preparation if its fingerprint is ``wanted``; damage raises when ``strict``."""
+    try:
+        existing = open_prepared(folder)
+    except DataError:
+        if strict:
+            raise
+        return None
+    if existing is not None and existing.meta["fingerprint"] == wanted:
         return existing
-    return write_prepared(
-        source,
-        folder,
-        plugin=plugin,
-        fingerprint_=wanted,
-        options=unstructure(config.dataset.options),
-        downloads=Path(data_dir) / plugin / "downloads",
-    )
+    return None
 
 
-def split_stream(source: DatasetSource, downloads: Path) -> Iterator[tuple[str, str]]:
-    """``(split, document)`` pairs: one pass when the source offers it, else train then val."""
+def split_stream(
+    source: DatasetSource, downloads: Path, who: str = "dataset source"
+) -> Iterator[tuple[str, str]]:
+    """``(split, document)`` pairs: one pass when the source offers it, else train then val.
+
+    What the source raises (other than a :class:`DataError`) becomes one
+    :class:`PluginFault` line naming ``who`` and the method.
+    """
     one_pass = getattr(source, "split_documents", None)
     if one_pass is not None:
-        yield from one_pass(downloads)
+        with plugin_call(who, "split_documents"):
+            for pair in one_pass(downloads):
+                yield _checked_pair(pair, who)
         return
     for split in SPLITS:
-        for document in source.documents(split, downloads):
-            yield split, document
+        with plugin_call(who, "documents"):
+            for document in source.documents(split, downloads):
+                yield _checked_pair((split, document), who)
 
 
-def _char_vocabulary(source: DatasetSource, downloads: Path) -> CharTokenizer:
-    chars: set[str] = set()
-    for _, document in split_stream(source, downloads):
-        chars.update(document)
-    return CharTokenizer(chars)
+def _checked_pair(pair: Any, who: str) -> tuple[str, str]:
+    if not (isinstance(pair, tuple) and len(pair) == 2 and pair[0] in SPLITS):
+        raise PluginFault(
+            f"{who} yielded {pair!r:.60}; split_documents must yield (split, text) with split "
+            '"train" or "val"'
+        )
+    if not isinstance(pair[1], str):
+        raise PluginFault(
+            f"{who} yielded a {type(pair[1]).__name__} document; documents must be text"
+        )
+    return pair
 
 
 Batch = tuple[str, list[str]]
@@ -181,8 +563,6 @@ def _document_batches(
     pending: dict[str, list[str]] = {split: [] for split in SPLITS}
     sizes = dict.fromkeys(SPLITS, 0)
     for split, document in stream:
-        if not isinstance(document, str):
-            raise DataError(f"a document is {type(document).__name__}, expected text")
         counts[split]["documents"] += 1
         counts[split]["characters"] += len(document)
         pending[split].append(document)
@@ -195,50 +575,96 @@ def _document_batches(
             yield split, pending[split]
 
 
-def encode_gpt2_batch(texts: list[str]) -> np.ndarray:
-    """GPT-2 ids of ``texts``, each followed by ``<|endoftext|>`` (runs in worker processes)."""
-    encoding = gpt2_encoding()
-    if any(END_OF_TEXT in text for text in texts):
-        # Literal "<|endoftext|>" inside a document is text, not a separator.
-        parts = [np.array([*encoding.encode_ordinary(t), GPT2_EOT], dtype=np.uint16) for t in texts]
-        return np.concatenate(parts)
-    # One call for the whole batch: tiktoken splits at the special token first, so
-    # this equals encoding each document on its own and appending <|endoftext|>.
-    joined = END_OF_TEXT.join(texts) + END_OF_TEXT
-    return np.array(encoding.encode(joined, allowed_special={END_OF_TEXT}), dtype=np.uint16)
+# Worker processes. Each is forked with the tokenizer already built (fork copies
+# it); with spawn, initargs pickle it.
+_WORKER_TOKENIZER: Any = None
+
+
+def _start_worker(parent_pid: int, tokenizer: Tokenizer) -> None:
+    """Pool initializer: die with the parent, let go of its output, ignore Ctrl-C."""
+    if sys.platform.startswith("linux"):
+        # The kernel kills this worker when the parent dies, even by SIGKILL.
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+    # A worker must not keep a caller's pipes open (`gpt prepare | tee log` would
+    # never see EOF if the parent were killed); results travel through the pool.
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    # Ctrl-C reaches the whole process group; the parent alone decides what to do.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = tokenizer
+
+
+def _encode_in_worker(texts: list[str]) -> np.ndarray:
+    return encode_documents(_WORKER_TOKENIZER, texts)
 
 
 def _encode_batches(
-    tokenizer: Tokenizer, stream: Iterable[tuple[str, str]], counts: dict[str, dict[str, int]]
+    tokenizer: Tokenizer,
+    stream: Iterable[tuple[str, str]],
+    counts: dict[str, dict[str, int]],
+    who: str,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(split, token ids)`` a batch at a time, each split's batches in order."""
     batches = _document_batches(stream, counts)
-    if not isinstance(tokenizer, GPT2Tokenizer):
-        for split, batch in batches:
-            yield split, np.asarray(tokenizer.encode("".join(batch)), dtype=np.int64)
-        return
     first = next(batches, None)
     second = next(batches, None) if first is not None else None
-    if second is None:  # small input: worker processes would cost more than they save
-        if first is not None:
-            yield first[0], encode_gpt2_batch(first[1])
+    if not getattr(tokenizer, "parallel", False) or second is None:
+        # In-process: the tokenizer does its own threading (Hugging Face), or the
+        # input is so small that worker processes would cost more than they save.
+        for split, batch in itertools.chain(filter(None, [first, second]), batches):
+            with plugin_call(who, "encode"):
+                ids = encode_documents(tokenizer, batch)
+            yield split, ids
         return
-    # tiktoken holds the GIL for most of its work, so threads do not scale: use
-    # processes, keeping only a few batches in flight so memory stays bounded.
+    yield from _encode_in_pool(tokenizer, itertools.chain([first, second], batches), who)
+
+
+def _encode_in_pool(
+    tokenizer: Tokenizer, batches: Iterable[Batch], who: str
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Encode in worker processes, keeping only a few batches in flight so memory stays bounded."""
     workers = max(1, os.cpu_count() or 1)
     # fork where there is one: spawn would re-import the caller's __main__.
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        pending: deque[tuple[str, Future[np.ndarray]]] = deque()
-        for split, batch in itertools.chain([first, second], batches):
-            pending.append((split, pool.submit(encode_gpt2_batch, batch)))
+    pool = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=context,
+        initializer=_start_worker,
+        initargs=(os.getpid(), tokenizer),
+    )
+    pending: deque[tuple[str, Future[np.ndarray]]] = deque()
+    try:
+        for split, batch in batches:
+            pending.append((split, pool.submit(_encode_in_worker, batch)))
             if len(pending) >= 4 * workers:
-                done_split, future = pending.popleft()
-                yield done_split, future.result()
+                yield _result(pending.popleft(), who)
         while pending:
-            done_split, future = pending.popleft()
-            yield done_split, future.result()
+            yield _result(pending.popleft(), who)
+    except BaseException:
+        # Ctrl-C, a fault, or the consumer gave up: drop the queued batches rather
+        # than encode them all before stopping.
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _result(item: tuple[str, Future[np.ndarray]], who: str) -> tuple[str, np.ndarray]:
+    split, future = item
+    try:
+        with plugin_call(who, "encode (in a worker process)"):
+            return split, future.result()
+    except BrokenProcessPool as exc:
+        raise NanoGPTError(
+            f"a tokenizer worker process died ({exc}); out of memory? run `gpt prepare` again"
+        ) from exc
 
 
 def write_prepared(
@@ -249,48 +675,35 @@ def write_prepared(
     fingerprint_: str,
     options: dict[str, Any],
     downloads: Path,
+    tokenizer: TokenizerChoice,
+    who: str | None = None,
+    inputs: list[dict[str, Any]] | None = None,
 ) -> PreparedData:
-    """Tokenize ``source`` into ``folder``, publishing the files only when all are done."""
-    from tqdm import tqdm
+    """Tokenize ``source`` into ``folder``, publishing the files only when all are done.
 
-    folder.mkdir(parents=True, exist_ok=True)
-    downloads.mkdir(parents=True, exist_ok=True)
+    :param who: how messages name the dataset plugin (``dataset plugin 'x'``).
+    :param inputs: the input files' identities, recorded in ``meta.json``.
+    """
+    who = who or _who("dataset", plugin, plugin)
+    tokenizer_who = _who("tokenizer", tokenizer.name, tokenizer.registration.plugin)
+    with storage_errors(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        downloads.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(folder)
-    if source.tokenizer == "char":
-        tokenizer: Tokenizer = _char_vocabulary(source, downloads)
-    elif source.tokenizer == "gpt2":
-        tokenizer = GPT2Tokenizer()
-    else:
-        raise DataError(f"dataset {plugin!r}: unknown tokenizer {source.tokenizer!r}")
-    dtype = np.dtype(token_dtype(tokenizer.vocab_size))
+    encoder = make_tokenizer(tokenizer)
+    with plugin_call(tokenizer_who, "learn"):
+        learn_if_needed(encoder, (doc for _, doc in split_stream(source, downloads, who)))
+    description = _check_tokenizer(encoder, tokenizer)
+    dtype = np.dtype(token_dtype(encoder.vocab_size))
     counts = {split: {"documents": 0, "characters": 0, "tokens": 0} for split in SPLITS}
-    temporaries = {split: temporary_path(folder / f"{split}.bin") for split in SPLITS}
-    try:
-        with contextlib.ExitStack() as stack:
-            outs = {split: stack.enter_context(temporaries[split].open("wb")) for split in SPLITS}
-            bar = stack.enter_context(
-                tqdm(desc=f"preparing {plugin}", unit=" docs", delay=2, leave=False, disable=None)
-            )
-            for split, ids in _encode_batches(tokenizer, split_stream(source, downloads), counts):
-                ids.astype(dtype).tofile(outs[split])
-                counts[split]["tokens"] += len(ids)
-                bar.update(sum(c["documents"] for c in counts.values()) - bar.n)
-                bar.set_postfix(train=counts["train"]["tokens"], val=counts["val"]["tokens"])
-            for out in outs.values():
-                out.flush()
-                os.fsync(out.fileno())
-        for split in SPLITS:
-            if counts[split]["tokens"] == 0:
-                raise DataError(f"dataset {plugin!r}: the {split} split is empty (no text found)")
-        # Publish: drop the old meta first so a crash mid-way never pairs old meta
-        # with new tokens; meta.json, written last, is the mark of a complete folder.
-        (folder / "meta.json").unlink(missing_ok=True)
-        for split, temp in temporaries.items():
-            os.replace(temp, folder / f"{split}.bin")
-        fsync_dir(folder)
-    finally:
-        for temp in temporaries.values():
-            temp.unlink(missing_ok=True)
+    batches = _encode_batches(encoder, split_stream(source, downloads, who), counts, tokenizer_who)
+    with storage_errors(folder):
+        _write_splits(folder, batches, counts, dtype, encoder.vocab_size, tokenizer_who)
+    for split in SPLITS:
+        if counts[split]["tokens"] == 0:
+            _discard(folder)
+            raise DataError(f"dataset {plugin!r}: the {split} split is empty (no text found)")
+    _publish(folder)
     meta = {
         "format": FORMAT_VERSION,
         "plugin": plugin,
@@ -298,9 +711,70 @@ def write_prepared(
         "description": source.description,
         "fingerprint": fingerprint_,
         "options": options,
-        "tokenizer": tokenizer.description(),
+        "tokenizer_options": {"name": tokenizer.name, **unstructure(tokenizer.options)},
+        "inputs": inputs or [],
+        "tokenizer": description,
         "dtype": dtype.name,
         "splits": counts,
     }
     atomic_write_text(folder / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     return PreparedData(folder, meta)
+
+
+def _write_splits(
+    folder: Path,
+    batches: Iterator[tuple[str, np.ndarray]],
+    counts: dict[str, dict[str, int]],
+    dtype: np.dtype,
+    vocab_size: int,
+    tokenizer_who: str,
+) -> None:
+    """Stream the batches into temporary ``.bin`` files (renamed by :func:`_publish`)."""
+    from tqdm import tqdm
+
+    temporaries = {split: temporary_path(folder / f"{split}.bin") for split in SPLITS}
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(contextlib.closing(batches))
+            outs = {split: stack.enter_context(temporaries[split].open("wb")) for split in SPLITS}
+            bar = stack.enter_context(
+                tqdm(desc="preparing", unit=" docs", delay=2, leave=False, disable=None)
+            )
+            for split, ids in batches:
+                if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+                    raise PluginFault(
+                        f"{tokenizer_who} produced id {int(ids.max())} outside its "
+                        f"vocabulary of {vocab_size:,}"
+                    )
+                # file.write, not ndarray.tofile: tofile loses the errno of a full disk.
+                outs[split].write(ids.astype(dtype).tobytes())
+                counts[split]["tokens"] += len(ids)
+                bar.update(sum(c["documents"] for c in counts.values()) - bar.n)
+                bar.set_postfix(train=counts["train"]["tokens"], val=counts["val"]["tokens"])
+            for out in outs.values():
+                out.flush()
+                os.fsync(out.fileno())
+    except BaseException:
+        _discard(folder)
+        raise
+
+
+def _discard(folder: Path) -> None:
+    """Remove this process's temporary ``.bin`` files."""
+    for split in SPLITS:
+        temporary_path(folder / f"{split}.bin").unlink(missing_ok=True)
+
+
+def _publish(folder: Path) -> None:
+    """Rename the finished temporaries into place; ``meta.json`` (written next) seals it.
+
+    The old meta goes first so a crash mid-way never pairs old meta with new tokens.
+    """
+    try:
+        with storage_errors(folder):
+            (folder / "meta.json").unlink(missing_ok=True)
+            for split in SPLITS:
+                os.replace(temporary_path(folder / f"{split}.bin"), folder / f"{split}.bin")
+            fsync_dir(folder)
+    finally:
+        _discard(folder)

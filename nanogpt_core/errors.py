@@ -33,6 +33,20 @@ class PluginError(NanoGPTError):
     """A plugin registered something it must not (a duplicate name, a bad options class)."""
 
 
+class PluginFault(NanoGPTError):
+    """A plugin raised an error while running (a callback hook, a dataset source): exit 1.
+
+    The message names the plugin, the hook or method and the error; ``--debug``
+    shows the original traceback (it is chained as ``__cause__``).
+    """
+
+    exit_code = 1
+
+
+class StorageError(NanoGPTError):
+    """A file could not be written: the disk is full or the folder is read-only."""
+
+
 class TrainingError(NanoGPTError):
     """A run that started and then had to stop (a NaN loss, say): exit status 1."""
 

@@ -37,6 +37,18 @@ def register_callbacks(register: Any) -> None:
 
 
 @hookspec
+def register_tokenizers(register: Any) -> None:
+    """Register tokenizers.
+
+    :param register: call ``register(name, TokenizerClass, options=OptionsClass)`` once
+        per tokenizer. ``TokenizerClass(options)`` makes a new tokenizer for a dataset
+        that names it; ``TokenizerClass.from_description(description)`` rebuilds one
+        from what its ``description()`` returned (stored in ``meta.json`` and in every
+        checkpoint), so sampling and export need no original files.
+    """
+
+
+@hookspec
 def register_commands(cli: Any) -> None:
     """Add subcommands to the ``gpt`` command.
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -27,6 +28,7 @@ from cattrs.errors import (
 T = TypeVar("T")
 
 DOC_KEY = "doc"
+PATH_KEY = "path"
 
 
 def option(
@@ -35,15 +37,29 @@ def option(
     *,
     validator: Callable[[Any, attrs.Attribute, Any], None] | None = None,
     factory: Callable[[], Any] | None = None,
+    path: bool = False,
 ) -> Any:
     """Declare one option of an attrs options class, with its documentation.
 
     ``doc`` is shown by ``gpt plugins`` and is the option's reference text.
     Pass ``factory`` instead of ``default`` for mutable defaults such as lists.
+    ``path=True`` marks a file path or glob (``str | None`` or ``list[str]``):
+    a relative value is resolved against the folder of the experiment file that
+    set it, and ``~`` is expanded, so the experiment runs from any directory.
     """
+    metadata: dict[str, Any] = {DOC_KEY: doc}
+    if path:
+        metadata[PATH_KEY] = True
     if factory is not None:
-        return attrs.field(factory=factory, validator=validator, metadata={DOC_KEY: doc})
-    return attrs.field(default=default, validator=validator, metadata={DOC_KEY: doc})
+        return attrs.field(factory=factory, validator=validator, metadata=metadata)
+    return attrs.field(default=default, validator=validator, metadata=metadata)
+
+
+def path_fields(cls: type) -> list[str]:
+    """The names of the options of ``cls`` declared with ``option(..., path=True)``."""
+    if not attrs.has(cls):
+        return []
+    return [field.name for field in attrs.fields(cls) if field.metadata.get(PATH_KEY)]
 
 
 class OptionValueError(ValueError):
@@ -115,6 +131,10 @@ def _strict_float(value: Any, _type: type) -> float:
         return float(value)
     if type(value) is not float:
         raise TypeError(f"expected a float, got {show(value)}")
+    # TOML allows nan and inf; no option means them, and a nan learning rate
+    # would only show up as a nan loss hours later.
+    if not math.isfinite(value):
+        raise TypeError(f"expected a finite number, got {show(value)}")
     return value
 
 
@@ -159,6 +179,20 @@ def make_converter() -> cattrs.Converter:
         return structure_list
 
     converter.register_structure_hook_factory(is_sequence, strict_list_factory)
+
+    # Without this, `train = []` or `[[model]]` reaches cattrs' generated code and
+    # fails with an AttributeError about `.keys()` instead of naming the table.
+    def strict_table_factory(cls: type) -> Callable[[Any, Any], Any]:
+        inner = converter.gen_structure_attrs_fromdict(cls)
+
+        def structure_table(value: Any, type_: Any) -> Any:
+            if not isinstance(value, dict):
+                raise TypeError(f"expected a table, got {show(value)}")
+            return inner(value, type_)
+
+        return structure_table
+
+    converter.register_structure_hook_factory(attrs.has, strict_table_factory)
     return converter
 
 

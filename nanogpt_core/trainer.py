@@ -10,25 +10,29 @@ which callbacks are called. Only the main process writes files or prints.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import signal
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
+from types import MappingProxyType
 from typing import Any
 
+import attrs
 import numpy as np
 import torch
 
 from nanogpt_core import __version__
-from nanogpt_core.callbacks import CALLBACK_HOOKS, Callback, RunPaths, TrainerState
+from nanogpt_core.callbacks import LAST_CHECKPOINT, Callback, Requests, RunPaths, TrainerState
+from nanogpt_core.checkpoints import FORMAT as CHECKPOINT_FORMAT
+from nanogpt_core.checkpoints import load_checkpoint, save_checkpoint
 from nanogpt_core.config import ExperimentConfig, TrainConfig
 from nanogpt_core.datasets import PreparedData
-from nanogpt_core.errors import NanoGPTError, TrainingError
-from nanogpt_core.files import atomic_write_text
+from nanogpt_core.errors import NanoGPTError, PluginFault, TrainingError
+from nanogpt_core.metrics import MetricsLog
 from nanogpt_core.model import GPT, GPTConfig
+from nanogpt_core.resume import callback_states, check_belongs
 from nanogpt_core.sampler import BatchSource, MemmapSampler
 
 # Dense bf16/fp16 tensor-core peaks per device, in FLOP/s, from NVIDIA's data sheets.
@@ -102,33 +106,6 @@ def model_config_for(config: ExperimentConfig, data: PreparedData) -> GPTConfig:
     )
 
 
-class MetricsLog:
-    """``metrics.jsonl``: one JSON line per logged step, appended as training goes."""
-
-    def __init__(self, path: Any, enabled: bool) -> None:
-        self.path = path
-        self.enabled = enabled
-
-    def truncate_after(self, step: int) -> None:
-        """Drop lines after ``step`` (a resume rewrites them), atomically."""
-        if not self.enabled or not self.path.exists():
-            return
-        kept = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
-        atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
-
-    def append(self, record: dict[str, Any]) -> None:
-        """Append one line and flush it."""
-        if not self.enabled:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
-
-
 def rng_state() -> dict[str, Any]:
     """This process's random states, as tensors and plain containers only."""
     np_state = np.random.get_state()
@@ -193,7 +170,13 @@ class StopRequest:
 
 
 class Trainer:
-    """Trains a GPT on prepared data and calls the experiment's callbacks.
+    """Trains a GPT on prepared data, calls the experiment's callbacks, owns resume.
+
+    Everything is built in the constructor (model, optimizer, samplers, state), so
+    a ``Trainer`` is whole before :meth:`fit` runs. The trainer, not a callback,
+    decides what a checkpoint holds, writes the files callbacks request through
+    :meth:`TrainerState.request_save`, and continues from ``last.pth`` when the
+    results folder has one.
 
     :param config: the resolved experiment.
     :param data: the prepared dataset.
@@ -213,9 +196,12 @@ class Trainer:
         *,
         progress: bool = True,
     ) -> None:
+        from accelerate.utils import set_seed
+
         self.config = config
         self.data = data
         self.callbacks = callbacks
+        self.callback_plugins = [spec.plugin for spec in config.callbacks]
         self.paths = paths
         self.accelerator = accelerator
         self.progress = progress
@@ -224,6 +210,37 @@ class Trainer:
         self.is_main = accelerator.is_main_process
         self.metrics_log = MetricsLog(paths.metrics, enabled=self.is_main)
         self.elapsed_before = 0.0
+        self.started = time.perf_counter()
+        self.throughput_mark = (self.started, 0)
+        # Same seed on every rank: identical initial weights everywhere.
+        set_seed(config.seed)
+        self.model_config = model_config_for(config, data)
+        self.raw_model = self._build_model()
+        self.model, self.optimizer = self._prepare_for_training()
+        self.sampler: BatchSource = self._build_sampler(
+            "train", config.seed + accelerator.process_index
+        )
+        self._build_sampler("val", 0)  # checks val once; evaluation draws its own fixed batches
+        name = (
+            torch.cuda.get_device_name(accelerator.device)
+            if accelerator.device.type == "cuda"
+            else "cpu"
+        )
+        self.peak_flops = self.train_cfg.peak_flops or peak_flops(name, accelerator.mixed_precision)
+        self.flops_per_token = self.raw_model.flops_per_token()
+        self.requests = Requests()
+        self.state = TrainerState(
+            config=config,
+            paths=paths,
+            total_steps=self.total_steps,
+            steps_per_epoch=self.train_cfg.steps_per_epoch,
+            model=self.raw_model,
+            optimizer=self.optimizer,
+            accelerator=accelerator,
+            tokenizer=dict(data.tokenizer),
+            is_main_process=self.is_main,
+            requests=self.requests,
+        )
 
     # -- output --------------------------------------------------------------
 
@@ -236,70 +253,41 @@ class Trainer:
 
     # -- set-up --------------------------------------------------------------
 
-    def build(self) -> None:
-        """Create the model, optimizer and samplers, and hand them to Accelerate."""
-        from accelerate.utils import set_seed
-
-        acc = self.accelerator
-        # Same seed on every rank: identical initial weights everywhere.
-        set_seed(self.config.seed)
-        self.model_config = model_config_for(self.config, self.data)
-        self.raw_model = GPT(self.model_config)
+    def _build_model(self) -> GPT:
+        model = GPT(self.model_config)
         if self.config.model.init_from:
-            self._init_from(self.config.model.init_from)
-        total = self.raw_model.num_params()
-        non_embedding = self.raw_model.num_params(non_embedding=True)
+            self._init_from(model, self.config.model.init_from)
+        total = model.num_params()
+        non_embedding = model.num_params(non_embedding=True)
         self.echo(
             f"model: {total / 1e6:.2f}M parameters ({non_embedding / 1e6:.2f}M non-embedding)"
         )
-        self.raw_model.to(acc.device)
+        return model.to(self.accelerator.device)
+
+    def _prepare_for_training(self) -> tuple[Any, Any]:
+        train = self.train_cfg
         optimizer = self.raw_model.configure_optimizers(
-            self.train_cfg.weight_decay,
-            self.train_cfg.learning_rate,
-            (self.train_cfg.beta1, self.train_cfg.beta2),
-            acc.device.type,
+            train.weight_decay,
+            train.learning_rate,
+            (train.beta1, train.beta2),
+            self.accelerator.device.type,
         )
         model: torch.nn.Module = self.raw_model
-        if self.train_cfg.compile:
+        if train.compile:
             model = torch.compile(model)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
-        train = self.config.train
-        self.sampler: BatchSource = MemmapSampler(
-            self.data.split_path("train"),
+        return self.accelerator.prepare(model, optimizer)
+
+    def _build_sampler(self, split: str, seed: int) -> MemmapSampler:
+        return MemmapSampler(
+            self.data.split_path(split),
             self.data.dtype,
             self.model_config.block_size,
-            train.batch_size,
-            seed=self.config.seed + acc.process_index,
+            self.train_cfg.batch_size,
+            seed=seed,
             vocab_size=self.model_config.vocab_size,
-        )
-        # Check val once here; evaluation builds fresh val samplers with fixed seeds.
-        MemmapSampler(
-            self.data.split_path("val"),
-            self.data.dtype,
-            self.model_config.block_size,
-            train.batch_size,
-            seed=0,
-            vocab_size=self.model_config.vocab_size,
-        )
-        name = torch.cuda.get_device_name(acc.device) if acc.device.type == "cuda" else "cpu"
-        self.peak_flops = train.peak_flops or peak_flops(name, train.mixed_precision)
-        self.flops_per_token = self.raw_model.flops_per_token()
-        self.state = TrainerState(
-            config=self.config,
-            paths=self.paths,
-            step=0,
-            epoch=1,
-            total_steps=self.total_steps,
-            model=self.raw_model,
-            optimizer=self.optimizer,
-            accelerator=acc,
-            tokenizer=self.data.tokenizer,
-            is_main_process=self.is_main,
-            snapshot=self.snapshot,
-            restore=self.restore,
         )
 
-    def _init_from(self, folder: str) -> None:
+    def _init_from(self, model: GPT, folder: str) -> None:
         from nanogpt_core.hf_gpt2 import config_from_hf, from_hf_state_dict, read_hf_folder
 
         hf_config, state = read_hf_folder(folder)
@@ -319,14 +307,14 @@ class Trainer:
             )
         if differences:
             raise NanoGPTError("model.init_from: " + "; ".join(differences))
-        from_hf_state_dict(self.raw_model, state)
+        from_hf_state_dict(model, state)
 
-    # -- checkpoint contents (used by the checkpoint callback) ---------------
+    # -- checkpoints ---------------------------------------------------------
 
-    def snapshot(self) -> dict[str, Any]:
-        """Everything a resumed run needs, gathered from every process.
+    def _snapshot(self) -> dict[str, Any]:
+        """Everything a resumed run needs (see ``checkpoints.py``), gathered from every process.
 
-        Call it on every process (it communicates); only tensors and plain
+        Every process must call it (it communicates); only tensors and plain
         containers, so ``torch.load(weights_only=True)`` reads it back.
         """
         from accelerate.utils import gather_object
@@ -334,6 +322,7 @@ class Trainer:
         per_rank = {"sampler": self.sampler.state_dict(), "rng": rng_state()}
         ranks = gather_object([per_rank]) if self.accelerator.num_processes > 1 else [per_rank]
         return {
+            "format": CHECKPOINT_FORMAT,
             "version": __version__,
             "model_args": asdict(self.model_config),
             "model": {k: v.detach().cpu() for k, v in self.raw_model.state_dict().items()},
@@ -342,51 +331,142 @@ class Trainer:
             "step": self.state.step,
             "epoch": self.state.epoch,
             "elapsed_s": self.elapsed(),
+            "metrics": dict(self.state.metrics),
             "ranks": ranks,
-            "callbacks": {
-                spec.plugin: callback.state_dict()
-                for spec, callback in zip(self.config.callbacks, self.callbacks, strict=True)
-            },
+            "callbacks": [
+                {"position": i, "plugin": plugin, "state": callback.state_dict()}
+                for i, (plugin, callback) in enumerate(
+                    zip(self.callback_plugins, self.callbacks, strict=True)
+                )
+            ],
             "config": self.config.to_dict(),
-            "tokenizer": self.data.tokenizer,
+            "tokenizer": dict(self.data.tokenizer),
+            "data": {key: self.data.meta.get(key) for key in ("plugin", "variant", "fingerprint")},
         }
 
-    def restore(self, checkpoint: dict[str, Any]) -> None:
-        """Continue from a :meth:`snapshot`; refuse one whose model shape differs."""
-        saved = checkpoint["model_args"]
-        current = asdict(self.model_config)
-        differences = [
-            f"{key} {saved.get(key)} in the checkpoint, {current[key]} in the experiment"
-            for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
-            if saved.get(key) != current[key]
-        ]
-        if differences:
-            raise NanoGPTError(
-                "the checkpoint's model differs from the experiment's: " + "; ".join(differences)
-            )
+    def resume(self) -> bool:
+        """Continue from ``last.pth`` when the results folder has one; returns whether it did.
+
+        :raises CheckpointError: the file is damaged or incomplete.
+        :raises ResumeMismatch: it was made by another experiment.
+        """
+        path = self.paths.last_checkpoint
+        if not path.exists():
+            return False
+        checkpoint = load_checkpoint(path, resume=True)
+        check_belongs(
+            path,
+            checkpoint,
+            model_args=asdict(self.model_config),
+            tokenizer=dict(self.data.tokenizer),
+            data_meta=self.data.meta,
+        )
+        states = callback_states(path, checkpoint["callbacks"], self.callback_plugins)
+        self._restore(checkpoint, states)
+        self.echo(f"resuming from step {self.state.step} (epoch {self.state.epoch}) of {path}")
+        return True
+
+    def _restore(self, checkpoint: dict[str, Any], states: dict[int, dict[str, Any]]) -> None:
         self.raw_model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.accelerator.scaler and checkpoint.get("scaler"):
             self.accelerator.scaler.load_state_dict(checkpoint["scaler"])
-        self.state.step = int(checkpoint["step"])
-        self.state.epoch = int(checkpoint["epoch"])
-        self.elapsed_before = float(checkpoint.get("elapsed_s", 0.0))
+        self.elapsed_before = float(checkpoint["elapsed_s"])
         ranks = checkpoint["ranks"]
         rank = self.accelerator.process_index
         if rank < len(ranks):
             self.sampler.load_state_dict(ranks[rank]["sampler"])
             set_rng_state(ranks[rank]["rng"])
-        for spec, callback in zip(self.config.callbacks, self.callbacks, strict=True):
-            if spec.plugin in checkpoint["callbacks"]:
-                callback.load_state_dict(checkpoint["callbacks"][spec.plugin])
+        for position, state in states.items():
+            self.callbacks[position].load_state_dict(state)
+        step = int(checkpoint["step"])
+        self._update(
+            step=step,
+            epoch=int(checkpoint["epoch"]),
+            metrics=checkpoint["metrics"],
+            resumed_from=step,
+            last_saved_step=step,
+        )
+        self.throughput_mark = (time.perf_counter(), step)
+
+    def _save_requested(self) -> None:
+        """Write the checkpoints callbacks asked for, then tell the callbacks."""
+        names, self.requests.saves = self.requests.saves, []
+        if not names:
+            return
+        self._check_weights_finite()
+        checkpoint = self._snapshot()
+        written = []
+        for name in names:
+            path = self.paths.checkpoints / name
+            if self.is_main:
+                save_checkpoint(path, checkpoint)
+            written.append(path)
+        if LAST_CHECKPOINT in names:
+            self._update(last_saved_step=self.state.step)
+        for path in written:
+            self._call("on_checkpoint", path)
+
+    def _check_weights_finite(self) -> None:
+        """Refuse to save weights that are already NaN or infinite."""
+        for name, param in self.raw_model.named_parameters():
+            if not bool(torch.isfinite(param).all()):
+                raise TrainingError(
+                    f"weights became non-finite at step {self.state.step} ({name}); nothing "
+                    f"was saved. {self._last_good()}"
+                )
+
+    def _last_good(self) -> str:
+        if self.state.last_saved_step is None:
+            return "No checkpoint was saved before."
+        return (
+            f"The last good checkpoint is step {self.state.last_saved_step} "
+            f"({self.paths.last_checkpoint})."
+        )
+
+    # -- callbacks -----------------------------------------------------------
+
+    def _update(self, **changes: Any) -> None:
+        self.state = attrs.evolve(self.state, **changes)
+
+    def _call(self, hook: str, *args: Any) -> None:
+        """Call ``hook`` on every enabled callback, in the experiment's order.
+
+        Text a callback adds is folded into the state before the next one runs.
+        An exception becomes one :class:`PluginFault` line naming the callback.
+        """
+        for position, (plugin, callback) in enumerate(
+            zip(self.callback_plugins, self.callbacks, strict=True)
+        ):
+            try:
+                getattr(callback, hook)(self.state, *args)
+            except (NanoGPTError, KeyboardInterrupt):
+                raise
+            except Exception as exc:
+                raise PluginFault(
+                    f"callback {plugin!r} (callbacks[{position}]) failed in {hook}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            if self.requests.texts:
+                texts, self.requests.texts = tuple(self.requests.texts), []
+                self._update(texts=self.state.texts + texts)
+
+    def _finish(self, status: str) -> None:
+        """``on_train_end`` for every callback; then save what they asked, unless the run failed."""
+        self._update(status=status)
+        if status == "failed":
+            self.requests.saves.clear()
+            for plugin, callback in zip(self.callback_plugins, self.callbacks, strict=True):
+                try:
+                    callback.on_train_end(self.state)
+                except Exception as exc:  # the first error is the one to report
+                    self.echo(f"warning: callback {plugin!r} failed in on_train_end: {exc}")
+            self.requests.saves.clear()
+            return
+        self._call("on_train_end")
+        self._save_requested()
 
     # -- the loop ------------------------------------------------------------
-
-    def call(self, hook: str) -> None:
-        """Call ``hook`` on every enabled callback, in the experiment's order."""
-        assert hook in CALLBACK_HOOKS
-        for callback in self.callbacks:
-            getattr(callback, hook)(self.state)
 
     def elapsed(self) -> float:
         """Seconds of training so far, across resumes."""
@@ -441,94 +521,131 @@ class Trainer:
         mean_loss = acc.reduce(loss_sum / train.gradient_accumulation_steps, reduction="mean")
         return mean_loss.item(), float(grad_norm)
 
-    def fit(self) -> dict[str, float]:
-        """Train to the end (or to a stop request) and return the last metrics."""
+    def _tokens_per_sec(self, step: int) -> float:
+        train = self.train_cfg
+        tokens_per_step = (
+            train.batch_size
+            * self.model_config.block_size
+            * train.gradient_accumulation_steps
+            * self.accelerator.num_processes
+        )
+        now = time.perf_counter()
+        last_time, last_step = self.throughput_mark
+        self.throughput_mark = (now, step)
+        return tokens_per_step * (step - last_step) / max(now - last_time, 1e-9)
+
+    def _log(
+        self, step: int, epoch: int, metrics: dict[str, Any], evaluate: bool
+    ) -> dict[str, Any]:
+        """Build this step's metrics record once; it goes to metrics.jsonl and every callback."""
+        tokens_per_sec = self._tokens_per_sec(step)
+        mfu = None
+        if self.peak_flops:
+            per_device = tokens_per_sec / self.accelerator.num_processes
+            mfu = self.flops_per_token * per_device / self.peak_flops
+        record: dict[str, Any] = {
+            "step": step,
+            "epoch": epoch,
+            "train_loss": metrics["train_loss"],
+            "lr": metrics["lr"],
+            "grad_norm": metrics["grad_norm"],
+            "tokens_per_sec": tokens_per_sec,
+            "mfu": mfu,
+        }
+        if evaluate:
+            losses = self.estimate_loss()
+            record.update(losses)
+            self.echo(
+                f"step {step}/{self.total_steps} (epoch {epoch}): "
+                f"train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}"
+            )
+        record["elapsed_s"] = self.elapsed()
+        self.metrics_log.append(record)
+        return record
+
+    def _step(self, bar: Any) -> None:
+        """One optimizer step, its metrics, and the callbacks that follow it."""
+        train = self.train_cfg
+        lr = learning_rate_at(self.state.step, train, self.total_steps)
+        loss, grad_norm = self.train_step(lr)
+        step = self.state.step + 1
+        epoch = (step - 1) // train.steps_per_epoch + 1
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"loss is {loss} at step {step}: training diverged; lower train.learning_rate "
+                f"or check the data. Nothing was saved from this step. {self._last_good()}"
+            )
+        metrics = {**self.state.metrics, "train_loss": loss, "lr": lr, "grad_norm": grad_norm}
+        evaluate = step % train.eval_every == 0 or step == self.total_steps
+        record = None
+        if evaluate or step % train.log_every == 0:
+            record = self._log(step, epoch, metrics, evaluate)
+            metrics.update({k: v for k, v in record.items() if k not in ("step", "epoch")})
+            bar.set_postfix(
+                epoch=epoch, loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_sec']:,.0f}"
+            )
+        self._update(
+            step=step,
+            epoch=epoch,
+            metrics=metrics,
+            record=MappingProxyType(record) if record else None,
+        )
+        bar.update(1)
+        self._call("on_step_end")
+        if evaluate:
+            self._call("on_eval_end")
+        if step % train.steps_per_epoch == 0:
+            self._call("on_epoch_end")
+        self._save_requested()
+
+    def fit(self) -> dict[str, Any]:
+        """Train to the end (or to a stop request) and return the last metrics.
+
+        :raises TrainingInterrupted: SIGTERM or Ctrl-C stopped the run (exit 130).
+        """
         from tqdm import tqdm
 
-        self.build()
-        self.started = time.perf_counter()
         stop = StopRequest()
-        state = self.state
         status = "failed"
+        self.started = time.perf_counter()
+        self.throughput_mark = (self.started, 0)
         try:
-            self.call("on_train_start")
-            self.metrics_log.truncate_after(state.step)
-            self.model.train()
-            train = self.config.train
-            tokens_per_step = (
-                train.batch_size
-                * self.model_config.block_size
-                * train.gradient_accumulation_steps
-                * self.accelerator.num_processes
-            )
-            bar = tqdm(
-                total=self.total_steps,
-                initial=state.step,
-                unit="step",
-                disable=not (self.is_main and self.progress),
-                dynamic_ncols=True,
-            )
-            last_time, last_step = time.perf_counter(), state.step
-            with bar, stop.installed():
-                while state.step < self.total_steps and not stop.requested:
-                    lr = learning_rate_at(state.step, train, self.total_steps)
-                    loss, grad_norm = self.train_step(lr)
-                    state.step += 1
-                    state.epoch = (state.step - 1) // train.steps_per_epoch + 1
-                    if not math.isfinite(loss):
-                        raise TrainingError(
-                            f"loss is {loss} at step {state.step}: training diverged; lower "
-                            "train.learning_rate or check the data (nothing was saved from this step)"
-                        )
-                    state.metrics.update({"train_loss": loss, "lr": lr, "grad_norm": grad_norm})
-                    state.record = None
-                    evaluate = state.step % train.eval_every == 0 or state.step == self.total_steps
-                    if evaluate or state.step % train.log_every == 0:
-                        now = time.perf_counter()
-                        tokens_per_sec = (
-                            tokens_per_step * (state.step - last_step) / (now - last_time)
-                        )
-                        last_time, last_step = now, state.step
-                        mfu = None
-                        if self.peak_flops:
-                            per_device = tokens_per_sec / self.accelerator.num_processes
-                            mfu = self.flops_per_token * per_device / self.peak_flops
-                        state.metrics.update({"tokens_per_sec": tokens_per_sec, "mfu": mfu})
-                        record: dict[str, Any] = {
-                            "step": state.step,
-                            "epoch": state.epoch,
-                            "train_loss": loss,
-                            "lr": lr,
-                            "grad_norm": grad_norm,
-                            "tokens_per_sec": tokens_per_sec,
-                            "mfu": mfu,
-                        }
-                        if evaluate:
-                            losses = self.estimate_loss()
-                            state.metrics.update(losses)
-                            record.update(losses)
-                            self.echo(
-                                f"step {state.step}/{self.total_steps} (epoch {state.epoch}): "
-                                f"train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}"
-                            )
-                        record["elapsed_s"] = self.elapsed()
-                        self.metrics_log.append(record)
-                        state.record = record
-                        bar.set_postfix(
-                            epoch=state.epoch, loss=f"{loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}"
-                        )
-                    bar.update(1)
-                    self.call("on_step_end")
-                    if evaluate:
-                        self.call("on_eval_end")
-                    if state.step % train.steps_per_epoch == 0:
-                        self.call("on_epoch_end")
+            with stop.installed():
+                self.resume()
+                self._call("on_train_start")
+                self._save_requested()
+                torn = self.metrics_log.truncate_after(self.state.step)
+                if torn:
+                    self.echo(
+                        f"{self.paths.metrics}: dropped {torn} unreadable line(s) (a torn write)"
+                    )
+                self.model.train()
+                bar = tqdm(
+                    total=self.total_steps,
+                    initial=self.state.step,
+                    unit="step",
+                    disable=not (self.is_main and self.progress),
+                    dynamic_ncols=True,
+                )
+                with bar:
+                    while self.state.step < self.total_steps and not stop.requested:
+                        self._step(bar)
             status = "interrupted" if stop.requested else "completed"
         finally:
-            state.status = status
-            self.call("on_train_end")
+            self._finish(status)
         if stop.requested:
-            raise TrainingInterrupted(
-                f"stopped by {stop.requested} after step {state.step}; run the same command to resume"
-            )
-        return dict(state.metrics)
+            raise TrainingInterrupted(self._stop_message(stop.requested))
+        return dict(self.state.metrics)
+
+    def _stop_message(self, signal_name: str) -> str:
+        step = self.state.step
+        saved = self.state.last_saved_step
+        if saved == step:
+            hint = f"saved {self.paths.last_checkpoint}; run the same command to resume"
+        elif saved is not None:
+            hint = f"the last checkpoint is step {saved}; run the same command to resume from it"
+        elif step == 0:
+            hint = "nothing was trained yet"
+        else:
+            hint = "no checkpoint was saved (enable the checkpoint callback to resume)"
+        return f"stopped by {signal_name} after step {step}: {hint}"

@@ -12,8 +12,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from nanogpt_core import Callback, hookimpl
 from nanogpt_core.config import load_experiment
 from nanogpt_core.plugins import load_plugins
@@ -26,22 +24,18 @@ class Probe(Callback):
         self.start_step = -1
 
     def on_train_start(self, state) -> None:
-        # Listed after `checkpoint`, so a resumed run shows the restored step here.
+        # The core restores a checkpoint before any hook: a resumed run shows its step here.
         self.start_step = state.step
 
     def on_train_end(self, state) -> None:
-        snapshot = state.snapshot()  # every rank must take part: it gathers
         digest = hashlib.sha256()
         for tensor in state.model.state_dict().values():
             digest.update(tensor.detach().cpu().numpy().tobytes())
         rank = state.accelerator.process_index
-        generators = [r["sampler"]["generator"] for r in snapshot["ranks"]]
         record = {
             "rank": rank,
             "processes": state.accelerator.num_processes,
             "params_sha256": digest.hexdigest(),
-            "ranks_in_snapshot": len(snapshot["ranks"]),
-            "generator_states_differ": not torch.equal(generators[0], generators[-1]),
             "is_main": state.is_main_process,
             "start_step": self.start_step,
             "end_step": state.step,
@@ -61,7 +55,7 @@ def main() -> None:
 
     plugins = load_plugins()
     plugins.register(ProbePlugin(), name="probe")
-    callbacks = 'callbacks=[{plugin = "checkpoint"}, {plugin = "probe"}]'
+    callbacks = 'callbacks=[{plugin = "probe"}, {plugin = "checkpoint"}]'
     config = load_experiment(experiment, [callbacks, *overrides], plugins)
     run_experiment(config, plugins, results_dir=Path(results), data_dir=Path(data), progress=False)
 

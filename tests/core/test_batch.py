@@ -64,6 +64,7 @@ def test_folders_run_sorted_without_abstract_bases_or_by_their_list(folder):
         experiments_in([folder / "base.toml"])
 
 
+@pytest.mark.slow
 def test_batch_runs_each_in_a_subprocess_goes_on_after_a_failure_and_skips_done(
     folder, tmp_path, session_data_dir
 ):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import attrs
 import pytest
 
 from nanogpt_core import hookimpl, option
-from nanogpt_core.config import load_experiment, parse_value
+from nanogpt_core.config import MAX_NAME_LENGTH, load_experiment, parse_value
 from nanogpt_core.errors import ConfigError
-from nanogpt_core.options import OptionValueError, positive
+from nanogpt_core.options import OptionValueError, path_fields, positive
 from nanogpt_core.plugins import load_plugins
 
 
@@ -24,6 +26,8 @@ class CorpusOptions:
     fraction: float = option(1.0, "Share of documents.", validator=positive)
     min_int_score: int = option(0, "Lowest score.", validator=_min_score)
     files: list[str] = option(doc="Files.", factory=list)
+    text: str | None = option(None, "A text file.", path=True)
+    shards: list[str] = option(doc="Files or globs.", factory=list, path=True)
 
 
 @attrs.frozen(kw_only=True)
@@ -31,6 +35,15 @@ class SaveOptions:
     """Options of the test checkpoint callback."""
 
     every_steps: int = option(100, "How often.", validator=positive)
+    folder: str | None = option(None, "Where to write.", path=True)
+
+
+@attrs.frozen(kw_only=True)
+class VocabOptions:
+    """Options of the test tokenizer."""
+
+    vocab: str | None = option(None, "A vocabulary file.", path=True)
+    lowercase: bool = option(False, "Lowercase first.")
 
 
 class Corpus:
@@ -42,6 +55,21 @@ class Corpus:
     def register_callbacks(self, register):
         register("save", lambda o: o, options=SaveOptions)
         register("log", lambda o: o)
+
+    @hookimpl
+    def register_tokenizers(self, register):
+        register("vocab", Vocab, options=VocabOptions)
+
+
+class Vocab:
+    """A tokenizer that only needs to exist for config tests."""
+
+    def __init__(self, options):
+        self.options = options
+
+    @classmethod
+    def from_description(cls, description):
+        return cls(VocabOptions())
 
 
 @pytest.fixture
@@ -116,8 +144,11 @@ def test_full_example_structures_core_and_plugin_options(write_toml, plugins):
         "fraction": 0.01,
         "min_int_score": 0,
         "files": [],
+        "text": None,
+        "shards": [],
     }
-    assert as_dict["callbacks"][0] == {"plugin": "save", "every_steps": 500}
+    assert as_dict["callbacks"][0] == {"plugin": "save", "every_steps": 500, "folder": None}
+    assert "tokenizer" not in as_dict  # only when the experiment has a [tokenizer] table
 
 
 def test_name_defaults_to_the_file_stem(write_toml, plugins):
@@ -140,19 +171,31 @@ def test_name_defaults_to_the_file_stem(write_toml, plugins):
         ("[train]\nwarmup_steps = -1", "train.warmup_steps: must be 0 or more, got -1"),
         (
             '[train]\nmixed_precision = "fp8"',
-            'train.mixed_precision: expected one of "no", "fp16", "bf16", got "fp8"',
+            'train.mixed_precision: expected one of "auto", "no", "fp16", "bf16", got "fp8"',
         ),
         ("[model]\nn_head = 5", "model.n_embd: 768 is not divisible by n_head = 5"),
         ("[model]\nnlayer = 5", 'model.nlayer: unknown key (did you mean "n_layer"?)'),
         ("lerning_rate = 1", "lerning_rate: unknown key"),
-        ('name = "a/b"', "name: 'a/b' is not usable as a folder name"),
+        ('name = "a/b"', 'name: "a/b" is not usable as a folder name'),
+        ('name = "abc\\n"', 'name: "abc\\n" is not usable as a folder name'),
+        (f'name = "{"a" * 224}"', "name: 224 characters is too long for a folder name"),
+        ("seed = -1", "seed: -1 is outside numpy's seed range; use 0 to 4294967295"),
+        ("seed = 4294967296", "seed: 4294967296 is outside numpy's seed range"),
+        ("[train]\nlearning_rate = nan", "train.learning_rate: expected a finite number, got nan"),
+        ("[train]\nbeta2 = -inf", "train.beta2: expected a finite number, got -inf"),
+        ("[train]\nmemory_check = 1", "train.memory_check: expected true or false, got 1"),
+        ("train = []", "train: expected a table, got an array"),
+        ("[[model]]\nn_layer = 2", "model: expected a table, got an array"),
+        ("callbacks = {}", "callbacks: expected an array, got a table"),
+        ("callbacks = [3]", "callbacks[0]: expected a table, got 3"),
+        ("tokenizer = 3", "tokenizer: expected a table, got 3"),
     ],
 )
 def test_core_values_are_checked_strictly(write_toml, plugins, line, expected):
     path = write_toml(
         "x.toml",
         f'{line}\n[dataset]\nplugin = "corpus"\n'
-        if line.startswith(("seed", "name", "lern"))
+        if line.startswith(("seed", "name", "lern", "train =", "callbacks =", "tokenizer ="))
         else f'[dataset]\nplugin = "corpus"\n{line}\n',
     )
     problems = problems_of(path, plugins)
@@ -346,4 +389,124 @@ def test_set_errors_are_checked_like_file_values(write_toml, plugins):
     ]
     assert problems_of(path, plugins, ["callbacks.nope.x=1"]) == [
         f"{path}: --set callbacks.nope.x=1: no table with plugin = 'nope'"
+    ]
+
+
+def test_train_defaults_pick_precision_by_device_and_check_memory(write_toml, plugins):
+    config = load_experiment(write_toml("x.toml", '[dataset]\nplugin = "corpus"\n'), (), plugins)
+    assert config.train.mixed_precision == "auto"
+    assert config.train.memory_check is True
+    path = write_toml("y.toml", FULL)
+    config = load_experiment(
+        path, ["train.mixed_precision=auto", "train.memory_check=false"], plugins
+    )
+    assert (config.train.mixed_precision, config.train.memory_check) == ("auto", False)
+    assert config.to_dict()["train"]["memory_check"] is False
+
+
+def test_longest_allowed_name_leaves_room_for_the_fresh_suffix(write_toml, plugins):
+    name = "a" * MAX_NAME_LENGTH
+    path = write_toml("x.toml", f'name = "{name}"\n[dataset]\nplugin = "corpus"\n')
+    assert load_experiment(path, (), plugins).name == name
+    assert len(f"{name}.old-20250101-120000-999") < 255
+
+
+def test_tokenizer_table_is_checked_against_tokenizer_plugins(write_toml, plugins):
+    path = write_toml(
+        "x.toml", '[dataset]\nplugin = "corpus"\n[tokenizer]\nplugin = "vocab"\nlowercase = true\n'
+    )
+    config = load_experiment(path, (), plugins)
+    assert config.tokenizer.plugin == "vocab"
+    assert config.tokenizer.options == VocabOptions(lowercase=True)
+    assert config.to_dict()["tokenizer"] == {"plugin": "vocab", "vocab": None, "lowercase": True}
+    assert problems_of(path, plugins, ["tokenizer.plugin=vocabb", "tokenizer.lowercase=1"]) == [
+        f"{path}: tokenizer.plugin: no tokenizer plugin named 'vocabb' "
+        '(did you mean "vocab"?); installed: vocab'
+    ]
+    assert problems_of(path, plugins, ["tokenizer.lowercase=1", "tokenizer.lower=true"]) == [
+        f"{path}: tokenizer.lowercase: expected true or false, got 1",
+        f'{path}: tokenizer.lower: unknown key (did you mean "lowercase"?)',
+    ]
+
+
+def test_option_path_is_recorded_in_the_field_metadata():
+    fields = attrs.fields_dict(CorpusOptions)
+    assert fields["text"].metadata["path"] is True
+    assert "path" not in fields["files"].metadata
+    assert path_fields(CorpusOptions) == ["text", "shards"]
+
+
+def test_relative_paths_resolve_against_the_file_that_set_them(write_toml, plugins, tmp_path):
+    write_toml(
+        "bases/root.toml",
+        """
+        abstract = true
+        [dataset]
+        plugin = "corpus"
+        text = "corpus.txt"
+        shards = ["shards/*.jsonl", "/abs/one.jsonl", "~/two.jsonl"]
+        files = ["not/a/path/option"]
+        [model]
+        init_from = "hf/gpt2"
+        """,
+    )
+    leaf = write_toml(
+        "runs/leaf.toml",
+        """
+        extends = "../bases/root.toml"
+        [tokenizer]
+        plugin = "vocab"
+        vocab = "vocab.json"
+        [[callbacks]]
+        plugin = "save"
+        folder = "out"
+        """,
+    )
+    config = load_experiment(leaf, (), plugins)
+    bases, runs = tmp_path / "bases", tmp_path / "runs"
+    # Inherited values keep the folder of the base file that wrote them.
+    assert config.dataset.options.text == str(bases / "corpus.txt")
+    assert config.dataset.options.shards == [
+        str(bases / "shards/*.jsonl"),
+        "/abs/one.jsonl",
+        str(Path("~/two.jsonl").expanduser()),
+    ]
+    assert config.dataset.options.files == ["not/a/path/option"]
+    assert config.model.init_from == str(bases / "hf/gpt2")
+    assert config.tokenizer.options.vocab == str(runs / "vocab.json")
+    assert config.callbacks[0].options.folder == str(runs / "out")
+
+
+def test_overridden_paths_resolve_where_the_override_was_written(
+    write_toml, plugins, tmp_path, monkeypatch
+):
+    write_toml("bases/root.toml", '[dataset]\nplugin = "corpus"\ntext = "a.txt"\n')
+    leaf = write_toml(
+        "runs/leaf.toml",
+        'extends = "../bases/root.toml"\n[dataset]\ntext = "b.txt"\n'
+        '[[callbacks]]\nplugin = "save"\n',
+    )
+    assert load_experiment(leaf, (), plugins).dataset.options.text == str(tmp_path / "runs/b.txt")
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_experiment(
+        leaf,
+        ['dataset.shards=["s/*.txt"]', "callbacks.save.folder=out", "model.init_from=~/hf"],
+        plugins,
+    )
+    assert config.dataset.options.text == str(tmp_path / "runs/b.txt")
+    assert config.dataset.options.shards == [str(elsewhere / "s/*.txt")]
+    assert config.callbacks[0].options.folder == str(elsewhere / "out")
+    assert config.model.init_from == str(Path("~/hf").expanduser())
+    # A whole table given on the command line resolves against the current folder too.
+    config = load_experiment(leaf, ['dataset={plugin = "corpus", text = "c.txt"}'], plugins)
+    assert config.dataset.options.text == str(elsewhere / "c.txt")
+
+
+def test_paths_of_the_wrong_type_are_left_for_the_type_check(write_toml, plugins):
+    path = write_toml("x.toml", '[dataset]\nplugin = "corpus"\ntext = 3\nshards = ["a", 4]\n')
+    assert problems_of(path, plugins) == [
+        f"{path}: dataset.text: expected a string, got 3",
+        f"{path}: dataset.shards[1]: expected a string, got 4",
     ]

@@ -100,3 +100,10 @@ def test_base_is_refused_by_run(installed_plugins):
         make_cli(installed_plugins), ["run", str(EXPERIMENTS / "base.toml")]
     )
     assert result.exit_code == 2 and "abstract = true" in result.output
+
+
+@pytest.mark.parametrize("name", ["fineweb.toml", "tinystories.toml"])
+def test_gpu_experiments_pick_their_precision_by_device(name, installed_plugins):
+    # "auto": bf16 on A100/H100, fp16 with loss scaling on V100s (which lack bf16).
+    config = load_experiment(EXPERIMENTS / name, (), installed_plugins)
+    assert config.train.mixed_precision == "auto"

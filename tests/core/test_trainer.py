@@ -108,6 +108,9 @@ class Recorder(Callback):
     def on_epoch_end(self, state):
         self._record("on_epoch_end", state)
 
+    def on_checkpoint(self, state, path):
+        self._record(f"on_checkpoint {path.name}", state)
+
     def on_train_end(self, state):
         self._record("on_train_end", state)
 
@@ -139,6 +142,7 @@ class Poison(Callback):
 
 
 CALLBACKS = '\n[[callbacks]]\nplugin = "second"\n\n[[callbacks]]\nplugin = "first"\n'
+WITH_CHECKPOINT = CALLBACKS + '\n[[callbacks]]\nplugin = "checkpoint"\nevery_steps = 3\n'
 
 
 def test_callback_hooks_are_called_in_order_at_each_point(
@@ -152,7 +156,7 @@ def test_callback_hooks_are_called_in_order_at_each_point(
         "train.eval_batches=1",
     ]
     run(
-        tiny_char_experiment(extra=CALLBACKS),
+        tiny_char_experiment(extra=WITH_CHECKPOINT),
         session_data_dir,
         tmp_path / "r",
         overrides,
@@ -163,11 +167,17 @@ def test_callback_hooks_are_called_in_order_at_each_point(
         ("on_step_end", 1, 1, "running"),
         ("on_step_end", 2, 1, "running"),
         ("on_epoch_end", 2, 1, "running"),
+        # The checkpoint plugin asked at the epoch end; the core wrote both files.
+        ("on_checkpoint ckpt_epoch_1.pth", 2, 1, "running"),
+        ("on_checkpoint last.pth", 2, 1, "running"),
         ("on_step_end", 3, 2, "running"),
         ("on_eval_end", 3, 2, "running"),
+        ("on_checkpoint last.pth", 3, 2, "running"),
         ("on_step_end", 4, 2, "running"),
         ("on_eval_end", 4, 2, "running"),
         ("on_epoch_end", 4, 2, "running"),
+        ("on_checkpoint ckpt_epoch_2.pth", 4, 2, "running"),
+        ("on_checkpoint last.pth", 4, 2, "running"),
         ("on_train_end", 4, 2, "completed"),
     ]
     # Each hook goes to "second" then "first": the experiment's order.
@@ -187,9 +197,10 @@ def test_nan_loss_stops_the_run_after_on_train_end(
             ["train.steps_per_epoch=10"],
             recording_plugins(calls, poison_at=3),
         )
+    # The state still shows the last step that completed: step 4 failed.
     assert calls[-2:] == [
-        ("second", "on_train_end", 4, 1, "failed"),
-        ("first", "on_train_end", 4, 1, "failed"),
+        ("second", "on_train_end", 3, 1, "failed"),
+        ("first", "on_train_end", 3, 1, "failed"),
     ]
 
 
@@ -220,7 +231,7 @@ def test_bf16_autocast_and_gradient_accumulation_on_cpu(
             "model.vocab_size=64",
             "model.vocab_size = 64 is smaller than the data's vocabulary of 65",
         ),
-        ("model.block_size=200000", "cannot hold one window"),
+        ("model.block_size=200000", "the val split of .* has only 111540 tokens"),
     ],
 )
 def test_impossible_settings_are_refused_before_training(

@@ -81,13 +81,22 @@ def test_saves_last_and_epoch_checkpoints_with_everything_needed(
         "tokenizer",
         "version",
         "model_args",
+        "metrics",
+        "data",
+        "checksum",
     } <= set(last)
     assert all(not k.startswith(("module.", "_orig_mod.")) for k in last["model"])
     assert all(v.dtype == torch.float32 for v in last["model"].values())
     assert set(last["ranks"][0]) == {"sampler", "rng"}
     assert set(last["ranks"][0]["rng"]) >= {"python", "numpy", "torch"}
     assert last["tokenizer"]["kind"] == "char" and len(last["tokenizer"]["chars"]) == 65
-    assert list(last["callbacks"]) == ["checkpoint", "fixed_prompts", "tensorboard"]
+    assert [(c["position"], c["plugin"]) for c in last["callbacks"]] == [
+        (0, "checkpoint"),
+        (1, "fixed_prompts"),
+        (2, "tensorboard"),
+    ]
+    assert last["data"]["plugin"] == "shakespeare" and last["data"]["fingerprint"]
+    assert load_checkpoint(folder / "last.pth", resume=True)["checksum"]
     assert last["config"]["name"] == "tiny"
     first_epoch = torch.load(folder / "ckpt_epoch_1.pth", weights_only=True)
     assert first_epoch["step"] == 6
@@ -130,9 +139,26 @@ def test_resumed_losses_equal_an_uninterrupted_run_in_process(
     )
 
 
+MODEL_ARGS = {
+    "block_size": 8,
+    "vocab_size": 64,
+    "n_layer": 1,
+    "n_head": 1,
+    "n_embd": 8,
+    "dropout": 0.0,
+    "bias": False,
+}
+TOKENIZER = {"kind": "char", "vocab_size": 2, "chars": "ab"}
+
+
 def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.pth"
-    good = {"model": {"w": torch.ones(3)}, "model_args": {}, "step": 1, "tokenizer": {}}
+    good = {
+        "model": {"w": torch.ones(3)},
+        "model_args": MODEL_ARGS,
+        "step": 1,
+        "tokenizer": TOKENIZER,
+    }
     save_checkpoint(path, good)
 
     def explode(obj, handle):
@@ -155,7 +181,13 @@ class Exploit:
 def test_refuses_truncated_corrupt_foreign_and_unsafe_files(tmp_path):
     good = tmp_path / "good.pth"
     save_checkpoint(
-        good, {"model": {"w": torch.ones(1000)}, "model_args": {}, "step": 1, "tokenizer": {}}
+        good,
+        {
+            "model": {"w": torch.ones(1000)},
+            "model_args": MODEL_ARGS,
+            "step": 1,
+            "tokenizer": TOKENIZER,
+        },
     )
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
@@ -169,7 +201,7 @@ def test_refuses_truncated_corrupt_foreign_and_unsafe_files(tmp_path):
     cases = {
         truncated: "not a readable checkpoint (truncated or corrupt",
         garbage: "not a readable checkpoint (truncated or corrupt",
-        foreign: "not a nanogpt checkpoint",
+        foreign: "not a usable nanogpt checkpoint: missing model, model_args, step, tokenizer",
         unsafe: "refused: loading it would run pickled code",
         tmp_path / "missing.pth": "file not found",
     }
@@ -185,7 +217,19 @@ def test_refuses_a_checkpoint_of_another_model_shape(
 ):
     path = tiny_char_experiment(extra='[[callbacks]]\nplugin = "checkpoint"\n')
     run(path, session_data_dir, tmp_path / "r", ["train.steps_per_epoch=2", "train.eval_batches=1"])
-    with pytest.raises(NanoGPTError, match="n_embd 32 in the checkpoint, 64 in the experiment"):
+    with pytest.raises(
+        NanoGPTError,
+        match=r"r/tiny holds a run of a different experiment \(model.n_embd: 32 there, 64 now\)",
+    ):
+        run(
+            path,
+            session_data_dir,
+            tmp_path / "r",
+            ["train.steps_per_epoch=4", "train.eval_batches=1", "model.n_embd=64"],
+        )
+    # Without config.json to compare, the checkpoint itself says what differs.
+    (tmp_path / "r" / "tiny" / "config.json").unlink()
+    with pytest.raises(NanoGPTError, match=r"model\.n_embd = 64 now, 32 in the checkpoint"):
         run(
             path,
             session_data_dir,

@@ -121,3 +121,26 @@ def test_hub_source_streams_the_subset(parquet, tmp_path, monkeypatch):
         r["text"] for r in all_rows(parquet)
     ]
     assert calls[0] == ("HuggingFaceFW/fineweb-edu", "sample-10BT", "train")
+
+
+def test_a_val_share_that_takes_every_document_says_why(parquet, tmp_path):
+    options = FineWebOptions(source="local", train_files=[parquet], val_tokens=10**9)
+    with pytest.raises(DataError) as info:
+        docs(options, "train", tmp_path)
+    assert str(info.value) == (
+        "dataset.val_tokens: all 50 documents went to validation: val_tokens = 1,000,000,000; "
+        "lower it (or give val_files)"
+    )
+
+
+def test_filters_that_keep_nothing_say_which(parquet, tmp_path):
+    options = FineWebOptions(source="local", train_files=[parquet], fraction=1e-9)
+    with pytest.raises(
+        DataError, match=r"train_files: no document with text was kept with fraction = 1e-09$"
+    ):
+        docs(options, "train", tmp_path)
+    options = FineWebOptions(source="local", train_files=[parquet], val_tokens=1, max_tokens=1)
+    with pytest.raises(
+        DataError, match=r"dataset\.max_tokens: 1 is less than the first training document"
+    ):
+        docs(options, "train", tmp_path)

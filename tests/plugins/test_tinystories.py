@@ -12,9 +12,9 @@ from nanogpt_core.datasets import prepare_dataset
 from nanogpt_core.documents import read_texts
 from nanogpt_core.errors import DataError
 from nanogpt_core.plugins import load_plugins
-from nanogpt_core.tokenizers import GPT2Tokenizer
 from nanogpt_plugins.datasets import tinystories
 from nanogpt_plugins.datasets.tinystories import TinyStoriesOptions, TinyStoriesSource, held_out
+from nanogpt_plugins.tokenizers.gpt2 import GPT2Tokenizer
 
 
 def stories(source, split, tmp_path):
@@ -159,3 +159,28 @@ def test_undecodable_bytes_are_one_line(tmp_path):
     source = TinyStoriesSource(TinyStoriesOptions(source="local", train_files=[str(bad)]))
     with pytest.raises(DataError, match=r"bad\.jsonl: not UTF-8 text"):
         list(source.split_documents(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("fraction", "message"),
+    [
+        (
+            1e-9,
+            "dataset.val_fraction: none of the 2,398 stories went to validation: "
+            "val_fraction = 1e-09 is too small to hold any; raise it, or give val_files",
+        ),
+        (
+            0.999999999,
+            "dataset.val_fraction: all 2,398 stories went to validation: "
+            "val_fraction = 0.999999999; lower it, or give val_files",
+        ),
+    ],
+)
+def test_a_held_out_share_that_empties_a_split_says_why(shared_data, tmp_path, fraction, message):
+    path = str(shared_data / "tinystories" / "derived_tiny-stories_endoftext.txt")
+    source = TinyStoriesSource(
+        TinyStoriesOptions(source="local", train_files=[path], val_fraction=fraction)
+    )
+    with pytest.raises(DataError) as info:
+        stories(source, "train", tmp_path)
+    assert str(info.value) == message

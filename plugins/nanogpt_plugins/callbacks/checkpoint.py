@@ -1,11 +1,10 @@
-"""The ``checkpoint`` callback: save as training goes, resume where it stopped.
+"""The ``checkpoint`` callback: when to save, which files, how many to keep.
 
-``results/<name>/checkpoints/last.pth`` is written every ``every_steps`` steps,
-at every epoch end and when a run is stopped by SIGTERM or Ctrl-C;
-``ckpt_epoch_{N}.pth`` every ``every_epochs`` epochs. Every write goes to a
-temporary file that is renamed into place, so a kill at any moment leaves the
-previous ``last.pth`` loadable. When a run starts and ``last.pth`` exists, the
-run continues from it exactly: same weights, optimizer, step, batches and RNG.
+The core owns what a checkpoint holds, how it is written and how a run
+resumes; this plugin only asks for saves through ``state.request_save``:
+``last.pth`` every ``every_steps`` steps, at every epoch end and when a run stops
+(SIGTERM, Ctrl-C or the end), and ``ckpt_epoch_{N}.pth`` every ``every_epochs``
+epochs, keeping the newest ``keep_last`` of those.
 """
 
 from __future__ import annotations
@@ -15,9 +14,7 @@ from pathlib import Path
 
 import attrs
 
-from nanogpt_core import Callback, TrainerState, hookimpl, option
-from nanogpt_core.checkpoints import load_checkpoint, save_checkpoint
-from nanogpt_core.options import positive
+from nanogpt_core import Callback, TrainerState, hookimpl, option, positive
 
 EPOCH_FILE = re.compile(r"^ckpt_epoch_(\d+)\.pth$")
 
@@ -40,55 +37,40 @@ class CheckpointOptions:
 
 
 class CheckpointCallback(Callback):
-    """Saves ``last.pth`` and epoch checkpoints; resumes from ``last.pth``."""
+    """Requests ``last.pth`` and epoch checkpoints; prunes old epoch checkpoints."""
 
     def __init__(self, options: CheckpointOptions) -> None:
         self.options = options
-        self.saved_step = -1
-
-    def on_train_start(self, state: TrainerState) -> None:
-        """Continue from ``last.pth`` when it exists."""
-        last = state.paths.checkpoints / "last.pth"
-        if not last.exists():
-            return
-        checkpoint = load_checkpoint(last)
-        state.restore(checkpoint)
-        self.saved_step = state.step
-        if state.is_main_process:
-            print(f"resuming from step {state.step} (epoch {state.epoch}) of {last}", flush=True)
 
     def on_step_end(self, state: TrainerState) -> None:
-        """Save ``last.pth`` every ``every_steps`` steps (epoch ends save on their own)."""
+        """``last.pth`` every ``every_steps`` steps (epoch ends ask on their own)."""
         every = self.options.every_steps
-        at_epoch_end = state.step % state.config.train.steps_per_epoch == 0
+        at_epoch_end = state.step % state.steps_per_epoch == 0
         if every and state.step % every == 0 and not at_epoch_end:
-            self._save(state, "last.pth")
+            state.request_save("last.pth")
 
     def on_epoch_end(self, state: TrainerState) -> None:
-        """Save ``last.pth``, and ``ckpt_epoch_{N}.pth`` every ``every_epochs`` epochs."""
-        checkpoint = state.snapshot()
+        """``last.pth``, and ``ckpt_epoch_{N}.pth`` every ``every_epochs`` epochs."""
         if state.epoch % self.options.every_epochs == 0:
-            self._write(state, f"ckpt_epoch_{state.epoch}.pth", checkpoint)
-        self._write(state, "last.pth", checkpoint)
-        if state.is_main_process and self.options.keep_last:
-            self._prune(state.paths.checkpoints)
+            state.request_save(f"ckpt_epoch_{state.epoch}.pth")
+        state.request_save("last.pth")
 
     def on_train_end(self, state: TrainerState) -> None:
-        """Save on a clean stop (SIGTERM, Ctrl-C); never save a failed run's state."""
-        if state.status in ("interrupted", "completed") and state.step != self.saved_step:
-            self._save(state, "last.pth")
+        """On a clean stop or the end, ``last.pth`` unless this step is saved already.
 
-    def _save(self, state: TrainerState, name: str) -> None:
-        self._write(state, name, state.snapshot())
+        The core never saves a failed run, whatever is asked.
+        """
+        if state.status in ("interrupted", "completed") and state.step > (
+            state.last_saved_step or 0
+        ):
+            state.request_save("last.pth")
 
-    def _write(self, state: TrainerState, name: str, checkpoint: dict) -> None:
-        # snapshot() runs on every process (it gathers their RNG states); one writes.
-        if state.is_main_process:
-            save_checkpoint(state.paths.checkpoints / name, checkpoint)
-        self.saved_step = state.step
+    def on_checkpoint(self, state: TrainerState, path: Path) -> None:
+        """After a new epoch checkpoint is written, delete the oldest beyond ``keep_last``."""
+        if state.is_main_process and self.options.keep_last and EPOCH_FILE.match(path.name):
+            self._prune(path.parent)
 
     def _prune(self, folder: Path) -> None:
-        """Delete the oldest epoch checkpoints beyond ``keep_last`` (after the new one is written)."""
         epochs = sorted(
             (int(m.group(1)), path)
             for path in folder.iterdir()
@@ -105,5 +87,5 @@ def register_callbacks(register):
         "checkpoint",
         CheckpointCallback,
         options=CheckpointOptions,
-        description="Save last.pth and epoch checkpoints atomically; resume from last.pth.",
+        description="Ask for last.pth and epoch checkpoints; keep the newest epoch files.",
     )

@@ -2,8 +2,8 @@
 
 Watching one model answer the same questions epoch after epoch shows what it has
 learnt better than a loss curve. Samples go to
-``results/<name>/samples/epoch_{N:04d}.txt`` and, through ``state.texts``, to
-TensorBoard when that callback is enabled after this one. Sampling uses its own
+``results/<name>/samples/epoch_{N:04d}.txt`` and, through ``state.add_text``, to
+TensorBoard when that callback is enabled. Sampling uses its own
 seeded generator and eval mode, so it never changes the training run.
 """
 
@@ -11,11 +11,18 @@ from __future__ import annotations
 
 import attrs
 
-from nanogpt_core import Callback, TrainerState, hookimpl, option
-from nanogpt_core.errors import NanoGPTError
-from nanogpt_core.files import atomic_write_text
-from nanogpt_core.options import non_negative, positive
-from nanogpt_core.tokenizers import Tokenizer, tokenizer_from_description
+from nanogpt_core import (
+    Callback,
+    NanoGPTError,
+    Tokenizer,
+    TrainerState,
+    atomic_write_text,
+    hookimpl,
+    non_negative,
+    option,
+    positive,
+    tokenizer_from_description,
+)
 
 DEFAULT_PROMPTS = ["What is AI?", "1+1 is", "The capital of France is", "Once upon a time"]
 
@@ -102,7 +109,7 @@ class FixedPromptsCallback(Callback):
                     )
                 completion = self.tokenizer.decode(out[0, len(ids) :].tolist())
                 lines += [f"--- {prompt!r}", prompt + completion, ""]
-                state.texts.append((state.step, f"samples/{prompt}", prompt + completion))
+                state.add_text(f"samples/{prompt}", prompt + completion)
         finally:
             model.train(was_training)
         path = state.paths.samples / f"epoch_{state.epoch:04d}.txt"

@@ -2,8 +2,8 @@
 
 Writes every line of ``metrics.jsonl`` as scalars (``train/loss``, ``val/loss``,
 ``lr``, ``grad_norm``, ``tokens_per_sec``, ``mfu``), the experiment as
-hyperparameters at the start, and the text other callbacks put in
-``state.texts`` (list ``tensorboard`` after them). Watch with
+hyperparameters at the start, and the text other callbacks share through
+``state.add_text`` (whatever their order). Watch with
 ``tensorboard --logdir results``. Main process only.
 """
 
@@ -15,8 +15,7 @@ from typing import Any
 
 import attrs
 
-from nanogpt_core import Callback, TrainerState, hookimpl, option
-from nanogpt_core.options import positive
+from nanogpt_core import Callback, TrainerState, hookimpl, option, positive
 
 SCALARS = (
     ("train_loss", "train/loss"),
@@ -80,13 +79,15 @@ class TensorBoardCallback(Callback):
         self.texts_written = len(state.texts)
 
     def on_step_end(self, state: TrainerState) -> None:
-        """Write the scalars of the metrics line logged at this step, if any."""
-        if self.writer is None or state.record is None:
+        """Write the scalars of the metrics line logged at this step, and any new text."""
+        if self.writer is None:
             return
-        for key, tag in SCALARS:
-            value = state.record.get(key)
-            if value is not None:
-                self.writer.add_scalar(tag, value, global_step=state.step)
+        if state.record is not None:
+            for key, tag in SCALARS:
+                value = state.record.get(key)
+                if value is not None:
+                    self.writer.add_scalar(tag, value, global_step=state.step)
+        self._write_texts(state)
 
     def on_epoch_end(self, state: TrainerState) -> None:
         """Write text samples that arrived since the last call."""

@@ -19,10 +19,18 @@ from typing import Any
 
 import attrs
 
-from nanogpt_core import hookimpl, option
-from nanogpt_core.documents import expand_files, hub_rows, read_rows
-from nanogpt_core.errors import DataError
-from nanogpt_core.options import OptionValueError, one_of, positive
+from nanogpt_core import (
+    DataError,
+    OptionValueError,
+    expand_files,
+    gpt2_encoding,
+    hookimpl,
+    hub_rows,
+    one_of,
+    option,
+    positive,
+    read_rows,
+)
 
 HUB_NAME = "HuggingFaceFW/fineweb-edu"
 
@@ -50,10 +58,14 @@ class FineWebOptions:
     )
     subset: str = option("sample-10BT", 'The hub configuration to stream (source = "hub").')
     train_files: list[str] = option(
-        doc="Local parquet/jsonl files or globs with FineWeb-Edu's columns.", factory=list
+        doc="Local parquet/jsonl files or globs with FineWeb-Edu's columns.",
+        factory=list,
+        path=True,
     )
     val_files: list[str] = option(
-        doc="Local validation files (default: hold out val_tokens of the stream).", factory=list
+        doc="Local validation files (default: hold out val_tokens of the stream).",
+        factory=list,
+        path=True,
     )
     text_field: str = option("text", "The column holding the page text.")
     fraction: float | None = option(
@@ -66,7 +78,9 @@ class FineWebOptions:
         None, "Keep pages with int_score at least this (0-5).", validator=_score
     )
     val_tokens: int = option(
-        1_000_000, "Tokens of whole documents held out for validation.", validator=positive
+        1_000_000,
+        "GPT-2 tokens of whole documents held out for validation (unless val_files).",
+        validator=positive,
     )
     seed: int = option(1337, "Seed of the random document sample.")
 
@@ -139,28 +153,59 @@ class FineWebSource:
         if isinstance(count, int) and count > 0:
             return count + 1  # and the <|endoftext|> that follows it
         if self._encoder is None:
-            from nanogpt_core.tokenizers import GPT2Tokenizer
-
-            self._encoder = GPT2Tokenizer()
-        return len(self._encoder.encode(text)) + 1
+            self._encoder = gpt2_encoding()
+        return len(self._encoder.encode_ordinary(text)) + 1
 
     def split_documents(self, downloads: Path) -> Iterator[tuple[str, str]]:
         """``(split, text)`` in one pass: held-out documents first, then training ones."""
         opts = self.options
         held_out = 0 if opts.val_files else opts.val_tokens
         seen = 0
+        counts = {"train": 0, "val": 0}
         for text, tokens in self._documents(opts.train_files, "train_files"):
-            if seen < held_out:
-                seen += tokens
-                yield "val", text
-                continue
+            split = "val" if seen < held_out else "train"
             seen += tokens
-            if opts.max_tokens is not None and seen - held_out > opts.max_tokens:
+            if (
+                split == "train"
+                and opts.max_tokens is not None
+                and seen - held_out > opts.max_tokens
+            ):
+                if counts["train"] == 0:
+                    raise DataError(
+                        f"dataset.max_tokens: {opts.max_tokens:,} is less than the first "
+                        f"training document ({tokens:,} tokens); raise it"
+                    )
                 break
-            yield "train", text
+            counts[split] += 1
+            yield split, text
         if opts.val_files:
             for text, _ in self._documents(opts.val_files, "val_files"):
+                counts["val"] += 1
                 yield "val", text
+        self._explain_empty(counts)
+
+    def _explain_empty(self, counts: dict[str, int]) -> None:
+        """Say why a split came out empty, in terms of the options that decided it."""
+        opts = self.options
+        where = "dataset.train_files" if opts.source == "local" else f"{HUB_NAME} ({opts.subset})"
+        if counts["train"] + (0 if opts.val_files else counts["val"]) == 0:
+            filters = [
+                f"{name} = {value}"
+                for name, value in (
+                    ("fraction", opts.fraction),
+                    ("min_int_score", opts.min_int_score),
+                )
+                if value is not None
+            ]
+            because = f" with {' and '.join(filters)}" if filters else ""
+            raise DataError(f"{where}: no document with text was kept{because}")
+        if counts["train"] == 0 and not opts.val_files:
+            raise DataError(
+                f"dataset.val_tokens: all {counts['val']:,} documents went to validation: "
+                f"val_tokens = {opts.val_tokens:,}; lower it (or give val_files)"
+            )
+        if counts["val"] == 0 and opts.val_files:
+            raise DataError("dataset.val_files: no document with text in them")
 
     def documents(self, split: str, downloads: Path) -> Iterator[str]:
         """Held-out documents for ``val``; the rest (up to ``max_tokens``) for ``train``."""

@@ -19,10 +19,7 @@ from pathlib import Path
 
 import attrs
 
-from nanogpt_core import hookimpl, option
-from nanogpt_core.errors import DataError
-from nanogpt_core.files import atomic_write
-from nanogpt_core.options import one_of
+from nanogpt_core import DataError, atomic_write, hookimpl, one_of, option
 
 TINY_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -37,8 +34,7 @@ class ShakespeareOptions:
 
     tokenizer: str = option(
         "char",
-        '"char" (one token per character) or "gpt2" (BPE).',
-        validator=one_of("char", "gpt2"),
+        '"char" (one token per character), "gpt2" (BPE), or any registered tokenizer.',
     )
     source: str = option(
         "tiny",
@@ -46,7 +42,7 @@ class ShakespeareOptions:
         validator=one_of("tiny", "complete"),
     )
     path: str | None = option(
-        None, 'A local copy of Tiny Shakespeare\'s input.txt (source = "tiny").'
+        None, 'A local copy of Tiny Shakespeare\'s input.txt (source = "tiny").', path=True
     )
 
 

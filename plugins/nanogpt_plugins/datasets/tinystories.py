@@ -17,9 +17,16 @@ from pathlib import Path
 
 import attrs
 
-from nanogpt_core import hookimpl, option
-from nanogpt_core.documents import expand_files, hub_rows, read_texts
-from nanogpt_core.options import OptionValueError, one_of
+from nanogpt_core import (
+    DataError,
+    OptionValueError,
+    expand_files,
+    hookimpl,
+    hub_rows,
+    one_of,
+    option,
+    read_texts,
+)
 
 HUB_NAME = "roneneldan/TinyStories"
 
@@ -41,10 +48,12 @@ class TinyStoriesOptions:
     train_files: list[str] = option(
         doc="Local files or globs: .txt (<|endoftext|>-separated), .jsonl, .json, .parquet.",
         factory=list,
+        path=True,
     )
     val_files: list[str] = option(
         doc="Local validation files or globs (default: hold out val_fraction of train_files).",
         factory=list,
+        path=True,
     )
     text_field: str = option("text", "The field holding a story in json/jsonl/parquet rows.")
     val_fraction: float = option(
@@ -54,8 +63,7 @@ class TinyStoriesOptions:
     )
     tokenizer: str = option(
         "gpt2",
-        '"gpt2" (BPE, as TinyStories models use) or "char".',
-        validator=one_of("gpt2", "char"),
+        '"gpt2" (BPE, as TinyStories models use), "char", or any registered tokenizer.',
     )
     seed: int = option(1337, "Seed of the held-out split.")
 
@@ -104,10 +112,30 @@ class TinyStoriesSource:
                 for path in expand_files(patterns, f"dataset.{name}"):
                     yield from ((split, t) for t in read_texts(path, opts.text_field) if t.strip())
             return
+        counts = {"train": 0, "val": 0}
         for path in expand_files(opts.train_files, "dataset.train_files"):
             for text in read_texts(path, opts.text_field):
                 if text.strip():
-                    yield ("val" if held_out(text, opts.seed, opts.val_fraction) else "train"), text
+                    split = "val" if held_out(text, opts.seed, opts.val_fraction) else "train"
+                    counts[split] += 1
+                    yield split, text
+        self._explain_empty(counts)
+
+    def _explain_empty(self, counts: dict[str, int]) -> None:
+        """Say why holding out by val_fraction left a split empty."""
+        total, fraction = counts["train"] + counts["val"], self.options.val_fraction
+        if total == 0:
+            return  # no stories at all: the core says the train split is empty
+        if counts["train"] == 0:
+            raise DataError(
+                f"dataset.val_fraction: all {total:,} stories went to validation: "
+                f"val_fraction = {fraction}; lower it, or give val_files"
+            )
+        if counts["val"] == 0:
+            raise DataError(
+                f"dataset.val_fraction: none of the {total:,} stories went to validation: "
+                f"val_fraction = {fraction} is too small to hold any; raise it, or give val_files"
+            )
 
     def documents(self, split: str, downloads: Path) -> Iterator[str]:
         """Stories of ``split``: the source's validation split, or held-out stories."""

@@ -1,0 +1,1 @@
+"""Built-in tokenizer plugins: ``char``, ``gpt2`` and ``huggingface``."""
