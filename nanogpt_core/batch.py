@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import shlex
 import signal
@@ -32,7 +31,7 @@ import attrs
 from nanogpt_core.callbacks import RunPaths
 from nanogpt_core.config import ExperimentConfig, load_experiment, read_toml
 from nanogpt_core.errors import ConfigError, NanoGPTError
-from nanogpt_core.run import finished_summary
+from nanogpt_core.run import finished_summary, read_done
 
 LIST_FILE = "experiment_list.conf"
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
@@ -278,7 +277,7 @@ def _child_setup(parent: int) -> Callable[[], None]:
 
 
 def _finished(experiment: Path, name: str, status: str, done: Path, duration: float) -> BatchResult:
-    summary = json.loads(done.read_text())
+    summary = read_done(RunPaths(done.parent)) or {}
     return BatchResult(
         experiment, name, status, summary.get("val_loss"), summary.get("step"), duration
     )
