@@ -73,5 +73,10 @@ def lint(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks against references measured in the same run (`-- --quick` for a smoke run)."""
     install(session)
-    for script in ("bench_training.py", "bench_prepare.py", "bench_sampling.py"):
+    for script in (
+        "bench_training.py",
+        "bench_prepare.py",
+        "bench_sampling.py",
+        "bench_finetune.py",
+    ):
         session.run("python", f"tests/bench/{script}", *session.posargs)

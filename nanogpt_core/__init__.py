@@ -22,6 +22,7 @@ from nanogpt_core.options import (
     option,
     positive,
 )
+from nanogpt_core.templates import Template, template_from_description
 from nanogpt_core.tokenizers import (
     GPT2_EOT,
     GPT2_VOCAB_SIZE,
@@ -47,6 +48,7 @@ __all__ = [
     "PluginFault",
     "PreparedData",
     "RunPaths",
+    "Template",
     "Tokenizer",
     "TrainerState",
     "UnknownCharacterError",
@@ -65,5 +67,6 @@ __all__ = [
     "positive",
     "read_rows",
     "read_texts",
+    "template_from_description",
     "tokenizer_from_description",
 ]

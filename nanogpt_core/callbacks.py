@@ -117,6 +117,7 @@ class TrainerState:
         texts: text produced during the run so far, as ``(step, tag, text)``
             tuples, added by callbacks through :meth:`add_text`.
         tokenizer: the tokenizer's description, as in the prepared data's meta.
+        template: the prompt template's description for fine-tuning data, or None.
         is_main_process: whether this process writes files.
         status: ``"running"``; in ``on_train_end`` ``"completed"``,
             ``"interrupted"`` (SIGTERM or Ctrl-C; saving is safe) or ``"failed"``
@@ -138,6 +139,7 @@ class TrainerState:
     record: Mapping[str, Any] | None = None
     texts: tuple[tuple[int, str, str], ...] = ()
     tokenizer: Mapping[str, Any] = attrs.field(factory=dict)
+    template: Mapping[str, Any] | None = None
     is_main_process: bool = True
     status: str = "running"
     resumed_from: int | None = None

@@ -274,6 +274,84 @@ def sample(
 
 
 @click.command()
+@click.option(
+    "--ckpt",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="A fine-tuned checkpoint, e.g. results/<name>/checkpoints/last.pth.",
+)
+@click.option(
+    "--once", "question", default=None, metavar="QUESTION", help="Answer one question and exit."
+)
+@click.option(
+    "--input",
+    "input_text",
+    default=None,
+    metavar="TEXT",
+    help="With --once: the input (context) that goes with the question.",
+)
+@click.option("--max-new-tokens", default=500, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--temperature",
+    default=0.8,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="0 is greedy; /temperature X changes it.",
+)
+@click.option("--top-k", default=200, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--top-p", default=None, type=click.FloatRange(0, 1, min_open=True), help="Nucleus sampling."
+)
+@click.option("--seed", default=1337, show_default=True, type=int)
+@click.option(
+    "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])
+)
+@click.pass_context
+def chat(
+    ctx: click.Context,
+    ckpt: Path,
+    question: str | None,
+    input_text: str | None,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float | None,
+    seed: int,
+    device: str,
+) -> None:
+    """Talk to a fine-tuned checkpoint through the template it was trained with.
+
+    Answers stream as they are generated and end at end-of-text. Commands:
+    /reset, /temperature X, /quit; Ctrl-D or Ctrl-C at the prompt ends, Ctrl-C
+    during an answer stops that answer. With stdin not a terminal, each line is
+    one question and each answer is followed by a blank line.
+
+    \b
+    Examples:
+      gpt chat --ckpt results/alpaca/checkpoints/last.pth
+      gpt chat --ckpt last.pth --once "What is AI?" --temperature 0
+      gpt chat --ckpt last.pth --once "Summarize this." --input "A long text..."
+      gpt chat --ckpt last.pth < questions.txt > answers.txt
+    """
+    from nanogpt_core.chat import ChatSettings, start_chat
+
+    if input_text is not None and question is None:
+        raise click.UsageError("--input goes with --once")
+    settings = ChatSettings(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p
+    )
+    start_chat(
+        ckpt,
+        settings=settings,
+        seed=seed,
+        device=device,
+        question=question,
+        input=input_text or "",
+        plugins=plugins_of(ctx),
+    )
+
+
+@click.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "--launcher",
@@ -331,11 +409,13 @@ def batch(
 @click.option(
     "--out", required=True, type=click.Path(path_type=Path), help="A new folder for the export."
 )
-def export(ckpt: Path, out: Path) -> None:
+@click.pass_context
+def export(ctx: click.Context, ckpt: Path, out: Path) -> None:
     """Export a checkpoint as a Hugging Face transformers GPT-2 folder.
 
     GPT2LMHeadModel.from_pretrained(OUT) then gives the same logits as ours;
-    GPT-2 BPE models also get their tokenizer files.
+    GPT-2 BPE models also get their tokenizer files, and a fine-tuned model's
+    template becomes the chat_template of tokenizer_config.json.
 
     \b
     Examples:
@@ -343,7 +423,7 @@ def export(ckpt: Path, out: Path) -> None:
     """
     from nanogpt_core.export import export_hf
 
-    written = export_hf(ckpt, out)
+    written = export_hf(ckpt, out, plugins_of(ctx))
     click.echo(f"exported {ckpt} to {out}/: {', '.join(written)}")
 
 
@@ -443,7 +523,7 @@ def make_cli(plugins: Plugins) -> click.Group:
           gpt plugins
         """
 
-    for command in (run, prepare, sample, batch, export, plugins_command):
+    for command in (run, prepare, sample, chat, batch, export, plugins_command):
         gpt.add_command(command)
     for failure in plugins.add_commands(gpt):
         click.echo(f"Warning: {failure}", err=True)

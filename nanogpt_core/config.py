@@ -96,8 +96,9 @@ class ModelConfig:
     )
     init_from: str | None = option(
         None,
-        "A local Hugging Face GPT-2 folder whose weights start the run (fine-tuning); "
-        "relative to the experiment file.",
+        "Weights to start from (fine-tuning): a toolkit checkpoint (.pth, weights only, "
+        "a fresh optimizer) or a local Hugging Face GPT-2 folder; relative to the "
+        "experiment file.",
         path=True,
     )
 
@@ -117,8 +118,11 @@ class TrainConfig:
         1, "Micro-steps per optimizer step.", validator=positive
     )
     epochs: int = option(1, "Number of epochs.", validator=positive)
-    steps_per_epoch: int = option(
-        1000, "Optimizer steps per epoch (each draws fresh random windows).", validator=positive
+    steps_per_epoch: int | None = option(
+        None,
+        "Optimizer steps per epoch. Default: one pass over the examples for fine-tuning "
+        "data; 1000 for pre-training data (each step draws fresh random windows).",
+        validator=positive,
     )
     learning_rate: float = option(
         6e-4, "Peak learning rate, reached after warmup.", validator=positive
@@ -157,6 +161,10 @@ class TrainConfig:
         "Peak FLOP/s of one device for MFU. Default: known for V100/A100/H100/H200, else no MFU.",
         validator=positive,
     )
+    group_by_length: bool = option(
+        True,
+        "Fine-tuning: batch examples of similar length together to cut padding.",
+    )
     memory_check: bool = option(
         True,
         "Refuse to start when the estimated parameter + optimizer memory exceeds the "
@@ -172,7 +180,7 @@ class TrainConfig:
 
 @attrs.frozen(kw_only=True)
 class PluginSpec:
-    """A ``[dataset]``, ``[tokenizer]`` or ``[[callbacks]]`` table: a plugin's name and options.
+    """A ``[dataset]``, ``[tokenizer]``, ``[template]`` or ``[[callbacks]]`` table: a plugin's name and options.
 
     After the first pass ``options`` is the raw dict; after :func:`resolve_plugins`
     it is an instance of the options class the plugin registered.
@@ -194,6 +202,7 @@ class ExperimentConfig:
     )
     dataset: PluginSpec = option(doc="The dataset plugin and its options.")
     tokenizer: PluginSpec | None = option(None, "A tokenizer plugin and its options.")
+    template: PluginSpec | None = option(None, "A prompt template plugin and its options.")
     model: ModelConfig = option(doc="The model.", factory=ModelConfig)
     train: TrainConfig = option(doc="The training recipe.", factory=TrainConfig)
     callbacks: list[PluginSpec] = option(doc="Callbacks, called in this order.", factory=list)
@@ -213,6 +222,8 @@ class ExperimentConfig:
         }
         if self.tokenizer is not None:
             data["tokenizer"] = table(self.tokenizer)
+        if self.template is not None:
+            data["template"] = table(self.template)
         data.update(
             model=unstructure(self.model),
             train=unstructure(self.train),
@@ -419,7 +430,7 @@ def load_experiment(
         _set_origin(origins, key, Path.cwd())
     resolve_paths(data, origins, plugins)
     data.setdefault("name", path.stem)
-    for table in ("dataset", "tokenizer"):
+    for table in ("dataset", "tokenizer", "template"):
         if isinstance(data.get(table), dict):
             data[table] = _split_plugin_table(data[table])
     if isinstance(data.get("callbacks"), list):
@@ -446,6 +457,7 @@ def resolve_paths(data: dict[str, Any], origins: Origins, plugins: Plugins | Non
     tables: list[tuple[Any, dict[str, Any], tuple[str | int, ...]]] = [
         (data.get("dataset"), plugins.datasets(), ("dataset",)),
         (data.get("tokenizer"), plugins.tokenizers(), ("tokenizer",)),
+        (data.get("template"), plugins.templates(), ("template",)),
     ]
     if isinstance(data.get("callbacks"), list):
         callbacks = plugins.callbacks()
@@ -514,6 +526,9 @@ def resolve_plugins(config: ExperimentConfig, plugins: Plugins, source: str) -> 
 
     dataset = resolve(config.dataset, datasets, "dataset", "dataset")
     tokenizer = config.tokenizer and resolve(config.tokenizer, tokenizers, "tokenizer", "tokenizer")
+    template = config.template and resolve(
+        config.template, plugins.templates(), "template", "template"
+    )
     resolved_callbacks = [
         resolve(spec, callbacks, "callback", f"callbacks[{i}]")
         for i, spec in enumerate(config.callbacks)
@@ -524,4 +539,10 @@ def resolve_plugins(config: ExperimentConfig, plugins: Plugins, source: str) -> 
             problems.append(f"callbacks[{i}].plugin: {name!r} is already enabled above")
     if problems:
         raise ConfigError([f"{source}: {p}" for p in problems])
-    return attrs.evolve(config, dataset=dataset, tokenizer=tokenizer, callbacks=resolved_callbacks)
+    return attrs.evolve(
+        config,
+        dataset=dataset,
+        tokenizer=tokenizer,
+        template=template,
+        callbacks=resolved_callbacks,
+    )

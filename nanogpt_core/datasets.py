@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import glob
 import hashlib
 import itertools
@@ -130,6 +131,22 @@ class PreparedData:
         """How many tokens ``split`` (``"train"`` or ``"val"``) holds."""
         return int(self.meta["splits"][split]["tokens"])
 
+    @property
+    def kind(self) -> str:
+        """``"tokens"`` (a stream of documents) or ``"examples"`` (prompt/response pairs)."""
+        return self.meta.get("kind", "tokens")
+
+    @property
+    def template(self) -> dict[str, Any] | None:
+        """The template's description for examples; None for tokens."""
+        return self.meta.get("template")
+
+    def examples(self, split: str) -> np.ndarray:
+        """The (N, 3) int64 rows ``start, length, response_start`` of ``split``, memory-mapped."""
+        if self.kind != "examples":
+            raise DataError(f"{self.folder} holds tokens, not examples (no {split}.examples.npy)")
+        return np.load(self.folder / f"{split}.examples.npy", mmap_mode="r")
+
 
 @attrs.frozen
 class TokenizerChoice:
@@ -185,11 +202,17 @@ def input_files(options: Any) -> list[dict[str, Any]]:
     return found
 
 
-def fingerprint(plugin: str, options: Any, tokenizer: TokenizerChoice | None = None) -> str:
+def fingerprint(
+    plugin: str,
+    options: Any,
+    tokenizer: TokenizerChoice | None = None,
+    extra: dict[str, Any] | None = None,
+) -> str:
     """A hash of everything that decides the prepared tokens.
 
-    The dataset's options, the tokenizer's name and options, and the identity of
-    every input file named by a path option of either (:func:`input_files`).
+    The dataset's options, the tokenizer's name and options, the identity of
+    every input file named by a path option of either (:func:`input_files`),
+    and ``extra`` (for examples: the template and the block size).
     """
     payload: dict[str, Any] = {
         "format": FORMAT_VERSION,
@@ -203,6 +226,8 @@ def fingerprint(plugin: str, options: Any, tokenizer: TokenizerChoice | None = N
             "options": unstructure(tokenizer.options),
             "inputs": input_files(tokenizer.options),
         }
+    if extra:
+        payload.update(extra)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -277,6 +302,13 @@ def check_meta(data: PreparedData) -> None:
             )
     for split in SPLITS:
         _check_bin_size(data, split)
+    kind = meta.get("kind", "tokens")
+    if kind not in ("tokens", "examples"):
+        raise _meta_problem(data, "kind", f'expected "tokens" or "examples", got {kind!r}')
+    if kind == "examples":
+        from nanogpt_core.examples import check_examples_meta
+
+        check_examples_meta(data, lambda key, problem: _meta_problem(data, key, problem))
 
 
 def _check_bin_size(data: PreparedData, split: str) -> None:
@@ -334,13 +366,20 @@ def source_for(config: ExperimentConfig, plugins: Plugins) -> DatasetSource:
 
 
 def check_source(source: Any, who: str) -> None:
-    """A dataset source has a usable ``variant``, ``tokenizer``, ``description`` and ``documents``."""
+    """A dataset source has a usable ``variant``, ``tokenizer``, ``description`` and ``documents``.
+
+    An example source (one with a ``template``) has ``examples`` instead of ``documents``.
+    """
+    from nanogpt_core.examples import check_example_source, is_example_source
+
     missing = [
         f"{attr} (a string)"
         for attr in ("variant", "tokenizer", "description")
         if not isinstance(getattr(source, attr, None), str)
     ]
-    if not callable(getattr(source, "documents", None)):
+    if is_example_source(source):
+        missing += check_example_source(source)
+    elif not callable(getattr(source, "documents", None)):
         missing.append("documents (a method)")
     if missing:
         raise PluginError(
@@ -457,12 +496,27 @@ def prepare_dataset(
     Another process preparing the same folder is waited for (one line on stderr
     says so) and its result used. With ``force`` the folder is prepared again
     whatever its state, unless it was just prepared by the process waited for.
+    An example source (:mod:`nanogpt_core.examples`) is cut for ``config.model.block_size``.
     """
     plugin = config.dataset.plugin
     source = source_for(config, plugins)
     choice = tokenizer_choice(config, source, plugins)
     folder = data_folder(Path(data_dir), plugin, source, choice)
-    wanted = fingerprint(plugin, config.dataset.options, choice)
+    # examples imports this module: import it here, not at the top.
+    from nanogpt_core.examples import is_example_source, plan_examples, write_examples
+
+    write: Any = write_prepared
+    extra = None
+    if is_example_source(source):
+        plan = plan_examples(config, plugins, source)
+        folder, extra = plan.folder(folder), plan.fingerprint_extra()
+        write = functools.partial(write_examples, plan=plan)
+    elif getattr(config, "template", None) is not None:
+        raise DataError(
+            f"template.plugin: dataset {plugin!r} yields documents, not examples, so a "
+            "[template] table does not apply to it; remove the table"
+        )
+    wanted = fingerprint(plugin, config.dataset.options, choice, extra)
     if not force:
         # Without the lock first, so a finished folder on read-only storage works; a
         # folder some writer is publishing right now is checked again under the lock.
@@ -475,7 +529,7 @@ def prepare_dataset(
             ready = _matching(folder, wanted, strict=not force)
             if ready is not None:
                 return ready
-        return write_prepared(
+        return write(
             source,
             folder,
             plugin=plugin,

@@ -6,8 +6,11 @@ tokenizer rebuilt from the checkpoint's description: a tokenizer plugin with an
 ``export_hf`` method writes Hugging Face's files (GPT-2's ``vocab.json`` and
 ``merges.txt``; a ``tokenizer.json`` for the ``huggingface`` tokenizer) so
 ``AutoTokenizer.from_pretrained`` works too; any other keeps its description in
-``nanogpt_tokenizer.json``. It is built in a temporary folder beside the target
-and renamed into place when complete.
+``nanogpt_tokenizer.json``. A fine-tuned checkpoint's template goes into the
+tokenizer files as a Jinja ``chat_template`` (``tokenizer_config.json``, where
+``transformers`` reads it), so ``apply_chat_template`` asks questions exactly as
+``gpt chat`` does. It is built in a temporary folder beside the target and
+renamed into place when complete.
 """
 
 from __future__ import annotations
@@ -16,16 +19,30 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nanogpt_core.checkpoints import load_checkpoint
 from nanogpt_core.errors import NanoGPTError, PluginFault
 from nanogpt_core.files import temporary_path
+from nanogpt_core.sampling import checkpoint_template
+from nanogpt_core.templates import template_from_description
 from nanogpt_core.tokenizers import Tokenizer, tokenizer_from_description
 
+if TYPE_CHECKING:
+    from nanogpt_core.plugins import Plugins
 
-def export_hf(ckpt: Path, out: Path) -> list[str]:
-    """Write the checkpoint at ``ckpt`` to the new folder ``out``; returns the files written."""
+TOKENIZER_CONFIG = "tokenizer_config.json"
+# Where the chat template goes when there is no tokenizer_config.json (char models):
+# the file name transformers itself writes a chat template to.
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+def export_hf(ckpt: Path, out: Path, plugins: Plugins | None = None) -> list[str]:
+    """Write the checkpoint at ``ckpt`` to the new folder ``out``; returns the files written.
+
+    :param plugins: where the checkpoint's template is looked up; the installed
+        plugins when None.
+    """
     from safetensors.torch import save_file
 
     from nanogpt_core.hf_gpt2 import hf_config_dict, to_hf_state_dict
@@ -40,6 +57,11 @@ def export_hf(ckpt: Path, out: Path) -> list[str]:
     model.load_state_dict(checkpoint["model"])
     description = checkpoint["tokenizer"]
     tokenizer = tokenizer_from_description(description)
+    template = checkpoint_template(Path(ckpt), checkpoint)
+    # Rebuilt before anything is written, so a template that is not installed fails early.
+    chat_template = (
+        None if template is None else template_from_description(template, plugins).chat_template()
+    )
 
     state = to_hf_state_dict(model)
     # The output layer is tied to the token embedding; transformers re-ties it on load.
@@ -54,6 +76,8 @@ def export_hf(ckpt: Path, out: Path) -> list[str]:
         save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         _write_tokenizer(staging, tokenizer, description, config.block_size)
+        if chat_template is not None:
+            _write_chat_template(staging, chat_template)
         written = sorted(p.name for p in staging.iterdir())
         if out.exists():
             out.rmdir()
@@ -82,3 +106,14 @@ def _write_tokenizer(
         raise PluginFault(
             f"tokenizer {description['kind']!r} failed in export_hf: {type(exc).__name__}: {exc}"
         ) from exc
+
+
+def _write_chat_template(folder: Path, chat_template: str) -> None:
+    """Put the chat template into ``tokenizer_config.json``, or beside the tokenizer without one."""
+    config_path = folder / TOKENIZER_CONFIG
+    if not config_path.exists():
+        (folder / CHAT_TEMPLATE_FILE).write_text(chat_template)
+        return
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = chat_template
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")

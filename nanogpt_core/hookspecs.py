@@ -49,6 +49,19 @@ def register_tokenizers(register: Any) -> None:
 
 
 @hookspec
+def register_templates(register: Any) -> None:
+    """Register prompt templates for instruction tuning and chat.
+
+    :param register: call ``register(name, TemplateClass, options=OptionsClass)`` once
+        per template. ``TemplateClass(options)`` makes a template; a template turns an
+        instruction (and an optional input) into the prompt a fine-tuned model answers,
+        and ``TemplateClass.from_description(description)`` rebuilds one from what its
+        ``description()`` returned (stored in ``meta.json`` and in checkpoints, so
+        ``gpt chat`` needs nothing else).
+    """
+
+
+@hookspec
 def register_commands(cli: Any) -> None:
     """Add subcommands to the ``gpt`` command.
 

@@ -35,6 +35,7 @@ KINDS = {
     "dataset": "register_datasets",
     "callback": "register_callbacks",
     "tokenizer": "register_tokenizers",
+    "template": "register_templates",
 }
 
 
@@ -226,7 +227,7 @@ class Plugins:
     # -- what the plugins provide -------------------------------------------
 
     def registry(self, kind: str) -> Registry:
-        """Every registration of ``kind`` (``"dataset"``, ``"callback"``, ``"tokenizer"``)."""
+        """Every registration of ``kind``: ``"dataset"``, ``"callback"``, ``"tokenizer"``, ``"template"``."""
         if self._registries is None:
             self._registries = {k: self._merge(k) for k in KINDS}
         return self._registries[kind]
@@ -242,6 +243,10 @@ class Plugins:
     def tokenizers(self) -> Registry:
         """Every registered tokenizer, by name."""
         return self.registry("tokenizer")
+
+    def templates(self) -> Registry:
+        """Every registered prompt template, by name."""
+        return self.registry("template")
 
     def registrations_of(self, plugin_name: str) -> list[Registration]:
         """What one loaded plugin registered, in the order it registered it."""

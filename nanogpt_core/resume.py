@@ -21,7 +21,8 @@ class ResumeMismatch(NanoGPTError):
     """The checkpoint in the results folder belongs to another experiment."""
 
 
-def _tokenizer_difference(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+def tokenizer_difference(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """What differs between two tokenizer descriptions, in words, or None."""
     if saved == current:
         return None
     if saved.get("kind") != current.get("kind"):
@@ -55,7 +56,7 @@ def mismatches(
         for key in model_args
         if key != "dropout" and checkpoint["model_args"].get(key) != model_args[key]
     ]
-    difference = _tokenizer_difference(checkpoint["tokenizer"], tokenizer)
+    difference = tokenizer_difference(checkpoint["tokenizer"], tokenizer)
     if difference:
         found.append(difference)
     saved_data = checkpoint["data"]

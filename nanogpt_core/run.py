@@ -115,8 +115,12 @@ def finished_summary(config: ExperimentConfig, paths: RunPaths) -> dict[str, Any
     resumes from its checkpoint.
     """
     summary = read_done(paths)
-    total = config.train.epochs * config.train.steps_per_epoch
-    return summary if summary is not None and summary["step"] >= total else None
+    if summary is None:
+        return None
+    train = config.train
+    if train.steps_per_epoch is None:  # an epoch follows from the data: count epochs
+        return summary if summary.get("epoch", 0) >= train.epochs else None
+    return summary if summary["step"] >= train.epochs * train.steps_per_epoch else None
 
 
 def _flatten(table: Any, prefix: str = "") -> dict[str, Any]:

@@ -19,12 +19,18 @@ from nanogpt_core.tokenizers import Tokenizer, tokenizer_from_description
 
 @attrs.frozen
 class LoadedModel:
-    """A model ready to sample from, with its tokenizer and the checkpoint's step."""
+    """A model ready to sample from, with its tokenizer and the checkpoint's step.
+
+    ``template`` is the description of the prompt template the model was
+    fine-tuned with (what ``gpt chat`` asks through), or None for a pre-trained
+    model and for checkpoints older than templates.
+    """
 
     model: Any
     tokenizer: Tokenizer
     step: int
     device: Any
+    template: dict[str, Any] | None = None
 
 
 def pick_device(name: str) -> Any:
@@ -55,8 +61,22 @@ def load_model(path: Path, device: str = "auto") -> LoadedModel:
     target = pick_device(device)
     model.to(target).eval()
     return LoadedModel(
-        model, tokenizer_from_description(checkpoint["tokenizer"]), int(checkpoint["step"]), target
+        model,
+        tokenizer_from_description(checkpoint["tokenizer"]),
+        int(checkpoint["step"]),
+        target,
+        template=checkpoint_template(path, checkpoint),
     )
+
+
+def checkpoint_template(path: Path, checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The template description a checkpoint carries; None when it has none (or predates them)."""
+    template = checkpoint.get("template")
+    if template is not None and not isinstance(template, dict):
+        raise CheckpointError(
+            f"{path}: template is {type(template).__name__}, expected a table or nothing"
+        )
+    return template
 
 
 def encode_prompt(loaded: LoadedModel, prompt: str | None) -> tuple[list[int], int]:
@@ -85,6 +105,33 @@ def stream_sample(
     generator: Any,
 ) -> Iterator[str]:
     """Yield decoded text piece by piece; stop at end-of-text for BPE models."""
+    for _ids, text in stream_pieces(
+        loaded,
+        ids,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        generator=generator,
+    ):
+        yield text
+
+
+def stream_pieces(
+    loaded: LoadedModel,
+    ids: list[int],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: Any,
+) -> Iterator[tuple[list[int], str]]:
+    """Yield ``(new token ids, their text)`` as generated; stop at end-of-text.
+
+    The end-of-text token itself is never yielded. The ids let a caller (``gpt
+    chat``) keep the exact tokens of an answer rather than re-encoding its text.
+    """
     import torch
 
     tokenizer = loaded.tokenizer
@@ -106,7 +153,7 @@ def stream_sample(
         text = tokenizer.decode(pending)
         # A BPE token can end inside a multi-byte character: wait for the rest.
         if not text.endswith("\ufffd"):
-            yield text
+            yield pending, text
             pending = []
     if pending:
-        yield tokenizer.decode(pending)
+        yield pending, tokenizer.decode(pending)

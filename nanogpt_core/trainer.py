@@ -16,6 +16,7 @@ import signal
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -30,9 +31,10 @@ from nanogpt_core.checkpoints import load_checkpoint, save_checkpoint
 from nanogpt_core.config import ExperimentConfig, TrainConfig
 from nanogpt_core.datasets import PreparedData
 from nanogpt_core.errors import NanoGPTError, PluginFault, TrainingError
+from nanogpt_core.example_batches import ExampleBatches
 from nanogpt_core.metrics import MetricsLog
 from nanogpt_core.model import GPT, GPTConfig
-from nanogpt_core.resume import callback_states, check_belongs
+from nanogpt_core.resume import callback_states, check_belongs, tokenizer_difference
 from nanogpt_core.sampler import BatchSource, MemmapSampler
 
 # Dense bf16/fp16 tensor-core peaks per device, in FLOP/s, from NVIDIA's data sheets.
@@ -48,6 +50,8 @@ PEAK_FLOPS = (
 )
 # Seeds offsets: evaluation draws fixed batches that never touch the training stream.
 EVAL_SEED_OFFSET = 1_000_003
+# Optimizer steps per epoch of pre-training data when the experiment leaves it out.
+DEFAULT_STEPS_PER_EPOCH = 1000
 
 
 class TrainingInterrupted(NanoGPTError):
@@ -79,6 +83,21 @@ def learning_rate_at(step: int, train: TrainConfig, total_steps: int) -> float:
     ratio = min(1.0, (step - train.warmup_steps) / decay_steps)
     coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
     return train.min_lr + coeff * (train.learning_rate - train.min_lr)
+
+
+def steps_per_epoch(train: TrainConfig, source: Any) -> int:
+    """``train.steps_per_epoch``, or what the data gives when the experiment leaves it out.
+
+    Fine-tuning data: one pass over the examples (``batches_per_epoch`` batches,
+    ``gradient_accumulation_steps`` per optimizer step). Pre-training windows
+    are random, so an epoch is a fixed number of steps.
+    """
+    if train.steps_per_epoch is not None:
+        return train.steps_per_epoch
+    batches = getattr(source, "batches_per_epoch", None)
+    if batches is None:
+        return DEFAULT_STEPS_PER_EPOCH
+    return max(1, math.ceil(batches / train.gradient_accumulation_steps))
 
 
 def padded_vocab_size(vocab_size: int, multiple: int = 64) -> int:
@@ -206,7 +225,7 @@ class Trainer:
         self.accelerator = accelerator
         self.progress = progress
         self.train_cfg = config.train
-        self.total_steps = self.train_cfg.epochs * self.train_cfg.steps_per_epoch
+        self.fine_tuning = data.meta.get("kind", "tokens") == "examples"
         self.is_main = accelerator.is_main_process
         self.metrics_log = MetricsLog(paths.metrics, enabled=self.is_main)
         self.elapsed_before = 0.0
@@ -217,10 +236,9 @@ class Trainer:
         self.model_config = model_config_for(config, data)
         self.raw_model = self._build_model()
         self.model, self.optimizer = self._prepare_for_training()
-        self.sampler: BatchSource = self._build_sampler(
-            "train", config.seed + accelerator.process_index
-        )
-        self._build_sampler("val", 0)  # checks val once; evaluation draws its own fixed batches
+        self.sampler: BatchSource = self._build_train_source()
+        self.steps_per_epoch = steps_per_epoch(config.train, self.sampler)
+        self.total_steps = self.train_cfg.epochs * self.steps_per_epoch
         name = (
             torch.cuda.get_device_name(accelerator.device)
             if accelerator.device.type == "cuda"
@@ -233,11 +251,12 @@ class Trainer:
             config=config,
             paths=paths,
             total_steps=self.total_steps,
-            steps_per_epoch=self.train_cfg.steps_per_epoch,
+            steps_per_epoch=self.steps_per_epoch,
             model=self.raw_model,
             optimizer=self.optimizer,
             accelerator=accelerator,
             tokenizer=dict(data.tokenizer),
+            template=data.meta.get("template"),
             is_main_process=self.is_main,
             requests=self.requests,
         )
@@ -255,7 +274,8 @@ class Trainer:
 
     def _build_model(self) -> GPT:
         model = GPT(self.model_config)
-        if self.config.model.init_from:
+        # A run that resumes takes its weights from its own last.pth, never init_from again.
+        if self.config.model.init_from and not self.paths.last_checkpoint.exists():
             self._init_from(model, self.config.model.init_from)
         total = model.num_params()
         non_embedding = model.num_params(non_embedding=True)
@@ -277,6 +297,27 @@ class Trainer:
             model = torch.compile(model)
         return self.accelerator.prepare(model, optimizer)
 
+    def _build_train_source(self) -> BatchSource:
+        if self.fine_tuning:
+            return self._example_batches("train", self.config.seed)
+        sampler = self._build_sampler("train", self.config.seed + self.accelerator.process_index)
+        self._build_sampler("val", 0)  # checks val once; evaluation draws its own fixed batches
+        return sampler
+
+    def _example_batches(self, split: str, seed: int, *, grouped: bool = True) -> ExampleBatches:
+        eot = self.data.tokenizer.get("eot_id")
+        return ExampleBatches(
+            self.data.split_path(split),
+            self.data.dtype,
+            self.data.examples(split),
+            self.train_cfg.batch_size,
+            seed=seed,
+            rank=self.accelerator.process_index,
+            world=self.accelerator.num_processes,
+            pad_id=eot if isinstance(eot, int) else 0,
+            group_by_length=grouped and self.train_cfg.group_by_length,
+        )
+
     def _build_sampler(self, split: str, seed: int) -> MemmapSampler:
         return MemmapSampler(
             self.data.split_path(split),
@@ -287,7 +328,40 @@ class Trainer:
             vocab_size=self.model_config.vocab_size,
         )
 
-    def _init_from(self, model: GPT, folder: str) -> None:
+    def _init_from(self, model: GPT, source: str) -> None:
+        """Start from a toolkit checkpoint's weights or a Hugging Face GPT-2 folder."""
+        if Path(source).is_file():
+            self._init_from_checkpoint(model, Path(source))
+        else:
+            self._init_from_hf(model, source)
+
+    def _init_from_checkpoint(self, model: GPT, path: Path) -> None:
+        """Weights only (a fresh optimizer), after checking shape and tokenizer."""
+        checkpoint = load_checkpoint(path)
+        theirs = checkpoint["model_args"]
+        ours = asdict(self.model_config)
+        differences = [
+            f"model.{key} = {ours[key]} but {path} has {theirs[key]}"
+            for key in ("n_layer", "n_head", "n_embd", "bias", "vocab_size")
+            if ours[key] != theirs[key]
+        ]
+        if ours["block_size"] > theirs["block_size"]:
+            differences.append(
+                f"model.block_size = {ours['block_size']} is longer than the "
+                f"{theirs['block_size']} {path} was trained with"
+            )
+        difference = tokenizer_difference(checkpoint["tokenizer"], dict(self.data.tokenizer))
+        if difference:
+            differences.append(f"{difference} (the dataset's tokenizer must be the checkpoint's)")
+        if differences:
+            raise NanoGPTError("model.init_from: " + "; ".join(differences))
+        weights = dict(checkpoint["model"])
+        # A shorter context keeps the first positions, as with a Hugging Face folder.
+        weights["transformer.wpe.weight"] = weights["transformer.wpe.weight"][: ours["block_size"]]
+        model.load_state_dict(weights)
+        self.echo(f"model.init_from: weights of step {checkpoint['step']} of {path}")
+
+    def _init_from_hf(self, model: GPT, folder: str) -> None:
         from nanogpt_core.hf_gpt2 import config_from_hf, from_hf_state_dict, read_hf_folder
 
         hf_config, state = read_hf_folder(folder)
@@ -341,6 +415,7 @@ class Trainer:
             ],
             "config": self.config.to_dict(),
             "tokenizer": dict(self.data.tokenizer),
+            "template": self.data.meta.get("template"),
             "data": {key: self.data.meta.get(key) for key in ("plugin", "variant", "fingerprint")},
         }
 
@@ -474,27 +549,38 @@ class Trainer:
 
     @torch.no_grad()
     def estimate_loss(self) -> dict[str, float]:
-        """Mean loss over ``eval_batches`` fixed batches of each split, averaged over processes."""
-        train = self.config.train
+        """Mean loss over ``eval_batches`` fixed batches of each split, averaged over processes.
+
+        For fine-tuning data the batches are whole examples and the loss is on
+        their response tokens.
+        """
         out: dict[str, float] = {}
         self.model.eval()
         for split in ("train", "val"):
-            sampler = MemmapSampler(
-                self.data.split_path(split),
-                self.data.dtype,
-                self.model_config.block_size,
-                train.batch_size,
-                seed=self.config.seed + EVAL_SEED_OFFSET + self.accelerator.process_index,
-            )
-            losses = torch.zeros(train.eval_batches, device=self.accelerator.device)
-            for k in range(train.eval_batches):
-                x, y = (t.to(self.accelerator.device) for t in sampler.next_batch())
-                with self.accelerator.autocast():
-                    _, loss = self.model(x, y)
-                losses[k] = loss.float()
-            out[f"{split}_loss"] = self.accelerator.reduce(losses.mean(), reduction="mean").item()
+            losses = [loss.float() for loss in self._eval_losses(split)]
+            mean = torch.stack(losses).mean()
+            out[f"{split}_loss"] = self.accelerator.reduce(mean, reduction="mean").item()
         self.model.train()
         return out
+
+    def _eval_batches(self, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The same fixed batches at every evaluation, never touching the training stream."""
+        count = self.train_cfg.eval_batches
+        seed = self.config.seed + EVAL_SEED_OFFSET
+        if self.fine_tuning:
+            batches: Any = self._example_batches(split, seed, grouped=False)
+            count = min(count, batches.batches_per_epoch)
+        else:
+            batches = self._build_sampler(split, seed + self.accelerator.process_index)
+        for _ in range(count):
+            yield batches.next_batch()
+
+    def _eval_losses(self, split: str) -> Iterator[torch.Tensor]:
+        for x, y in self._eval_batches(split):
+            x, y = x.to(self.accelerator.device), y.to(self.accelerator.device)
+            with self.accelerator.autocast():
+                _, loss = self.model(x, y)
+            yield loss
 
     def train_step(self, lr: float) -> tuple[float, float]:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
@@ -521,27 +607,47 @@ class Trainer:
         mean_loss = acc.reduce(loss_sum / train.gradient_accumulation_steps, reduction="mean")
         return mean_loss.item(), float(grad_norm)
 
-    def _tokens_per_sec(self, step: int) -> float:
-        train = self.train_cfg
-        tokens_per_step = (
-            train.batch_size
-            * self.model_config.block_size
-            * train.gradient_accumulation_steps
-            * self.accelerator.num_processes
-        )
+    def _throughput(self, step: int) -> dict[str, Any]:
+        """Tokens per second since the last log line, over all processes.
+
+        For fine-tuning also the response tokens per second and the share of
+        padding in the batches, counted from the batches actually built.
+        """
         now = time.perf_counter()
         last_time, last_step = self.throughput_mark
         self.throughput_mark = (now, step)
-        return tokens_per_step * (step - last_step) / max(now - last_time, 1e-9)
+        seconds = max(now - last_time, 1e-9)
+        train = self.train_cfg
+        if not self.fine_tuning:
+            tokens = (
+                train.batch_size
+                * self.model_config.block_size
+                * train.gradient_accumulation_steps
+                * self.accelerator.num_processes
+                * (step - last_step)
+            )
+            return {"tokens_per_sec": tokens / seconds}
+        counts = self.sampler.take_counts()
+        totals = torch.tensor(
+            [counts["tokens"], counts["padding"], counts["response"]],
+            dtype=torch.float64,
+            device=self.accelerator.device,
+        )
+        tokens, padding, response = self.accelerator.reduce(totals, reduction="sum").tolist()
+        return {
+            "tokens_per_sec": tokens / seconds,
+            "response_tokens_per_sec": response / seconds,
+            "padding_share": padding / max(tokens + padding, 1.0),
+        }
 
     def _log(
         self, step: int, epoch: int, metrics: dict[str, Any], evaluate: bool
     ) -> dict[str, Any]:
         """Build this step's metrics record once; it goes to metrics.jsonl and every callback."""
-        tokens_per_sec = self._tokens_per_sec(step)
+        throughput = self._throughput(step)
         mfu = None
         if self.peak_flops:
-            per_device = tokens_per_sec / self.accelerator.num_processes
+            per_device = throughput["tokens_per_sec"] / self.accelerator.num_processes
             mfu = self.flops_per_token * per_device / self.peak_flops
         record: dict[str, Any] = {
             "step": step,
@@ -549,7 +655,7 @@ class Trainer:
             "train_loss": metrics["train_loss"],
             "lr": metrics["lr"],
             "grad_norm": metrics["grad_norm"],
-            "tokens_per_sec": tokens_per_sec,
+            **throughput,
             "mfu": mfu,
         }
         if evaluate:
@@ -569,7 +675,7 @@ class Trainer:
         lr = learning_rate_at(self.state.step, train, self.total_steps)
         loss, grad_norm = self.train_step(lr)
         step = self.state.step + 1
-        epoch = (step - 1) // train.steps_per_epoch + 1
+        epoch = (step - 1) // self.steps_per_epoch + 1
         if not math.isfinite(loss):
             raise TrainingError(
                 f"loss is {loss} at step {step}: training diverged; lower train.learning_rate "
@@ -594,7 +700,7 @@ class Trainer:
         self._call("on_step_end")
         if evaluate:
             self._call("on_eval_end")
-        if step % train.steps_per_epoch == 0:
+        if step % self.steps_per_epoch == 0:
             self._call("on_epoch_end")
         self._save_requested()
 

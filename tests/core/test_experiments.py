@@ -18,6 +18,8 @@ SHIPPED = sorted(p.name for p in EXPERIMENTS.glob("*.toml"))
 
 def test_the_expected_experiments_ship():
     assert SHIPPED == [
+        "alpaca.toml",
+        "alpaca_cpu.toml",
         "base.toml",
         "fineweb.toml",
         "shakespeare_char.toml",
@@ -47,6 +49,16 @@ def local_data(shared: Path) -> dict[str, list[str]]:
             f'dataset.train_files=["{ts / "derived_train.parquet"}"]',
             f'dataset.val_files=["{ts / "derived_validation.jsonl"}"]',
         ],
+        "alpaca.toml": [
+            "dataset.source=local",
+            f'dataset.train_files=["{shared / "alpaca" / "alpaca_sample.jsonl"}"]',
+            "model.n_layer=2",
+            "model.n_head=2",
+            "model.n_embd=32",
+            "model.block_size=64",
+            "model.dropout=0.0",
+        ],
+        "alpaca_cpu.toml": [],  # reads the sample beside the repository already
         "fineweb.toml": [
             "dataset.source=local",
             f'dataset.train_files=["{shared / "fineweb-edu" / "sample_edu.parquet"}"]',
@@ -74,12 +86,19 @@ SMOKE = [
         "shakespeare_char.toml",
         "shakespeare_char_cpu.toml",
         "tinystories.toml",
+        "alpaca_cpu.toml",
+        pytest.param("alpaca.toml", marks=pytest.mark.slow),
         pytest.param("fineweb.toml", marks=pytest.mark.slow),
     ],
 )
-def test_two_step_smoke_run(name, shared_data, session_data_dir, tmp_path):
+def test_two_step_smoke_run(name, shared_data, session_data_dir, tmp_path, request):
     plugins = load_plugins(disabled=())
-    config = load_experiment(EXPERIMENTS / name, [*local_data(shared_data)[name], *SMOKE], plugins)
+    overrides = [*local_data(shared_data)[name], *SMOKE]
+    if name == "alpaca.toml":
+        # Its init_from is the FineWeb run's checkpoint: start from a tiny BPE one instead.
+        checkpoint = request.getfixturevalue("bpe_checkpoint")
+        overrides.append(f'model.init_from="{checkpoint}"')
+    config = load_experiment(EXPERIMENTS / name, overrides, plugins)
     final = run_experiment(
         config, plugins, results_dir=tmp_path, data_dir=session_data_dir, progress=False
     )

@@ -73,3 +73,70 @@ def test_export_refuses_a_used_folder_and_bad_checkpoints(char_checkpoint, tmp_p
     result = export(config, tmp_path / "new")
     assert result.exit_code == 2 and "not a readable checkpoint" in result.output
     assert not (tmp_path / "new").exists()
+
+
+def write_checkpoint(path, template):
+    """A tiny GPT-2-BPE checkpoint as a fine-tuning run writes it (``template`` None: pre-trained)."""
+    import dataclasses
+
+    from nanogpt_core.checkpoints import save_checkpoint
+    from nanogpt_core.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(block_size=32, vocab_size=50304, n_layer=1, n_head=2, n_embd=16))
+    save_checkpoint(
+        path,
+        {
+            "model": model.state_dict(),
+            "model_args": dataclasses.asdict(model.config),
+            "step": 0,
+            "tokenizer": {"kind": "gpt2", "name": "gpt2", "vocab_size": 50257, "eot_id": 50256},
+            "template": template,
+        },
+    )
+    return path
+
+
+def test_the_template_becomes_the_chat_template_transformers_applies(tmp_path):
+    from nanogpt_core.templates import template_from_description
+
+    ckpt = write_checkpoint(tmp_path / "tuned.pth", {"kind": "alpaca"})
+    out = tmp_path / "hf"
+    result = export(ckpt, out)
+    assert result.exit_code == 0, result.output
+    template = template_from_description({"kind": "alpaca"})
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+
+    def chat(*messages, **options):
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, **options)
+
+    for question in ("What is AI?", 'Quote "this", {{ braces }} and ### Response:\n'):
+        user = {"role": "user", "content": question}
+        assert chat(user, add_generation_prompt=True) == template.prompt(question)
+    with_input = {"role": "user", "content": "Add the numbers.", "input": "2 and 3"}
+    assert chat(with_input, add_generation_prompt=True) == template.prompt(
+        "Add the numbers.", "2 and 3"
+    )
+    # Earlier turns render as gpt chat keeps them: prompt + answer + <|endoftext|>.
+    turns = [
+        {"role": "user", "content": "What is AI?"},
+        {"role": "assistant", "content": "Machines that think."},
+        {"role": "user", "content": "And 1+1?"},
+    ]
+    assert chat(*turns, add_generation_prompt=True) == (
+        template.prompt("What is AI?")
+        + "Machines that think.<|endoftext|>"
+        + template.prompt("And 1+1?")
+    )
+
+
+def test_without_a_template_there_is_no_chat_template_and_unknown_ones_are_refused(tmp_path):
+    import json
+
+    out = tmp_path / "pretrained"
+    assert export(write_checkpoint(tmp_path / "pre.pth", None), out).exit_code == 0
+    assert "chat_template" not in json.loads((out / "tokenizer_config.json").read_text())
+    result = export(write_checkpoint(tmp_path / "odd.pth", {"kind": "vicuna"}), tmp_path / "odd")
+    assert result.exit_code == 2
+    assert result.output.startswith("Error: template 'vicuna' is not installed (installed: ")
+    assert len(result.output.splitlines()) == 1
+    assert not (tmp_path / "odd").exists()

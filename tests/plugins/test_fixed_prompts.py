@@ -71,3 +71,72 @@ def test_a_prompt_outside_the_vocabulary_is_refused_at_the_start(
     ):
         run(path, session_data_dir, tmp_path / "r")
     assert not (tmp_path / "r" / "tiny" / "metrics.jsonl").exists()
+
+
+ALPACA_RUN = """
+name = "ft"
+[dataset]
+plugin = "alpaca"
+source = "local"
+train_files = ["{path}"]
+val_fraction = 0.1
+[model]
+n_layer = 1
+n_head = 2
+n_embd = 16
+block_size = 128
+[train]
+batch_size = 4
+epochs = 1
+steps_per_epoch = 2
+eval_every = 2
+eval_batches = 1
+warmup_steps = 1
+[[callbacks]]
+plugin = "checkpoint"
+[[callbacks]]
+plugin = "fixed_prompts"
+template = true
+prompts = ["What is AI?", "What is 1+1?"]
+max_new_tokens = 8
+temperature = 0
+"""
+
+
+def test_template_asks_instructions_and_shows_the_answers_only(
+    shared_data, session_data_dir, tmp_path
+):
+    from nanogpt_core.chat import ChatSettings, Conversation
+    from nanogpt_core.sampling import load_model
+    from nanogpt_core.templates import template_from_description
+
+    path = tmp_path / "ft.toml"
+    path.write_text(ALPACA_RUN.format(path=shared_data / "alpaca" / "alpaca_sample.jsonl"))
+    run(path, session_data_dir, tmp_path / "r", overrides=())
+    text = (tmp_path / "r" / "ft" / "samples" / "epoch_0001.txt").read_text()
+    # What gpt chat answers greedily with the final weights, asked the same way.
+    loaded = load_model(tmp_path / "r" / "ft" / "checkpoints" / "last.pth", "cpu")
+    template = template_from_description(loaded.template)
+    expected = ["step 2, epoch 1, val loss " + text.split("val loss ", 1)[1].split("\n")[0], ""]
+    for question in ("What is AI?", "What is 1+1?"):
+        settings = ChatSettings(max_new_tokens=8, temperature=0.0)
+        conversation = Conversation(loaded, template, settings, None, note=print)
+        answer = conversation.ask(question, lambda _piece: None)
+        expected += [f"--- {question!r}", answer, ""]
+    assert text == "\n".join(expected)
+    assert "### Instruction" not in text
+
+
+def test_template_without_a_data_template_is_refused_at_the_start(
+    tiny_char_experiment, session_data_dir, tmp_path
+):
+    path = tiny_char_experiment(
+        extra='[[callbacks]]\nplugin = "fixed_prompts"\nprompts = ["ROMEO:"]\ntemplate = true\n'
+    )
+    with pytest.raises(NanoGPTError) as raised:
+        run(path, session_data_dir, tmp_path / "r")
+    assert str(raised.value) == (
+        "fixed_prompts: template = true, but this run's data has no prompt template "
+        "(it is not instruction data); set template = false"
+    )
+    assert not (tmp_path / "r" / "tiny" / "metrics.jsonl").exists()

@@ -4,16 +4,24 @@ Watching one model answer the same questions epoch after epoch shows what it has
 learnt better than a loss curve. Samples go to
 ``results/<name>/samples/epoch_{N:04d}.txt`` and, through ``state.add_text``, to
 TensorBoard when that callback is enabled. Sampling uses its own
-seeded generator and eval mode, so it never changes the training run.
+seeded generator and eval mode, so it never changes the training run, and stops
+at the tokenizer's end-of-text token as ``gpt sample`` does.
+
+With ``template = true`` (fine-tuning) each prompt is an instruction asked
+through the run's template, exactly as ``gpt chat`` will ask it, and the files
+show the answers only.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import attrs
 
 from nanogpt_core import (
     Callback,
     NanoGPTError,
+    Template,
     Tokenizer,
     TrainerState,
     atomic_write_text,
@@ -21,6 +29,7 @@ from nanogpt_core import (
     non_negative,
     option,
     positive,
+    template_from_description,
     tokenizer_from_description,
 )
 
@@ -46,6 +55,11 @@ class FixedPromptsOptions:
     every_epochs: int = option(
         1, "Sample every this many epochs (and at the end).", validator=positive
     )
+    template: bool = option(
+        False,
+        "Ask the prompts as instructions through the data's template and show the answers only "
+        "(fine-tuning).",
+    )
 
 
 class FixedPromptsCallback(Callback):
@@ -54,19 +68,36 @@ class FixedPromptsCallback(Callback):
     def __init__(self, options: FixedPromptsOptions) -> None:
         self.options = options
         self.tokenizer: Tokenizer | None = None
+        self.template: Template | None = None
         self.encoded: list[list[int]] = []
         self.sampled_step = -1
 
     def on_train_start(self, state: TrainerState) -> None:
-        """Encode the prompts now, so a character outside the vocabulary fails at once."""
+        """Encode the prompts now, so a character outside the vocabulary fails at once.
+
+        With ``template = true`` a run whose data has no template is refused here too.
+        """
         self.tokenizer = tokenizer_from_description(state.tokenizer)
+        self.template = self._template(state)
         self.encoded = []
         for i, prompt in enumerate(self.options.prompts):
+            text = prompt if self.template is None else self.template.prompt(prompt)
             try:
-                ids = self.tokenizer.encode(prompt)
+                ids = self.tokenizer.encode(text)
             except NanoGPTError as exc:
                 raise NanoGPTError(f"fixed_prompts: prompts[{i}] = {prompt!r}: {exc}") from None
             self.encoded.append(ids or self.tokenizer.start_ids())
+
+    def _template(self, state: TrainerState) -> Template | None:
+        """The run's template when ``template = true``, else None."""
+        if not self.options.template:
+            return None
+        if state.template is None:
+            raise NanoGPTError(
+                "fixed_prompts: template = true, but this run's data has no prompt template "
+                "(it is not instruction data); set template = false"
+            )
+        return template_from_description(dict(state.template))
 
     def on_epoch_end(self, state: TrainerState) -> None:
         """Sample every ``every_epochs`` epochs."""
@@ -97,23 +128,37 @@ class FixedPromptsCallback(Callback):
         ]
         try:
             for prompt, ids in zip(opts.prompts, self.encoded, strict=True):
-                context = torch.tensor([ids], dtype=torch.long, device=device)
                 with state.accelerator.autocast():
-                    out = model.generate(
-                        context,
-                        opts.max_new_tokens,
-                        temperature=opts.temperature,
-                        top_k=opts.top_k,
-                        generator=generator,
-                        vocab_limit=self.tokenizer.vocab_size,
-                    )
-                completion = self.tokenizer.decode(out[0, len(ids) :].tolist())
-                lines += [f"--- {prompt!r}", prompt + completion, ""]
-                state.add_text(f"samples/{prompt}", prompt + completion)
+                    completion = self.complete(model, ids, generator)
+                # With a template the prompt is the whole instruction prompt: show the answer.
+                shown = completion if self.template is not None else prompt + completion
+                lines += [f"--- {prompt!r}", shown, ""]
+                state.add_text(f"samples/{prompt}", shown)
         finally:
             model.train(was_training)
         path = state.paths.samples / f"epoch_{state.epoch:04d}.txt"
         atomic_write_text(path, "\n".join(lines))
+
+    def complete(self, model: Any, ids: list[int], generator: Any) -> str:
+        """The model's continuation of ``ids``, ending before end-of-text."""
+        import torch
+
+        opts = self.options
+        context = torch.tensor([ids], dtype=torch.long, device=generator.device)
+        new: list[int] = []
+        for token in model.generate_tokens(
+            context,
+            opts.max_new_tokens,
+            temperature=opts.temperature,
+            top_k=opts.top_k,
+            generator=generator,
+            vocab_limit=self.tokenizer.vocab_size,
+        ):
+            token_id = int(token[0, 0])
+            if token_id == self.tokenizer.eot_id:
+                break
+            new.append(token_id)
+        return self.tokenizer.decode(new)
 
 
 @hookimpl

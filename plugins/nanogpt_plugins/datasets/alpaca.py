@@ -1,0 +1,269 @@
+"""The ``alpaca`` dataset: Stanford Alpaca's instruction/input/output records, as examples.
+
+``source = "hub"`` streams ``hub_name`` (``tatsu-lab/alpaca`` or
+``yahma/alpaca-cleaned``, both one ``train`` split with columns
+``instruction``, ``input`` and ``output``). ``source = "local"`` reads
+``train_files`` (and ``val_files`` when given): a JSON array like
+``alpaca_data.json``, JSON Lines, or Parquet. Without ``val_files``, every
+record whose seeded hash falls under ``val_fraction`` is held out, so the split
+does not depend on file order.
+
+The source yields records; the core renders each through the template,
+tokenizes it and cuts it to the block size (:mod:`nanogpt_core.examples`). A bad
+record (a field missing or not text, an empty output) stops preparation with
+one line naming the file and the record, counted from 1 (JSON Lines: the line).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from nanogpt_core import (
+    DataError,
+    OptionValueError,
+    expand_files,
+    hookimpl,
+    hub_rows,
+    one_of,
+    option,
+    read_rows,
+)
+
+FIELDS = ("instruction", "input", "output")
+SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+class EmptyOutput(DataError):
+    """A record whose output is empty or only whitespace."""
+
+
+def _val_fraction(_instance, attribute, value: float) -> None:
+    if not 0 < value < 1:
+        raise OptionValueError(attribute.name, f"must be between 0 and 1, got {value}")
+
+
+@attrs.frozen(kw_only=True)
+class AlpacaOptions:
+    """Options of the ``alpaca`` dataset."""
+
+    source: str = option(
+        "hub",
+        '"hub" (hub_name, streamed) or "local" (train_files).',
+        validator=one_of("hub", "local"),
+    )
+    hub_name: str = option(
+        "tatsu-lab/alpaca", 'The hub dataset: "tatsu-lab/alpaca" or "yahma/alpaca-cleaned".'
+    )
+    train_files: list[str] = option(
+        doc="Local files or globs: a JSON array (alpaca_data.json), .jsonl or .parquet.",
+        factory=list,
+        path=True,
+    )
+    val_files: list[str] = option(
+        doc="Local validation files or globs (default: hold out val_fraction of the records).",
+        factory=list,
+        path=True,
+    )
+    val_fraction: float = option(
+        0.02,
+        "Share of records held out for validation when there are no val_files.",
+        validator=_val_fraction,
+    )
+    seed: int = option(1337, "Seed of the held-out split.")
+    tokenizer: str = option("gpt2", "A registered tokenizer with an end-of-text token.")
+    template: str = option("alpaca", "The registered template the records are rendered with.")
+    skip_empty_output: bool = option(
+        False,
+        "Leave out records whose output is empty (tatsu-lab/alpaca has some) instead of "
+        "stopping at the first.",
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if self.source == "local" and not self.train_files:
+            raise OptionValueError(
+                "train_files", 'source = "local" needs train_files (paths or globs)'
+            )
+
+
+def held_out(record: dict[str, str], seed: int, fraction: float) -> bool:
+    """Whether a record belongs to the held-out validation set (stable, order-free)."""
+    content = json.dumps([record[f] for f in FIELDS], ensure_ascii=False)
+    digest = hashlib.blake2b(f"{seed}:{content}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < fraction
+
+
+def check_record(row: Any, where: str) -> dict[str, str]:
+    """The record's three fields, or one line saying what is wrong with it and where.
+
+    An empty output is an :class:`EmptyOutput` (a :class:`DataError`), which
+    ``skip_empty_output`` turns into leaving the record out.
+    """
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object with {', '.join(FIELDS)}")
+    for field in FIELDS:
+        if field not in row:
+            have = ", ".join(sorted(row)) or "none"
+            raise DataError(f"{where}: has no {field!r} field (it has: {have})")
+        if not isinstance(row[field], str):
+            raise DataError(f"{where}: {field!r} is {type(row[field]).__name__}, expected text")
+    if not row["output"].strip():
+        raise EmptyOutput(
+            f"{where}: 'output' is empty; every record needs a response "
+            "(or set skip_empty_output = true to leave such records out)"
+        )
+    return {field: row[field] for field in FIELDS}
+
+
+def file_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """``(where, row)`` for each row of one local file, ``where`` naming file and record."""
+    if path.suffix not in SUFFIXES:
+        raise DataError(
+            f"{path}: unsupported file type {path.suffix or '(none)'}; alpaca records come "
+            f"from {', '.join(SUFFIXES)} files"
+        )
+    if path.suffix == ".json":
+        yield from _json_rows(path)
+    elif path.suffix == ".jsonl":
+        yield from _jsonl_rows(path)
+    else:
+        # No columns asked for: the fields are checked here, with the record's number.
+        for number, row in enumerate(read_rows(path, []), 1):
+            yield f"{path}: record {number}", row
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """One record per line; blank lines are skipped, errors name the line."""
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
+                yield f"{path}: line {number}", row
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason})") from None
+
+
+def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """A JSON array of records, as ``alpaca_data.json`` is."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
+        ) from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of records, got a {type(data).__name__}")
+    for number, row in enumerate(data, 1):
+        yield f"{path}: record {number}", row
+
+
+class AlpacaSource:
+    """Alpaca records from the hub or from local files."""
+
+    def __init__(self, options: AlpacaOptions) -> None:
+        self.options = options
+        self.tokenizer = options.tokenizer
+        self.template = options.template
+        hub = "hub-" + options.hub_name.replace("/", "--")
+        where = hub if options.source == "hub" else "local"
+        self.variant = f"{where}-{options.tokenizer}"
+        self.description = (
+            f"Alpaca from the Hugging Face hub ({options.hub_name})"
+            if options.source == "hub"
+            else "Alpaca from local files: " + ", ".join(options.train_files + options.val_files)
+        )
+
+    def split_examples(self, downloads: Path) -> Iterator[tuple[str, dict[str, str]]]:
+        """``(split, record)`` pairs, reading each source once."""
+        opts = self.options
+        if opts.source == "local" and opts.val_files:
+            for split, patterns, name in (
+                ("train", opts.train_files, "train_files"),
+                ("val", opts.val_files, "val_files"),
+            ):
+                for path in expand_files(patterns, f"dataset.{name}"):
+                    yield from ((split, record) for record in self._checked(file_rows(path)))
+            return
+        counts = {"train": 0, "val": 0}
+        for record in self._all_records():
+            split = "val" if held_out(record, opts.seed, opts.val_fraction) else "train"
+            counts[split] += 1
+            yield split, record
+        self._explain_empty(counts)
+
+    def _all_records(self) -> Iterator[dict[str, str]]:
+        opts = self.options
+        if opts.source == "hub":
+            # Both hub datasets have a single train split; validation is held out.
+            rows = hub_rows(opts.hub_name, None, "train")
+            yield from self._checked(
+                (f"{opts.hub_name} (hub): row {n}", row) for n, row in enumerate(rows, 1)
+            )
+            return
+        for path in expand_files(opts.train_files, "dataset.train_files"):
+            yield from self._checked(file_rows(path))
+
+    def _checked(self, rows: Iterator[tuple[str, Any]]) -> Iterator[dict[str, str]]:
+        """Checked records; with skip_empty_output, those without a response are left out."""
+        skipped = 0
+        for where, row in rows:
+            try:
+                yield check_record(row, where)
+            except EmptyOutput:
+                if not self.options.skip_empty_output:
+                    raise
+                skipped += 1
+        if skipped:
+            print(
+                f"alpaca: left out {skipped:,} records with an empty output (skip_empty_output)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def _explain_empty(self, counts: dict[str, int]) -> None:
+        """Say why holding out by val_fraction left a split empty."""
+        total, fraction = counts["train"] + counts["val"], self.options.val_fraction
+        if total == 0:
+            return  # no records at all: the core says the train split is empty
+        if counts["train"] == 0:
+            raise DataError(
+                f"dataset.val_fraction: all {total:,} records went to validation: "
+                f"val_fraction = {fraction}; lower it, or give val_files"
+            )
+        if counts["val"] == 0:
+            raise DataError(
+                f"dataset.val_fraction: none of the {total:,} records went to validation: "
+                f"val_fraction = {fraction} is too small to hold any; raise it, or give val_files"
+            )
+
+    def examples(self, split: str, downloads: Path) -> Iterator[dict[str, str]]:
+        """Records of ``split``: ``val_files``, or the held-out records."""
+        return (record for which, record in self.split_examples(downloads) if which == split)
+
+
+@hookimpl
+def register_datasets(register):
+    """Register the ``alpaca`` dataset."""
+    register(
+        "alpaca",
+        AlpacaSource,
+        options=AlpacaOptions,
+        description="Stanford Alpaca instruction/response records, from the hub or local files.",
+    )
