@@ -78,5 +78,6 @@ def bench(session: nox.Session) -> None:
         "bench_prepare.py",
         "bench_sampling.py",
         "bench_finetune.py",
+        "bench_serve.py",
     ):
         session.run("python", f"tests/bench/{script}", *session.posargs)

@@ -92,6 +92,38 @@ DATA_DIR = click.option(
 )
 
 
+DEVICE = click.option(
+    "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])
+)
+# The sampling options `gpt sample` and `gpt chat` share, in the order --help shows them.
+SAMPLING_OPTIONS = (
+    click.option("--max-new-tokens", default=500, show_default=True, type=click.IntRange(min=1)),
+    click.option(
+        "--temperature",
+        default=0.8,
+        show_default=True,
+        type=click.FloatRange(min=0),
+        help="0 is greedy.",
+    ),
+    click.option("--top-k", default=200, show_default=True, type=click.IntRange(min=1)),
+    click.option(
+        "--top-p",
+        default=None,
+        type=click.FloatRange(0, 1, min_open=True),
+        help="Nucleus sampling.",
+    ),
+    click.option("--seed", default=1337, show_default=True, type=int),
+    DEVICE,
+)
+
+
+def sampling_options(command: Any) -> Any:
+    """Add the shared sampling options to a command."""
+    for option in reversed(SAMPLING_OPTIONS):
+        command = option(command)
+    return command
+
+
 def load_runnable(
     ctx: click.Context, experiment: Path, overrides: tuple[str, ...]
 ) -> ExperimentConfig:
@@ -194,23 +226,8 @@ def prepare(
     default=None,
     help="Read the prompt from a file.",
 )
-@click.option("--max-new-tokens", default=500, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--temperature",
-    default=0.8,
-    show_default=True,
-    type=click.FloatRange(min=0),
-    help="0 is greedy.",
-)
-@click.option("--top-k", default=200, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--top-p", default=None, type=click.FloatRange(0, 1, min_open=True), help="Nucleus sampling."
-)
 @click.option("--num-samples", default=1, show_default=True, type=click.IntRange(min=1))
-@click.option("--seed", default=1337, show_default=True, type=int)
-@click.option(
-    "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])
-)
+@sampling_options
 def sample(
     ckpt: Path,
     prompt: str | None,
@@ -290,22 +307,7 @@ def sample(
     metavar="TEXT",
     help="With --once: the input (context) that goes with the question.",
 )
-@click.option("--max-new-tokens", default=500, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--temperature",
-    default=0.8,
-    show_default=True,
-    type=click.FloatRange(min=0),
-    help="0 is greedy; /temperature X changes it.",
-)
-@click.option("--top-k", default=200, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--top-p", default=None, type=click.FloatRange(0, 1, min_open=True), help="Nucleus sampling."
-)
-@click.option("--seed", default=1337, show_default=True, type=int)
-@click.option(
-    "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])
-)
+@sampling_options
 @click.pass_context
 def chat(
     ctx: click.Context,
@@ -324,7 +326,7 @@ def chat(
     Answers stream as they are generated and end at end-of-text. Commands:
     /reset, /temperature X, /quit; Ctrl-D or Ctrl-C at the prompt ends, Ctrl-C
     during an answer stops that answer. With stdin not a terminal, each line is
-    one question and each answer is followed by a blank line.
+    one question, answered on its own, and each answer is followed by a blank line.
 
     \b
     Examples:
@@ -348,6 +350,82 @@ def chat(
         question=question,
         input=input_text or "",
         plugins=plugins_of(ctx),
+    )
+
+
+@click.command()
+@click.option(
+    "--ckpt",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="A checkpoint, e.g. results/<name>/checkpoints/last.pth.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--api-key",
+    default=None,
+    envvar="NANOGPT_API_KEY",
+    help="Require 'Authorization: Bearer KEY' on /v1/ (env: NANOGPT_API_KEY).",
+)
+@click.option(
+    "--max-concurrency",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Requests generating at once.",
+)
+@click.option(
+    "--queue-size",
+    default=16,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Requests waiting for a slot; more get HTTP 429.",
+)
+@click.option(
+    "--grace",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds that streams in flight get to finish after SIGTERM.",
+)
+@DEVICE
+def serve(
+    ckpt: Path,
+    host: str,
+    port: int,
+    api_key: str | None,
+    max_concurrency: int,
+    queue_size: int,
+    grace: float,
+    device: str,
+) -> None:
+    """Serve a checkpoint over an OpenAI-compatible HTTP API, with a chat page at /.
+
+    Endpoints: /v1/completions, /v1/chat/completions (through the checkpoint's
+    template), /v1/models, /health. SIGTERM lets streams in flight finish
+    (up to --grace seconds) and exits 0.
+
+    \b
+    Examples:
+      gpt serve --ckpt results/alpaca/checkpoints/last.pth
+      gpt serve --ckpt last.pth --port 8080 --api-key secret --max-concurrency 4
+    """
+    import importlib.util
+
+    if any(importlib.util.find_spec(name) is None for name in ("fastapi", "uvicorn")):
+        raise NanoGPTError("gpt serve needs the serve extra: pip install 'nanogpt[serve]'")
+    from nanogpt_core.serve import serve as run_server
+
+    run_server(
+        ckpt,
+        host=host,
+        port=port,
+        api_key=api_key,
+        max_concurrency=max_concurrency,
+        queue_size=queue_size,
+        grace=grace,
+        device=device,
     )
 
 
@@ -523,7 +601,7 @@ def make_cli(plugins: Plugins) -> click.Group:
           gpt plugins
         """
 
-    for command in (run, prepare, sample, chat, batch, export, plugins_command):
+    for command in (run, prepare, sample, chat, serve, batch, export, plugins_command):
         gpt.add_command(command)
     for failure in plugins.add_commands(gpt):
         click.echo(f"Warning: {failure}", err=True)

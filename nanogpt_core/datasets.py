@@ -149,17 +149,20 @@ class PreparedData:
 
 
 @attrs.frozen
-class TokenizerChoice:
-    """The tokenizer a preparation uses: registered name, registration and options.
+class PluginChoice:
+    """The tokenizer or template a preparation uses: registered name, registration, options.
 
-    ``from_table`` is true when the experiment's ``[tokenizer]`` table chose it
-    rather than the dataset source.
+    ``from_table`` is true when the experiment's ``[tokenizer]`` or ``[template]``
+    table chose it rather than the dataset source.
     """
 
     name: str
     registration: Registration
     options: Any
     from_table: bool = False
+
+
+TokenizerChoice = PluginChoice
 
 
 # Fingerprints.
@@ -393,46 +396,57 @@ def check_source(source: Any, who: str) -> None:
         )
 
 
-def tokenizer_choice(
-    config: ExperimentConfig, source: DatasetSource, plugins: Plugins
-) -> TokenizerChoice:
-    """The tokenizer to prepare with: the ``[tokenizer]`` table's, else the source's."""
-    registry = plugins.tokenizers()
-    spec = getattr(config, "tokenizer", None)
+def plugin_choice(
+    kind: str, config: ExperimentConfig, source: DatasetSource, plugins: Plugins
+) -> PluginChoice:
+    """The ``kind`` (``"tokenizer"`` or ``"template"``) to prepare with.
+
+    The experiment's ``[kind]`` table when it has one, else the name the source
+    gives in its attribute of that name, with that plugin's default options.
+    """
+    registry = plugins.registry(kind)
+    spec = getattr(config, kind, None)
     if spec is not None:
-        name, where = spec.plugin, "tokenizer.plugin"
+        name, where = spec.plugin, f"{kind}.plugin"
     else:
-        name = source.tokenizer
-        has_option = hasattr(config.dataset.options, "tokenizer")
-        where = "dataset.tokenizer" if has_option else f"dataset {config.dataset.plugin!r}"
+        name = getattr(source, kind)
+        has_option = hasattr(config.dataset.options, kind)
+        where = f"dataset.{kind}" if has_option else f"dataset {config.dataset.plugin!r}"
     registration = registry.get(name)
     if registration is None:
         installed = ", ".join(sorted(registry)) or "none"
         raise DataError(
-            f"{where}: no tokenizer named {name!r}{suggest(name, list(registry))}; "
+            f"{where}: no {kind} named {name!r}{suggest(name, list(registry))}; "
             f"installed: {installed}"
         )
     if spec is not None:
-        return TokenizerChoice(name, registration, _table_options(spec, registration), True)
-    return TokenizerChoice(name, registration, _default_options(registration, name, where))
+        return PluginChoice(name, registration, _table_options(kind, spec, registration), True)
+    return PluginChoice(name, registration, _default_options(kind, registration, name, where))
 
 
-def _table_options(spec: Any, registration: Registration) -> Any:
-    """The ``[tokenizer]`` table's options (structured here if config loading did not)."""
+def tokenizer_choice(
+    config: ExperimentConfig, source: DatasetSource, plugins: Plugins
+) -> TokenizerChoice:
+    """The tokenizer to prepare with: the ``[tokenizer]`` table's, else the source's."""
+    return plugin_choice("tokenizer", config, source, plugins)
+
+
+def _table_options(kind: str, spec: Any, registration: Registration) -> Any:
+    """The ``[kind]`` table's options (structured here if config loading did not)."""
     if not isinstance(spec.options, dict):
         return spec.options
     try:
-        return structure(spec.options, registration.options, "tokenizer")
+        return structure(spec.options, registration.options, kind)
     except OptionProblems as exc:
         raise ConfigError(exc.problems) from None
 
 
-def _default_options(registration: Registration, name: str, where: str) -> Any:
-    """The tokenizer's default options; one that requires some asks for a ``[tokenizer]`` table."""
+def _default_options(kind: str, registration: Registration, name: str, where: str) -> Any:
+    """The plugin's default options; one that requires some asks for a ``[kind]`` table."""
     required = [f.name for f in attrs.fields(registration.options) if f.default is attrs.NOTHING]
     if required:
         raise DataError(
-            f"{where}: tokenizer {name!r} needs {', '.join(required)}: add a [tokenizer] table "
+            f"{where}: {kind} {name!r} needs {', '.join(required)}: add a [{kind}] table "
             f'with plugin = "{name}" and {required[0]} = ...'
         )
     return registration.options()

@@ -42,7 +42,7 @@ import attrs
 import numpy as np
 
 from nanogpt_core import datasets
-from nanogpt_core.errors import ConfigError, DataError, PluginError, PluginFault
+from nanogpt_core.errors import DataError, PluginError, PluginFault
 from nanogpt_core.files import (
     atomic_write_text,
     fsync_dir,
@@ -50,12 +50,12 @@ from nanogpt_core.files import (
     storage_errors,
 )
 from nanogpt_core.files import temporary_path as temp
-from nanogpt_core.options import OptionProblems, structure, suggest, unstructure
+from nanogpt_core.options import unstructure
 from nanogpt_core.tokenizers import learn_if_needed
 
 if TYPE_CHECKING:
     from nanogpt_core.config import ExperimentConfig
-    from nanogpt_core.plugins import Plugins, Registration
+    from nanogpt_core.plugins import Plugins
     from nanogpt_core.templates import Template
 
 FIELDS = ("instruction", "input", "output")
@@ -87,52 +87,12 @@ def check_example_source(source: Any) -> list[str]:
 # The template.
 
 
-@attrs.frozen
-class TemplateChoice:
-    """The template examples are rendered with; ``from_table`` when ``[template]`` chose it."""
-
-    name: str
-    registration: Registration
-    options: Any
-    from_table: bool = False
+TemplateChoice = datasets.PluginChoice
 
 
 def template_choice(config: ExperimentConfig, source: Any, plugins: Plugins) -> TemplateChoice:
     """The experiment's ``[template]`` table, else the source's template with default options."""
-    registry = plugins.templates()
-    spec = getattr(config, "template", None)
-    if spec is not None:
-        name, where = spec.plugin, "template.plugin"
-    else:
-        name = source.template
-        has_option = hasattr(config.dataset.options, "template")
-        where = "dataset.template" if has_option else f"dataset {config.dataset.plugin!r}"
-    registration = registry.get(name)
-    if registration is None:
-        installed = ", ".join(sorted(registry)) or "none"
-        raise DataError(
-            f"{where}: no template named {name!r}{suggest(name, list(registry))}; "
-            f"installed: {installed}"
-        )
-    if spec is None:
-        return TemplateChoice(name, registration, _default_options(registration, name, where))
-    options = spec.options
-    if isinstance(options, dict):  # config loading without plugins left the table raw
-        try:
-            options = structure(options, registration.options, "template")
-        except OptionProblems as exc:
-            raise ConfigError(exc.problems) from None
-    return TemplateChoice(name, registration, options, from_table=True)
-
-
-def _default_options(registration: Registration, name: str, where: str) -> Any:
-    required = [f.name for f in attrs.fields(registration.options) if f.default is attrs.NOTHING]
-    if required:
-        raise DataError(
-            f"{where}: template {name!r} needs {', '.join(required)}: add a [template] table "
-            f'with plugin = "{name}" and {required[0]} = ...'
-        )
-    return registration.options()
+    return datasets.plugin_choice("template", config, source, plugins)
 
 
 def make_template(choice: TemplateChoice) -> tuple[Template, dict[str, Any]]:

@@ -34,6 +34,7 @@ name = "{name}"
 plugin = "alpaca"
 source = "local"
 train_files = ["{data}"]
+skip_empty_output = true
 [model]
 n_layer = 6
 n_head = 6
