@@ -213,3 +213,20 @@ def test_every_hook_has_a_test():
     tests = "\n".join(p.read_text() for p in (REPO / "tests").rglob("test_*.py"))
     for name in hook_names():
         assert re.search(rf"def test_{name}\w*\(", tests), f"no test named test_{name}..."
+
+
+def test_every_state_field_run_path_and_callback_hook_is_documented():
+    from nanogpt_core.callbacks import CALLBACK_HOOKS, RunPaths, TrainerState
+
+    readme = (REPO / "README.md").read_text()
+    for field in attrs.fields(TrainerState):
+        if not field.name.startswith("_"):
+            assert f"| `{field.name}` |" in readme, (
+                f"TrainerState.{field.name} is not in the README"
+            )
+    run_paths = readme[readme.index("`RunPaths` fields:") :][:600]
+    names = ["root"] + [n for n, v in vars(RunPaths).items() if isinstance(v, property)]
+    for name in names:
+        assert f"`{name}" in run_paths, f"RunPaths.{name} is not in the README"
+    for hook in CALLBACK_HOOKS:
+        assert re.search(rf"`{hook}\(state", readme), f"callback hook {hook} is not in the README"
