@@ -230,3 +230,12 @@ def test_every_state_field_run_path_and_callback_hook_is_documented():
         assert f"`{name}" in run_paths, f"RunPaths.{name} is not in the README"
     for hook in CALLBACK_HOOKS:
         assert re.search(rf"`{hook}\(state", readme), f"callback hook {hook} is not in the README"
+
+
+def test_every_core_option_is_in_the_readme_tables():
+    from nanogpt_core.config import ModelConfig, TrainConfig
+
+    readme = (REPO / "README.md").read_text()
+    for cls in (ModelConfig, TrainConfig):
+        for field in attrs.fields(cls):
+            assert f"| `{field.name}` |" in readme, f"{cls.__name__}.{field.name} is undocumented"
