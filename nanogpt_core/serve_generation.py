@@ -8,8 +8,13 @@ thread to the event loop one piece at a time; a consumer that goes away (a
 client that disconnected) sets a flag the thread checks before every token, so
 its slot is free again after at most one more forward pass.
 
-Requests are not batched into one forward pass: each generates on its own,
-with its own ``torch.Generator``, so concurrent outputs never mix.
+Requests are batched where the shapes allow: when a slot frees, the request
+first in line is joined by the others waiting with a prompt of the same length
+(up to ``max_batch`` of them), and all their choices decode together, one
+forward pass per token over a batched KV cache. Each request keeps its own
+``torch.Generator`` and sampling settings, so concurrent outputs never mix.
+Prompts of other lengths wait for the next slot: with learned absolute
+positions, rows of different lengths would need padding and masks.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any
 
 import attrs
 
-from nanogpt_core.sampling import LoadedModel, stream_pieces
+from nanogpt_core.sampling import LoadedModel
 
 
 class QueueFull(Exception):
@@ -99,80 +104,146 @@ class StopMatcher:
         return longest
 
 
-def generate_choices(
-    loaded: LoadedModel,
-    ids: list[int],
-    sampling: Sampling,
-    emit: Callable[[Piece | Finish], None],
-    cancelled: threading.Event,
-) -> None:
-    """Generate ``sampling.n`` choices one after another (in a worker thread).
+@attrs.define(eq=False)
+class Job:
+    """One admitted request as the engine sees it: prompt, settings, where results go."""
 
-    One generator, seeded by ``sampling.seed`` (random without one), serves
-    every choice of the request, so a seeded request is reproducible.
+    ids: list[int]
+    sampling: Sampling
+    emit: Callable[[Piece | Finish], None]
+    done: Callable[[BaseException | None], None]
+    cancelled: threading.Event = attrs.field(factory=threading.Event)
+
+
+class Row:
+    """One choice of one job in a batch: decodes its tokens and emits its text."""
+
+    def __init__(self, job: Job, index: int, generator: Any, loaded: LoadedModel) -> None:
+        self.job = job
+        self.index = index
+        self.generator = generator
+        self.tokenizer = loaded.tokenizer
+        self.matcher = StopMatcher(job.sampling.stop)
+        self.pending: list[int] = []
+        self.count = 0
+        self.done = False
+
+    def take(self, token: int) -> None:
+        """Add one sampled token: emit what text is ready, finish at a stop or the limit."""
+        if self.job.cancelled.is_set():
+            self.done = True
+            return
+        eot = self.tokenizer.eot_id
+        if eot is not None and token == eot:
+            self._finish("stop")
+            return
+        self.count += 1
+        self.pending.append(token)
+        text = self.tokenizer.decode(self.pending)
+        # A BPE token can end inside a multi-byte character: wait for the rest.
+        if not text.endswith("\ufffd"):
+            self.pending = []
+            released, stopped = self.matcher.feed(text)
+            if released:
+                self.job.emit(Piece(self.index, released))
+            if stopped:
+                self.done = True
+                self.job.emit(Finish(self.index, "stop", self.count))
+                return
+        if self.count >= self.job.sampling.max_tokens:
+            self._finish("length")
+
+    def _finish(self, reason: str) -> None:
+        rest = self.matcher.feed(self.tokenizer.decode(self.pending))[0] if self.pending else ""
+        rest += self.matcher.flush()
+        if rest:
+            self.job.emit(Piece(self.index, rest))
+        self.done = True
+        self.job.emit(Finish(self.index, reason, self.count))
+
+
+def make_rows(loaded: LoadedModel, jobs: list[Job]) -> list[Row]:
+    """Every choice of every job; a job's choices share its generator (seeded when asked)."""
+    import torch
+
+    rows = []
+    for job in jobs:
+        seed = job.sampling.seed if job.sampling.seed is not None else secrets.randbits(63)
+        generator = torch.Generator(device=loaded.device).manual_seed(seed)
+        rows.extend(Row(job, index, generator, loaded) for index in range(job.sampling.n))
+    return rows
+
+
+def generate_batch(loaded: LoadedModel, jobs: list[Job]) -> None:
+    """Decode every choice of ``jobs`` (prompts of one length) together, in a worker thread.
+
+    The same steps as ``GPT.generate_tokens``: the prompt through the KV cache,
+    then one token per forward pass, the cache restarting from the last half
+    window when full. Each row samples with its own settings and generator;
+    rows that finished (or whose client left) ride along until all are done.
     """
     import torch
 
-    seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
-    generator = torch.Generator(device=loaded.device).manual_seed(seed)
-    for index in range(sampling.n):
-        finish = _one_choice(loaded, ids, sampling, index, generator, emit, cancelled)
-        if finish is None:
-            return
-        emit(finish)
+    from nanogpt_core.model import GPT, KVCache
 
-
-def _one_choice(
-    loaded: LoadedModel,
-    ids: list[int],
-    sampling: Sampling,
-    index: int,
-    generator: Any,
-    emit: Callable[[Piece | Finish], None],
-    cancelled: threading.Event,
-) -> Finish | None:
-    """Stream one choice through ``emit``; None when the consumer went away."""
-    matcher = StopMatcher(sampling.stop)
-    count = 0
-    for new_ids, text in stream_pieces(
-        loaded,
-        ids,
-        max_new_tokens=sampling.max_tokens,
-        temperature=sampling.temperature,
-        top_k=sampling.top_k,
-        top_p=sampling.top_p,
-        generator=generator,
-    ):
-        if cancelled.is_set():
-            return None
-        count += len(new_ids)
-        released, stopped = matcher.feed(text)
-        if released:
-            emit(Piece(index, released))
-        if stopped:
-            return Finish(index, "stop", count)
-    if cancelled.is_set():
-        return None
-    if rest := matcher.flush():
-        emit(Piece(index, rest))
-    # stream_pieces ends early only at the end-of-text token.
-    return Finish(index, "stop" if count < sampling.max_tokens else "length", count)
+    model, rows = loaded.model, make_rows(loaded, jobs)
+    config, limit = model.config, loaded.tokenizer.vocab_size
+    ids = torch.tensor([row.job.ids for row in rows], dtype=torch.long, device=loaded.device)
+    filler = loaded.tokenizer.eot_id or 0
+    with torch.no_grad():
+        cache = KVCache(config)
+        logits, _ = model(ids[:, -config.block_size :], cache=cache)
+        while not all(row.done for row in rows):
+            chosen = []
+            for b, row in enumerate(rows):
+                if row.done:
+                    chosen.append(filler)
+                    continue
+                s = row.job.sampling
+                token = GPT._pick(
+                    logits[b : b + 1, -1, :], s.temperature, s.top_k, s.top_p, row.generator, limit
+                )
+                chosen.append(int(token))
+                row.take(int(token))
+            if all(row.done for row in rows):
+                return
+            step = torch.tensor(chosen, dtype=torch.long, device=loaded.device).view(-1, 1)
+            ids = torch.cat((ids, step), dim=1)
+            if cache.length < config.block_size:
+                logits, _ = model(step, cache=cache)
+            else:
+                cache = KVCache(config)
+                logits, _ = model(ids[:, -(config.block_size // 2) :], cache=cache)
 
 
 _DONE = object()
+# Requests decoded together at most: past this a batch's per-token cost grows
+# faster than what waiting requests gain on a CPU.
+MAX_BATCH = 8
 
 
 class Engine:
-    """Runs requests on a loaded model: bounded concurrency, a bounded queue, threads.
+    """Runs requests on a loaded model: bounded concurrency and queue, batching, threads.
 
     Create it inside the event loop that serves requests (the server's startup).
     """
 
-    def __init__(self, loaded: LoadedModel, *, max_concurrency: int, queue_size: int) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        max_concurrency: int,
+        queue_size: int,
+        max_batch: int = MAX_BATCH,
+    ) -> None:
         self.loaded = loaded
         self.capacity = max_concurrency + queue_size
         self.admitted = 0
-        self.slots = asyncio.Semaphore(max_concurrency)
+        self.max_concurrency = max_concurrency
+        self.max_batch = max_batch
+        self.running = 0
+        self.waiting: list[Job] = []
+        self.largest_batch = 0
         self.executor = ThreadPoolExecutor(max_concurrency, thread_name_prefix="gpt-serve")
 
     def admit(self) -> Ticket:
@@ -188,37 +259,56 @@ class Engine:
     async def generate(self, ids: list[int], sampling: Sampling) -> AsyncIterator[Piece | Finish]:
         """Wait for a slot, then yield pieces and finishes as the worker thread makes them.
 
-        Closing or cancelling this iterator stops the generation after at most
-        one more token; the slot is released when the thread has stopped.
+        Closing or cancelling this iterator stops this request's generation
+        after at most one more token; a batch whose requests all left stops too,
+        and its slot goes to the next in line.
         """
-        await self.slots.acquire()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
-        cancelled = threading.Event()
 
         def emit(item: Piece | Finish) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        def finished(future: asyncio.Future[None]) -> None:
-            self.slots.release()
-            error = None if future.cancelled() else future.exception()
+        def done(error: BaseException | None) -> None:
             queue.put_nowait(error or _DONE)
 
-        try:
-            future = loop.run_in_executor(
-                self.executor, generate_choices, self.loaded, ids, sampling, emit, cancelled
-            )
-        except BaseException:
-            self.slots.release()
-            raise
-        future.add_done_callback(finished)
+        job = Job(ids, sampling, emit, done)
+        self.waiting.append(job)
+        self._dispatch(loop)
         try:
             while (item := await queue.get()) is not _DONE:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
         finally:
-            cancelled.set()
+            job.cancelled.set()
+            if job in self.waiting:
+                self.waiting.remove(job)
+
+    def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start batches while slots are free: the first in line and its equal-length peers."""
+        while self.running < self.max_concurrency and self.waiting:
+            head = self.waiting.pop(0)
+            group = [head]
+            for job in list(self.waiting):
+                if len(group) >= self.max_batch:
+                    break
+                if len(job.ids) == len(head.ids):
+                    group.append(job)
+                    self.waiting.remove(job)
+            self.running += 1
+            self.largest_batch = max(self.largest_batch, len(group))
+            future = loop.run_in_executor(self.executor, generate_batch, self.loaded, group)
+            future.add_done_callback(lambda f, group=group: self._finished(loop, f, group))
+
+    def _finished(
+        self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[None], group: list[Job]
+    ) -> None:
+        self.running -= 1
+        error = None if future.cancelled() else future.exception()
+        for job in group:
+            job.done(error)
+        self._dispatch(loop)
 
     def shutdown(self) -> None:
         """Stop the worker threads once their current work is done."""

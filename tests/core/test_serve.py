@@ -396,3 +396,49 @@ def test_in_process_app_answers_and_refuses(plain_ckpt):
         wrong = client.post("/v1/completions", json={**body, "max_tokens": -1}, headers=headers)
         assert error_of(wrong, 400)["param"] == "max_tokens"
         assert error_of(client.post("/v1/completions", json=body), 401)
+
+
+def test_waiting_requests_of_one_prompt_length_decode_as_one_batch(plain_ckpt):
+    import asyncio
+
+    from nanogpt_core.sampling import load_model
+    from nanogpt_core.serve_generation import Engine, Finish, Piece, Sampling
+
+    loaded = load_model(plain_ckpt, "cpu")
+    # Prompts of one length (4 ids each) and different contents; greedy and sampled.
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16], [17, 18, 19, 20]]
+    settings = [
+        Sampling(max_tokens=12, temperature=0.0),
+        Sampling(max_tokens=7, temperature=0.0),
+        Sampling(max_tokens=12, temperature=0.9, top_k=20, seed=3),
+        Sampling(max_tokens=12, temperature=0.9, top_p=0.8, seed=4, n=2),
+    ]
+
+    async def collect(engine: Engine, ids: list[int], sampling: Sampling) -> dict:
+        texts: dict[int, str] = {}
+        finishes = {}
+        async for item in engine.generate(ids, sampling):
+            if isinstance(item, Piece):
+                texts[item.index] = texts.get(item.index, "") + item.text
+            elif isinstance(item, Finish):
+                finishes[item.index] = (item.reason, item.completion_tokens)
+        return {"texts": texts, "finishes": finishes}
+
+    async def alone() -> list[dict]:
+        engine = Engine(loaded, max_concurrency=1, queue_size=8)
+        return [await collect(engine, ids, s) for ids, s in zip(prompts, settings, strict=True)]
+
+    async def together() -> tuple[list[dict], int]:
+        engine = Engine(loaded, max_concurrency=1, queue_size=8)
+        results = await asyncio.gather(
+            *(collect(engine, ids, s) for ids, s in zip(prompts, settings, strict=True))
+        )
+        return list(results), engine.largest_batch
+
+    expected = asyncio.run(alone())
+    batched, largest = asyncio.run(together())
+    # The first starts alone; the three that waited for its slot decode as one batch.
+    assert largest == 3
+    assert batched == expected
+    assert batched[1]["finishes"][0] == ("length", 7)
+    assert set(batched[3]["texts"]) <= {0, 1} and set(batched[3]["finishes"]) == {0, 1}
