@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
-from nanogpt_core.errors import NanoGPTError, PluginFault
-
 if TYPE_CHECKING:
     from nanogpt_core.plugins import Plugins
 
@@ -59,27 +57,6 @@ def template_from_description(
 
     :param plugins: where to look the ``kind`` up; the installed plugins when None.
     """
-    kind = description.get("kind") if isinstance(description, dict) else None
-    if not isinstance(kind, str) or not kind:
-        raise NanoGPTError("the template description has no 'kind'; it is damaged")
-    if plugins is None:
-        from nanogpt_core.plugins import load_plugins
+    from nanogpt_core.plugins import rebuild_from_description
 
-        plugins = load_plugins()
-    registry = plugins.templates()
-    registration = registry.get(kind)
-    if registration is None:
-        installed = ", ".join(sorted(registry)) or "none"
-        raise NanoGPTError(
-            f"template {kind!r} is not installed (installed: {installed}); "
-            "install the plugin that provides it"
-        )
-    try:
-        return registration.factory.from_description(description)
-    except NanoGPTError:
-        raise
-    except Exception as exc:
-        raise PluginFault(
-            f"plugin {registration.plugin!r}: template {kind!r} failed in from_description: "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
+    return rebuild_from_description("template", description, plugins)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
-from nanogpt_core.errors import NanoGPTError, PluginFault
+from nanogpt_core.errors import NanoGPTError
 
 if TYPE_CHECKING:
     from nanogpt_core.plugins import Plugins
@@ -130,36 +130,9 @@ def tokenizer_from_description(
     :param plugins: the plugins to look the ``kind`` up in; the installed ones
         (entry points) when None.
     """
-    kind = description.get("kind") if isinstance(description, dict) else None
-    if not isinstance(kind, str) or not kind:
-        raise NanoGPTError("the tokenizer description has no 'kind'; it is damaged")
-    if plugins is None:
-        from nanogpt_core.plugins import load_plugins
+    from nanogpt_core.plugins import rebuild_from_description
 
-        plugins = load_plugins()
-    registry = plugins.tokenizers()
-    registration = registry.get(kind)
-    if registration is None:
-        installed = ", ".join(sorted(registry)) or "none"
-        raise NanoGPTError(
-            f"tokenizer {kind!r} is not installed (installed: {installed}); "
-            "install the plugin that provides it"
-        )
-    rebuild = getattr(registration.factory, "from_description", None)
-    if not callable(rebuild):
-        raise NanoGPTError(
-            f"plugin {registration.plugin!r}: tokenizer {kind!r} has no from_description "
-            "classmethod, so it cannot be rebuilt from a checkpoint or meta.json"
-        )
-    try:
-        return rebuild(description)
-    except NanoGPTError:
-        raise
-    except Exception as exc:
-        raise PluginFault(
-            f"plugin {registration.plugin!r}: tokenizer {kind!r} failed in from_description: "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
+    return rebuild_from_description("tokenizer", description, plugins)
 
 
 @functools.cache
