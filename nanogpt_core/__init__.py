@@ -2,8 +2,9 @@
 
 This module is the whole public surface a plugin needs: ``hookimpl`` to mark its
 hook functions, ``option`` and the validators to declare its options, the
-``Callback`` base class and the state objects callbacks are handed, the errors to
-raise, and the helpers dataset plugins use to read files and write them safely.
+``Callback`` base class and the state objects callbacks are handed, the
+``Evaluator`` eval tasks are handed and what they return, the errors to raise,
+and the helpers dataset plugins use to read files and write them safely.
 Plugins import from here only; everything else is the core's own business and
 may change. Importing this package never imports torch.
 """
@@ -12,6 +13,8 @@ from nanogpt_core.callbacks import Callback, RunPaths, TrainerState
 from nanogpt_core.datasets import DatasetSource, PreparedData
 from nanogpt_core.documents import expand_files, hub_rows, read_rows, read_texts
 from nanogpt_core.errors import ConfigError, DataError, NanoGPTError, PluginError, PluginFault
+from nanogpt_core.eval_suite import EvalSuite, TaskReport, eval_metrics
+from nanogpt_core.evaluation import Continuation, EvalResult, Evaluator, SplitLoss
 from nanogpt_core.files import atomic_write, atomic_write_text
 from nanogpt_core.hookspecs import hookimpl
 from nanogpt_core.options import (
@@ -40,14 +43,20 @@ __all__ = [
     "GPT2_VOCAB_SIZE",
     "Callback",
     "ConfigError",
+    "Continuation",
     "DataError",
     "DatasetSource",
+    "EvalResult",
+    "EvalSuite",
+    "Evaluator",
     "NanoGPTError",
     "OptionValueError",
     "PluginError",
     "PluginFault",
     "PreparedData",
     "RunPaths",
+    "SplitLoss",
+    "TaskReport",
     "Template",
     "Tokenizer",
     "TrainerState",
@@ -55,6 +64,7 @@ __all__ = [
     "__version__",
     "atomic_write",
     "atomic_write_text",
+    "eval_metrics",
     "expand_files",
     "fraction",
     "gpt2_encoding",

@@ -118,6 +118,7 @@ class TrainerState:
             tuples, added by callbacks through :meth:`add_text`.
         tokenizer: the tokenizer's description, as in the prepared data's meta.
         template: the prompt template's description for fine-tuning data, or None.
+        data: the prepared dataset (:class:`nanogpt_core.PreparedData`) the run trains on.
         is_main_process: whether this process writes files.
         status: ``"running"``; in ``on_train_end`` ``"completed"``,
             ``"interrupted"`` (SIGTERM or Ctrl-C; saving is safe) or ``"failed"``
@@ -140,6 +141,7 @@ class TrainerState:
     texts: tuple[tuple[int, str, str], ...] = ()
     tokenizer: Mapping[str, Any] = attrs.field(factory=dict)
     template: Mapping[str, Any] | None = None
+    data: Any = None
     is_main_process: bool = True
     status: str = "running"
     resumed_from: int | None = None

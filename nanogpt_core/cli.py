@@ -505,6 +505,128 @@ def export(ctx: click.Context, ckpt: Path, out: Path) -> None:
     click.echo(f"exported {ckpt} to {out}/: {', '.join(written)}")
 
 
+@click.command(name="eval")
+@click.option(
+    "--ckpt", required=True, type=click.Path(path_type=Path), help="The checkpoint to evaluate."
+)
+@click.option(
+    "--task",
+    "tasks",
+    multiple=True,
+    help="An eval task (repeatable); default: the experiment's [eval.<task>] tables.",
+)
+@click.option(
+    "--experiment",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The experiment whose data val_loss scores and whose [eval.<task>] options apply.",
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a key of the experiment.",
+)
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="A local data file for the tasks that read one (hellaswag_val.jsonl).",
+)
+@click.option(
+    "--option",
+    "-o",
+    "assignments",
+    multiple=True,
+    metavar="TASK.KEY=VALUE",
+    help="Set a task option.",
+)
+@click.option(
+    "--limit", type=click.IntRange(min=1), help="Score at most this many examples per task."
+)
+@click.option(
+    "--batch-size",
+    default=8,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Examples per forward pass.",
+)
+@DEVICE
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@click.option("--log", is_flag=True, help="Also append the results to the run's metrics.jsonl.")
+@DATA_DIR
+@click.pass_context
+def eval_command(
+    ctx: click.Context,
+    ckpt: Path,
+    tasks: tuple[str, ...],
+    experiment: Path | None,
+    overrides: tuple[str, ...],
+    data: Path | None,
+    assignments: tuple[str, ...],
+    limit: int | None,
+    batch_size: int,
+    device: str,
+    as_json: bool,
+    log: bool,
+    data_dir: Path,
+) -> None:
+    """Evaluate a checkpoint on benchmark tasks (HellaSwag) or its experiment's loss.
+
+    Runs unchanged under `accelerate launch`: the examples are split between
+    the processes and the numbers are those of one process.
+
+    \b
+    Examples:
+      gpt eval --ckpt results/fineweb/checkpoints/last.pth --task hellaswag --data hellaswag_val.jsonl
+      gpt eval --ckpt last.pth --task val_loss --experiment experiments/fineweb.toml --json
+      gpt eval --ckpt last.pth --task hellaswag --limit 500 --log
+    """
+    from nanogpt_core.eval_checkpoint import (
+        append_to_run,
+        check_loggable,
+        evaluate_checkpoint,
+        print_json,
+        task_options,
+    )
+    from nanogpt_core.eval_suite import eval_task_names, format_table
+
+    plugins = plugins_of(ctx)
+    config = load_runnable(ctx, experiment, overrides) if experiment else None
+    names = list(tasks) or (list(config.eval) if config is not None else [])
+    if not names:
+        installed = ", ".join(eval_task_names(plugins)) or "none"
+        raise NanoGPTError(f"name a task with --task (installed: {installed})")
+    run_paths = check_loggable(ckpt) if log else None
+    options = task_options(names, plugins, config, data, assignments)
+    result = evaluate_checkpoint(
+        ckpt,
+        names,
+        plugins,
+        experiment=config,
+        data_dir=data_dir,
+        device=device,
+        limit=limit,
+        batch_size=batch_size,
+        options=options,
+    )
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
+    if run_paths is not None:
+        append_to_run(run_paths, result)
+    if as_json:
+        click.echo(print_json(result))
+        return
+    click.echo(f"{ckpt} (step {result.step})")
+    click.echo(format_table(result.reports))
+    for report in result.reports:
+        for note in report.notes:
+            click.echo(f"note: {report.task}: {note}")
+    if run_paths is not None:
+        click.echo(f"logged to {run_paths.metrics}")
+
+
 def plugin_listing(plugins: Plugins) -> list[dict[str, Any]]:
     """Everything ``gpt plugins`` shows, as plain data (one entry per plugin)."""
     listing: list[dict[str, Any]] = []
@@ -601,7 +723,17 @@ def make_cli(plugins: Plugins) -> click.Group:
           gpt plugins
         """
 
-    for command in (run, prepare, sample, chat, serve, batch, export, plugins_command):
+    for command in (
+        run,
+        prepare,
+        sample,
+        chat,
+        serve,
+        batch,
+        export,
+        eval_command,
+        plugins_command,
+    ):
         gpt.add_command(command)
     for failure in plugins.add_commands(gpt):
         click.echo(f"Warning: {failure}", err=True)

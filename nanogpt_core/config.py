@@ -206,6 +206,9 @@ class ExperimentConfig:
     model: ModelConfig = option(doc="The model.", factory=ModelConfig)
     train: TrainConfig = option(doc="The training recipe.", factory=TrainConfig)
     callbacks: list[PluginSpec] = option(doc="Callbacks, called in this order.", factory=list)
+    eval: dict[str, Any] = option(
+        doc="Options of evaluation tasks, one [eval.<task>] table each.", factory=dict
+    )
 
     def to_dict(self) -> dict[str, Any]:
         """The experiment as plain data, in the shape of the TOML file (for config.json)."""
@@ -229,6 +232,12 @@ class ExperimentConfig:
             train=unstructure(self.train),
             callbacks=[table(spec) for spec in self.callbacks],
         )
+        # Only when set, so results folders of experiments without it compare equal.
+        if self.eval:
+            data["eval"] = {
+                task: options if isinstance(options, dict) else unstructure(options)
+                for task, options in self.eval.items()
+            }
         return data
 
 
@@ -470,6 +479,21 @@ def resolve_paths(data: dict[str, Any], origins: Origins, plugins: Plugins | Non
                 continue  # a name two plugins registered: the second pass reports it
             if registration is not None:
                 _resolve_keys(table, path_fields(registration.options), key, origins)
+    _resolve_eval_paths(data.get("eval"), plugins, origins)
+
+
+def _resolve_eval_paths(tables: Any, plugins: Plugins, origins: Origins) -> None:
+    """Path options of ``[eval.<task>]`` tables, which name their plugin by their key."""
+    if not isinstance(tables, dict):
+        return
+    registry = plugins.eval_tasks()
+    for task, table in tables.items():
+        try:
+            registration = registry.get(task)
+        except PluginError:
+            continue
+        if registration is not None:
+            _resolve_keys(table, path_fields(registration.options), ("eval", task), origins)
 
 
 def _resolve_keys(
@@ -533,6 +557,10 @@ def resolve_plugins(config: ExperimentConfig, plugins: Plugins, source: str) -> 
         resolve(spec, callbacks, "callback", f"callbacks[{i}]")
         for i, spec in enumerate(config.callbacks)
     ]
+    eval_options = {
+        task: resolve_eval_table(task, table, plugins, problems)
+        for task, table in config.eval.items()
+    }
     names = [spec.plugin for spec in config.callbacks]
     for i, name in enumerate(names):
         if name in names[:i]:
@@ -545,4 +573,28 @@ def resolve_plugins(config: ExperimentConfig, plugins: Plugins, source: str) -> 
         tokenizer=tokenizer,
         template=template,
         callbacks=resolved_callbacks,
+        eval=eval_options,
     )
+
+
+def resolve_eval_table(task: str, table: Any, plugins: Plugins, problems: list[str]) -> Any:
+    """One ``[eval.<task>]`` table structured into the task's options (problems appended)."""
+    path = join("eval", task)
+    registry = plugins.eval_tasks()
+    try:
+        registration = registry.get(task)
+    except PluginError as exc:
+        problems.append(f"{path}: {exc}")
+        return table
+    if registration is None:
+        installed = ", ".join(sorted(registry)) or "none"
+        problems.append(
+            f"{path}: no eval task named {task!r}{suggest(task, list(registry))}; "
+            f"installed: {installed}"
+        )
+        return table
+    try:
+        return structure(table, registration.options, path)
+    except OptionProblems as exc:
+        problems.extend(exc.problems)
+        return table

@@ -62,6 +62,18 @@ def register_templates(register: Any) -> None:
 
 
 @hookspec
+def register_eval_tasks(register: Any) -> None:
+    """Register evaluation tasks for ``gpt eval`` and the ``eval`` callback.
+
+    :param register: call ``register(name, TaskClass, options=OptionsClass)`` once per
+        task. ``TaskClass(options)`` makes a task; its ``evaluate(evaluator)`` scores the
+        model the :class:`nanogpt_core.Evaluator` holds and returns a
+        :class:`nanogpt_core.EvalResult`. An experiment's ``[eval.<name>]`` table sets
+        the options.
+    """
+
+
+@hookspec
 def register_commands(cli: Any) -> None:
     """Add subcommands to the ``gpt`` command.
 

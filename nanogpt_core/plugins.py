@@ -36,6 +36,7 @@ KINDS = {
     "callback": "register_callbacks",
     "tokenizer": "register_tokenizers",
     "template": "register_templates",
+    "eval_task": "register_eval_tasks",
 }
 
 
@@ -247,6 +248,10 @@ class Plugins:
     def templates(self) -> Registry:
         """Every registered prompt template, by name."""
         return self.registry("template")
+
+    def eval_tasks(self) -> Registry:
+        """Every registered evaluation task, by name."""
+        return self.registry("eval_task")
 
     def registrations_of(self, plugin_name: str) -> list[Registration]:
         """What one loaded plugin registered, in the order it registered it."""

@@ -31,6 +31,7 @@ from nanogpt_core.checkpoints import load_checkpoint, save_checkpoint
 from nanogpt_core.config import ExperimentConfig, TrainConfig
 from nanogpt_core.datasets import PreparedData
 from nanogpt_core.errors import NanoGPTError, PluginFault, TrainingError
+from nanogpt_core.evaluation import EVAL_SEED_OFFSET, fixed_loss_batches
 from nanogpt_core.example_batches import ExampleBatches
 from nanogpt_core.metrics import MetricsLog
 from nanogpt_core.model import GPT, GPTConfig
@@ -48,8 +49,6 @@ PEAK_FLOPS = (
     ("A100", 312e12),
     ("V100", 125e12),
 )
-# Seeds offsets: evaluation draws fixed batches that never touch the training stream.
-EVAL_SEED_OFFSET = 1_000_003
 # Optimizer steps per epoch of pre-training data when the experiment leaves it out.
 DEFAULT_STEPS_PER_EPOCH = 1000
 
@@ -257,6 +256,7 @@ class Trainer:
             accelerator=accelerator,
             tokenizer=dict(data.tokenizer),
             template=data.meta.get("template"),
+            data=data,
             is_main_process=self.is_main,
             requests=self.requests,
         )
@@ -565,15 +565,17 @@ class Trainer:
 
     def _eval_batches(self, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The same fixed batches at every evaluation, never touching the training stream."""
-        count = self.train_cfg.eval_batches
-        seed = self.config.seed + EVAL_SEED_OFFSET
-        if self.fine_tuning:
-            batches: Any = self._example_batches(split, seed, grouped=False)
-            count = min(count, batches.batches_per_epoch)
-        else:
-            batches = self._build_sampler(split, seed + self.accelerator.process_index)
-        for _ in range(count):
-            yield batches.next_batch()
+        return fixed_loss_batches(
+            self.data,
+            split,
+            seed=self.config.seed + EVAL_SEED_OFFSET,
+            batch_size=self.train_cfg.batch_size,
+            block_size=self.model_config.block_size,
+            vocab_size=self.model_config.vocab_size,
+            count=self.train_cfg.eval_batches,
+            rank=self.accelerator.process_index,
+            world=self.accelerator.num_processes,
+        )
 
     def _eval_losses(self, split: str) -> Iterator[torch.Tensor]:
         for x, y in self._eval_batches(split):
