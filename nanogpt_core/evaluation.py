@@ -156,10 +156,12 @@ class Evaluator:
 
         :raises EvalInputError: a continuation is empty or longer than ``block_size``.
         """
-        rows = [
-            [self._row(context, continuation) for context, continuation in example]
-            for example in examples
-        ]
+        rows = []
+        for number, example in enumerate(examples, start=1):
+            try:
+                rows.append([self._row(context, tail) for context, tail in example])
+            except EvalInputError as exc:
+                raise EvalInputError(f"example {number}: {exc}") from None
         batches = [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
         scored = self._map_batches(batches, self._score_batch)
         return [example for batch in scored for example in batch]

@@ -27,7 +27,6 @@ from nanogpt_core import (
     EvalResult,
     Evaluator,
     hookimpl,
-    hub_rows,
     option,
     read_rows,
 )
@@ -64,18 +63,23 @@ class HellaSwag:
         if self.options.data:
             path = Path(self.options.data)
             if not path.is_file():
-                raise DataError(f"eval.hellaswag.data: {path}: no such file")
+                raise DataError(f"hellaswag: data file {path}: no such file")
             for number, row in enumerate(read_rows(path, COLUMNS), start=1):
                 yield f"{path}: row {number}", row
             return
         name = self.options.hub_name
         try:
-            for number, row in enumerate(hub_rows(name, None, self.options.split), start=1):
+            import datasets
+
+            stream = datasets.load_dataset(name, split=self.options.split, streaming=True)
+            for number, row in enumerate(stream, start=1):
                 yield f"{name} row {number}", row
-        except DataError as exc:
+        except Exception as exc:  # offline, unknown name, gated: all end the same way
+            first = str(exc).splitlines()[0] if str(exc) else ""
             raise DataError(
-                f"hellaswag: could not read {name} from the hub ({exc}); pass a local copy "
-                "with --data hellaswag_val.jsonl (or data = ... in [eval.hellaswag])"
+                f"hellaswag: could not read {name} from the Hugging Face hub "
+                f"({type(exc).__name__}: {first}); pass a local copy with --data "
+                "hellaswag_val.jsonl (or data = ... in [eval.hellaswag])"
             ) from None
 
     def evaluate(self, evaluator: Evaluator) -> EvalResult:
