@@ -79,5 +79,6 @@ def bench(session: nox.Session) -> None:
         "bench_sampling.py",
         "bench_finetune.py",
         "bench_serve.py",
+        "bench_eval.py",
     ):
         session.run("python", f"tests/bench/{script}", *session.posargs)
