@@ -14,6 +14,7 @@ from nanogpt_core.documents import expand_files, hub_rows, read_rows, read_texts
 from nanogpt_core.errors import ConfigError, DataError, NanoGPTError, PluginError, PluginFault
 from nanogpt_core.files import atomic_write, atomic_write_text
 from nanogpt_core.hookspecs import hookimpl
+from nanogpt_core.metrics import metric_scalars
 from nanogpt_core.options import (
     OptionValueError,
     fraction,
@@ -61,6 +62,7 @@ __all__ = [
     "gpt2_files",
     "hookimpl",
     "hub_rows",
+    "metric_scalars",
     "non_negative",
     "one_of",
     "option",
