@@ -81,7 +81,8 @@ def gpt(*args, cwd, site):
         "WANDB_CACHE_DIR": str(home / "cache"),
         "WANDB_DATA_DIR": str(home / "data"),
     }
-    env.pop("WANDB_MODE", None)  # the experiment's mode = "offline" decides
+    for name in ("WANDB_MODE", "WANDB_API_KEY"):  # the experiment's options decide
+        env.pop(name, None)
     return subprocess.run(
         [sys.executable, "-m", "nanogpt_core", *args],
         cwd=cwd,
@@ -209,6 +210,18 @@ def test_without_wandb_installed_the_run_stops_in_one_line_naming_the_extra(
         "Error: the wandb callback needs the wandb package: pip install 'nanogpt[wandb]'"
     )
     assert not (tmp_path / "results" / "tiny" / "metrics.jsonl").exists()  # before training
+
+
+@pytest.mark.slow
+def test_online_without_a_login_is_one_line(tiny_char_experiment, session_data_dir, tmp_path, site):
+    path = tiny_char_experiment(extra='[[callbacks]]\nplugin = "wandb"\n')
+    result = gpt("run", str(path), "--data-dir", str(session_data_dir), cwd=tmp_path, site=site)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "Error: wandb: No API key configured. Use `wandb login` to log in. "
+        '(or set mode = "offline")'
+    )
 
 
 def test_options_are_checked(tiny_char_experiment, installed_plugins):

@@ -100,9 +100,7 @@ class WandbCallback(Callback):
                 resume="allow",
             )
         except wandb.errors.Error as exc:
-            raise NanoGPTError(
-                f'wandb: {exc} (log in with `wandb login`, or set mode = "offline")'
-            ) from exc
+            raise NanoGPTError(f'wandb: {exc} (or set mode = "offline")') from exc
         self.run_id = self.run.id
         self.texts_seen = len(state.texts)
 
