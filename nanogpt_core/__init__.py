@@ -17,6 +17,7 @@ from nanogpt_core.eval_suite import EvalSuite, TaskReport, eval_metrics
 from nanogpt_core.evaluation import Continuation, EvalResult, Evaluator, SplitLoss
 from nanogpt_core.files import atomic_write, atomic_write_text
 from nanogpt_core.hookspecs import hookimpl
+from nanogpt_core.metrics import metric_scalars
 from nanogpt_core.options import (
     OptionValueError,
     fraction,
@@ -71,6 +72,7 @@ __all__ = [
     "gpt2_files",
     "hookimpl",
     "hub_rows",
+    "metric_scalars",
     "non_negative",
     "one_of",
     "option",

@@ -4,14 +4,17 @@ A callback plugin registers a factory that returns a :class:`Callback`. The
 trainer calls the callbacks an experiment enables, in the order the experiment
 lists them, at each point of a run's life. Callbacks see the run only through the
 :class:`TrainerState` they are handed. The state is read-only: a callback that
-wants something done *asks*, through the two documented requests
-(:meth:`TrainerState.request_save` and :meth:`TrainerState.add_text`), and the
-core does it. That is how the core stays the one owner of checkpoints and resume
+wants something done *asks*, through the documented requests
+(:meth:`TrainerState.request_save`, :meth:`TrainerState.add_text` and
+:meth:`TrainerState.log_metrics`), and the core does it. That is how the core stays the one owner of checkpoints and resume
 whatever order the callbacks are listed in.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import numbers
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +28,8 @@ if TYPE_CHECKING:
 
 CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\.pth$")
 LAST_CHECKPOINT = "last.pth"
+# Keys of every metrics record that the core alone writes.
+RESERVED_METRICS = ("step", "epoch", "elapsed_s", "tokens")
 
 
 @attrs.frozen
@@ -89,11 +94,12 @@ class Requests:
     def __init__(self) -> None:
         self.saves: list[str] = []
         self.texts: list[tuple[int, str, str]] = []
+        self.metrics: dict[str, float | int | None] = {}
 
 
 @attrs.frozen
 class TrainerState:
-    """What a callback may read at each hook, plus two requests it may make.
+    """What a callback may read at each hook, plus the requests it may make.
 
     The trainer hands each hook a fresh, frozen state; a callback cannot change
     the run by assigning to it. ``model``, ``optimizer`` and ``accelerator`` are
@@ -111,7 +117,9 @@ class TrainerState:
         optimizer: the optimizer.
         accelerator: the ``accelerate.Accelerator`` driving the run.
         metrics: the latest value of every metric (``train_loss``, ``val_loss``,
-            ``lr``, ``grad_norm``, ``tokens_per_sec``, ``mfu``), read-only.
+            ``lr``, ``grad_norm``, ``tokens_per_sec``, ``mfu``, ``tokens``,
+            ``elapsed_s``, and what callbacks logged through :meth:`log_metrics`),
+            read-only.
         record: the line written to ``metrics.jsonl`` at this step (read-only), or
             None on steps that log nothing.
         texts: text produced during the run so far, as ``(step, tag, text)``
@@ -175,6 +183,57 @@ class TrainerState:
         """
         self._requests.texts.append((self.step, str(tag), str(text)))
 
+    def log_metrics(self, metrics: Mapping[str, float | int | None]) -> None:
+        """Ask the core to log scalars (``{"eval/hellaswag/acc_norm": 0.31}``) at this step.
+
+        After this round of hooks (and before any checkpoint it writes) the core
+        appends one line to ``metrics.jsonl`` with ``step``, ``epoch``,
+        ``tokens``, everything logged in the round and ``elapsed_s``, merges the
+        keys into ``metrics`` (so checkpoints and ``done`` keep them), and
+        calls every callback's ``on_metrics``. Call it on every process alike;
+        the main process's values are the ones written.
+
+        :param metrics: names (any string but ``step``, ``epoch``, ``elapsed_s``
+            and ``tokens``) to finite numbers or None. A name logged twice in
+            one round keeps the later value.
+        :raises ValueError: a name or value that cannot be logged.
+        """
+        if not isinstance(metrics, Mapping):
+            raise ValueError(f"log_metrics({metrics!r}): expected a mapping of names to numbers")
+        checked: dict[str, float | int | None] = {}
+        for key, value in metrics.items():
+            checked[_metric_name(key)] = _metric_value(key, value)
+        self._requests.metrics.update(checked)
+
+
+def _metric_name(key: Any) -> str:
+    if not isinstance(key, str) or not key.strip():
+        raise ValueError(f"log_metrics: the name {key!r} is not a non-empty string")
+    if key in RESERVED_METRICS:
+        raise ValueError(
+            f"log_metrics: {key!r} is written by the core; give the metric another name "
+            'such as "eval/<task>/<metric>"'
+        )
+    return key
+
+
+def _metric_value(key: str, value: Any) -> float | int | None:
+    if value is None:
+        return None
+    if not isinstance(value, numbers.Real) and callable(getattr(value, "item", None)):
+        with contextlib.suppress(ValueError, RuntimeError):  # a 0-d tensor, a numpy scalar
+            value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(
+            f"log_metrics: {key!r} = {value!r}: expected a number or None, "
+            f"got {type(value).__name__}"
+        )
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if not math.isfinite(value):
+        raise ValueError(f"log_metrics: {key!r} = {value}: expected a finite number or None")
+    return float(value)
+
 
 class Callback:
     """Base class for callbacks: every hook is a no-op, override what you need.
@@ -199,6 +258,15 @@ class Callback:
     def on_checkpoint(self, state: TrainerState, path: Path) -> None:
         """Called after the core wrote a checkpoint this run requested, on every process."""
 
+    def on_metrics(self, state: TrainerState, record: Mapping[str, Any]) -> None:
+        """Called after each line the core writes to ``metrics.jsonl``, with that line.
+
+        The one place for loggers (TensorBoard, W&B) to take scalars from: the
+        step's training and evaluation line and the lines callbacks logged
+        through :meth:`TrainerState.log_metrics`. ``record`` is read-only; it is
+        handed to every process, though only the main one writes the file.
+        """
+
     def on_train_end(self, state: TrainerState) -> None:
         """Called once when the run ends, also when it stops early or fails (``state.status``)."""
 
@@ -216,6 +284,7 @@ CALLBACK_HOOKS = (
     "on_eval_end",
     "on_epoch_end",
     "on_checkpoint",
+    "on_metrics",
     "on_train_end",
 )
 CALLBACK_METHODS = (*CALLBACK_HOOKS, "state_dict", "load_state_dict")

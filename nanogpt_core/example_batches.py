@@ -75,6 +75,7 @@ class ExampleBatches:
         self.position = 0
         self._order: list[np.ndarray] | None = None
         self.counts = {"tokens": 0, "padding": 0, "response": 0}
+        self.global_tokens = 0
 
     # -- the epoch's order -------------------------------------------------
 
@@ -96,14 +97,21 @@ class ExampleBatches:
             batches = [batches[i] for i in rng.permutation(len(batches))]
         return batches
 
-    def _share(self, global_batch: np.ndarray) -> np.ndarray:
-        """This process's slice of a global batch (disjoint from the others')."""
+    def _share(self, global_batch: np.ndarray, rank: int | None = None) -> np.ndarray:
+        """A process's slice of a global batch (disjoint from the others'); ours by default."""
+        rank = self.rank if rank is None else rank
         if len(global_batch) == self.global_batch:
-            return global_batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+            return global_batch[rank * self.batch_size : (rank + 1) * self.batch_size]
         # The epoch's last, partial batch: deal it out in turn. A process left with
         # nothing repeats one example so that every process takes the same steps.
-        share = global_batch[self.rank :: self.world]
+        share = global_batch[rank :: self.world]
         return share if len(share) else global_batch[:1]
+
+    def _real_tokens(self, global_batch: np.ndarray) -> int:
+        """Input tokens (not padding) of a global batch over all processes' shares."""
+        shares = [self._share(global_batch, rank) for rank in range(self.world)]
+        lengths = self.examples[np.concatenate(shares), LENGTH]
+        return int(lengths.sum() - len(lengths))
 
     # -- BatchSource -------------------------------------------------------
 
@@ -111,7 +119,9 @@ class ExampleBatches:
         """The next batch of this process: inputs and targets, both (B, longest - 1)."""
         if self._order is None:
             self._order = self.epoch_batches(self.epoch)
-        indices = self._share(self._order[self.position])
+        global_batch = self._order[self.position]
+        indices = self._share(global_batch)
+        self.global_tokens += self._real_tokens(global_batch)
         self.position += 1
         if self.position == len(self._order):
             self.epoch, self.position, self._order = self.epoch + 1, 0, None
@@ -139,6 +149,11 @@ class ExampleBatches:
         """Tokens, padding and response tokens batched since the last call."""
         counts, self.counts = self.counts, {"tokens": 0, "padding": 0, "response": 0}
         return counts
+
+    def take_global_tokens(self) -> int:
+        """Real tokens of every process's batches since the last call (the same on all)."""
+        tokens, self.global_tokens = self.global_tokens, 0
+        return tokens
 
     def state_dict(self) -> dict[str, Any]:
         """Where in which epoch: the following batches follow from it exactly."""

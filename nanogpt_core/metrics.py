@@ -9,10 +9,31 @@ step it resumes from, and says how many torn lines it dropped.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from nanogpt_core.files import atomic_write_text, storage_errors
+
+# Tags of the losses; every other key of a metrics line is a tag of its own name.
+SCALAR_TAGS = {"train_loss": "train/loss", "val_loss": "val/loss"}
+# Keys of a metrics line that place it (the x axis) rather than measure something.
+PLACE_KEYS = ("step", "epoch")
+
+
+def metric_scalars(record: Mapping[str, Any]) -> dict[str, float | int]:
+    """The numeric values of a metrics line by logger tag, for TensorBoard and W&B alike.
+
+    ``train_loss`` and ``val_loss`` become ``train/loss`` and ``val/loss``; every
+    other key (``lr``, ``tokens``, ``eval/hellaswag/acc_norm``) keeps its name.
+    ``step`` and ``epoch``, ``None`` (an MFU on unknown hardware) and anything
+    that is not a number are left out.
+    """
+    return {
+        SCALAR_TAGS.get(key, key): value
+        for key, value in record.items()
+        if key not in PLACE_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
 
 
 def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:

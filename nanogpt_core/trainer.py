@@ -245,6 +245,13 @@ class Trainer:
         )
         self.peak_flops = self.train_cfg.peak_flops or peak_flops(name, accelerator.mixed_precision)
         self.flops_per_token = self.raw_model.flops_per_token()
+        # Pre-training steps all train on the same number of tokens, on all processes together.
+        self.tokens_per_step = (
+            self.train_cfg.batch_size
+            * self.model_config.block_size
+            * self.train_cfg.gradient_accumulation_steps
+            * accelerator.num_processes
+        )
         self.requests = Requests()
         self.state = TrainerState(
             config=config,
@@ -455,10 +462,13 @@ class Trainer:
         for position, state in states.items():
             self.callbacks[position].load_state_dict(state)
         step = int(checkpoint["step"])
+        metrics = dict(checkpoint["metrics"])
+        if "tokens" not in metrics and not self.fine_tuning:  # a checkpoint from before `tokens`
+            metrics["tokens"] = step * self.tokens_per_step
         self._update(
             step=step,
             epoch=int(checkpoint["epoch"]),
-            metrics=checkpoint["metrics"],
+            metrics=metrics,
             resumed_from=step,
             last_saved_step=step,
         )
@@ -481,6 +491,28 @@ class Trainer:
             self._update(last_saved_step=self.state.step)
         for path in written:
             self._call("on_checkpoint", path)
+
+    def _end_round(self) -> None:
+        """Do what callbacks asked in this round of hooks: their metrics line, then checkpoints."""
+        self._write_logged()
+        self._save_requested()
+        self._write_logged()  # what on_checkpoint asked
+
+    def _write_logged(self) -> None:
+        """One ``metrics.jsonl`` line with the metrics callbacks logged, then ``on_metrics``."""
+        logged, self.requests.metrics = self.requests.metrics, {}
+        if not logged:
+            return
+        record: dict[str, Any] = {
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+            "tokens": self.state.metrics.get("tokens", 0),
+            **logged,
+            "elapsed_s": self.elapsed(),
+        }
+        self.metrics_log.append(record)
+        self._update(metrics={**self.state.metrics, **logged})
+        self._call("on_metrics", MappingProxyType(record))
 
     def _check_weights_finite(self) -> None:
         """Refuse to save weights that are already NaN or infinite."""
@@ -531,15 +563,17 @@ class Trainer:
         self._update(status=status)
         if status == "failed":
             self.requests.saves.clear()
+            self.requests.metrics.clear()
             for plugin, callback in zip(self.callback_plugins, self.callbacks, strict=True):
                 try:
                     callback.on_train_end(self.state)
                 except Exception as exc:  # the first error is the one to report
                     self.echo(f"warning: callback {plugin!r} failed in on_train_end: {exc}")
             self.requests.saves.clear()
+            self.requests.metrics.clear()
             return
         self._call("on_train_end")
-        self._save_requested()
+        self._end_round()
 
     # -- the loop ------------------------------------------------------------
 
@@ -619,15 +653,8 @@ class Trainer:
         last_time, last_step = self.throughput_mark
         self.throughput_mark = (now, step)
         seconds = max(now - last_time, 1e-9)
-        train = self.train_cfg
         if not self.fine_tuning:
-            tokens = (
-                train.batch_size
-                * self.model_config.block_size
-                * train.gradient_accumulation_steps
-                * self.accelerator.num_processes
-                * (step - last_step)
-            )
+            tokens = self.tokens_per_step * (step - last_step)
             return {"tokens_per_sec": tokens / seconds}
         counts = self.sampler.take_counts()
         totals = torch.tensor(
@@ -654,6 +681,7 @@ class Trainer:
         record: dict[str, Any] = {
             "step": step,
             "epoch": epoch,
+            "tokens": metrics["tokens"],
             "train_loss": metrics["train_loss"],
             "lr": metrics["lr"],
             "grad_norm": metrics["grad_norm"],
@@ -683,7 +711,13 @@ class Trainer:
                 f"loss is {loss} at step {step}: training diverged; lower train.learning_rate "
                 f"or check the data. Nothing was saved from this step. {self._last_good()}"
             )
-        metrics = {**self.state.metrics, "train_loss": loss, "lr": lr, "grad_norm": grad_norm}
+        metrics = {
+            **self.state.metrics,
+            "train_loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": self.state.metrics.get("tokens", 0) + self._tokens_of_step(),
+        }
         evaluate = step % train.eval_every == 0 or step == self.total_steps
         record = None
         if evaluate or step % train.log_every == 0:
@@ -699,12 +733,24 @@ class Trainer:
             record=MappingProxyType(record) if record else None,
         )
         bar.update(1)
+        if self.state.record is not None:
+            self._call("on_metrics", self.state.record)
         self._call("on_step_end")
         if evaluate:
             self._call("on_eval_end")
         if step % self.steps_per_epoch == 0:
             self._call("on_epoch_end")
-        self._save_requested()
+        self._end_round()
+
+    def _tokens_of_step(self) -> int:
+        """Tokens the step just taken trained on, all processes together.
+
+        Fine-tuning counts real tokens, not padding, from the global batches
+        (each process knows them all, so no communication is needed).
+        """
+        if self.fine_tuning:
+            return self.sampler.take_global_tokens()
+        return self.tokens_per_step
 
     def fit(self) -> dict[str, Any]:
         """Train to the end (or to a stop request) and return the last metrics.
@@ -720,13 +766,14 @@ class Trainer:
         try:
             with stop.installed():
                 self.resume()
-                self._call("on_train_start")
-                self._save_requested()
+                # Before any callback may log: a line appended after a torn one would be lost.
                 torn = self.metrics_log.truncate_after(self.state.step)
                 if torn:
                     self.echo(
                         f"{self.paths.metrics}: dropped {torn} unreadable line(s) (a torn write)"
                     )
+                self._call("on_train_start")
+                self._end_round()
                 self.model.train()
                 bar = tqdm(
                     total=self.total_steps,

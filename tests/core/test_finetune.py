@@ -11,6 +11,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from nanogpt_core.checkpoints import load_checkpoint
@@ -154,6 +155,9 @@ def test_fine_tuning_metrics_count_response_tokens_and_padding(memorised):
     # 64 examples / 16 per batch: 4 steps per epoch, 90 epochs.
     assert records[-1]["step"] == 360 and records[-1]["epoch"] == 90
     assert records[-1]["val_loss"] < 0.5  # memorised: val is the same 64 examples
+    # tokens counts real tokens, not padding: each example's inputs (length - 1), 90 times.
+    examples = np.load(next(folder.rglob("train.examples.npy")))
+    assert records[-1]["tokens"] == 90 * int((examples[:, 1] - 1).sum())
     checkpoint = load_checkpoint(folder / "results" / "memo" / "checkpoints" / "last.pth")
     assert checkpoint["template"]["kind"] == "alpaca"
 
@@ -214,7 +218,7 @@ def test_exact_resume_after_sigkill_mid_epoch(shared_data, tmp_path):
 
     def losses(root: str) -> list:
         rows, _ = read_metrics(tmp_path / root / "ft" / "metrics.jsonl")
-        return [(r["step"], r["train_loss"], r.get("val_loss"), r["lr"]) for r in rows]
+        return [(r["step"], r["train_loss"], r.get("val_loss"), r["lr"], r["tokens"]) for r in rows]
 
     assert losses("killed") == losses("straight")
 

@@ -249,7 +249,7 @@ def test_a_factory_returning_no_callback_is_one_line_naming_the_plugin(
     assert result.stderr.strip().splitlines() == [
         "Error: plugin 'boom': callback 'not_a_callback': the factory returned NotACallback, "
         "which lacks on_train_start, on_step_end, on_eval_end, on_epoch_end, on_checkpoint, "
-        "on_train_end, state_dict, load_state_dict; subclass nanogpt_core.Callback"
+        "on_metrics, on_train_end, state_dict, load_state_dict; subclass nanogpt_core.Callback"
     ]
     assert not (tmp_path / "results" / "tiny").exists()
 

@@ -24,6 +24,7 @@ METRIC_KEYS = {
     "grad_norm",
     "tokens_per_sec",
     "mfu",
+    "tokens",
     "elapsed_s",
 }
 
@@ -111,6 +112,10 @@ class Recorder(Callback):
     def on_checkpoint(self, state, path):
         self._record(f"on_checkpoint {path.name}", state)
 
+    def on_metrics(self, state, record):
+        assert record is state.record and record["step"] == state.step
+        self._record("on_metrics", state)
+
     def on_train_end(self, state):
         self._record("on_train_end", state)
 
@@ -170,9 +175,12 @@ def test_callback_hooks_are_called_in_order_at_each_point(
         # The checkpoint plugin asked at the epoch end; the core wrote both files.
         ("on_checkpoint ckpt_epoch_1.pth", 2, 1, "running"),
         ("on_checkpoint last.pth", 2, 1, "running"),
+        # Steps 3 and 4 evaluate, so they write a metrics line (log_every is 5).
+        ("on_metrics", 3, 2, "running"),
         ("on_step_end", 3, 2, "running"),
         ("on_eval_end", 3, 2, "running"),
         ("on_checkpoint last.pth", 3, 2, "running"),
+        ("on_metrics", 4, 2, "running"),
         ("on_step_end", 4, 2, "running"),
         ("on_eval_end", 4, 2, "running"),
         ("on_epoch_end", 4, 2, "running"),
@@ -218,8 +226,9 @@ def test_bf16_autocast_and_gradient_accumulation_on_cpu(
     _, final = run(tiny_char_experiment(), session_data_dir, tmp_path / "r", overrides)
     assert math.isfinite(final["val_loss"])
     lines = read_metrics(tmp_path / "r" / "tiny" / "metrics.jsonl")
-    # tokens per step: batch 8 x block 32 x 2 micro-steps
     assert [line["step"] for line in lines] == [2, 4]
+    # tokens per step: batch 8 x block 32 x 2 micro-steps
+    assert [line["tokens"] for line in lines] == [2 * 512, 4 * 512]
 
 
 @pytest.mark.parametrize(

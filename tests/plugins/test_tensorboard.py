@@ -6,11 +6,15 @@ import json
 
 import pytest
 
+from nanogpt_core import Callback, hookimpl
 from nanogpt_core.config import load_experiment
 from nanogpt_core.plugins import load_plugins
 from nanogpt_core.run import run_experiment
 
 CALLBACKS = """
+[[callbacks]]
+plugin = "fake_eval"
+
 [[callbacks]]
 plugin = "fixed_prompts"
 prompts = ["ROMEO:"]
@@ -22,12 +26,26 @@ flush_secs = 1
 """
 
 
+class FakeEval(Callback):
+    """Logs a made-up score after each evaluation, as the eval callback does."""
+
+    def on_eval_end(self, state):
+        state.log_metrics({"eval/fake/acc": state.step / 100})
+
+
+class FakeEvalPlugin:
+    @hookimpl
+    def register_callbacks(self, register):
+        register("fake_eval", lambda options: FakeEval())
+
+
 def test_scalars_match_metrics_jsonl_and_samples_are_logged(
     tiny_char_experiment, session_data_dir, tmp_path
 ):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     plugins = load_plugins(disabled=())
+    plugins.register(FakeEvalPlugin(), name="fake_eval")
     overrides = [
         "train.epochs=2",
         "train.steps_per_epoch=6",
@@ -49,11 +67,15 @@ def test_scalars_match_metrics_jsonl_and_samples_are_logged(
         ("lr", "lr"),
         ("grad_norm", "grad_norm"),
         ("tokens_per_sec", "tokens_per_sec"),
+        ("tokens", "tokens"),
+        # A key a callback logged is a tag of its own.
+        ("eval/fake/acc", "eval/fake/acc"),
     ]:
         logged = [(e.step, e.value) for e in events.Scalars(tag)]
-        expected = [(r["step"], r[key]) for r in records]
+        expected = [(r["step"], r[key]) for r in records if key in r]
         assert [s for s, _ in logged] == [s for s, _ in expected], tag
         assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6), tag
+    assert [s for s, _ in logged] == [3, 6, 9, 12]  # eval/fake/acc: after each evaluation
     val = [(e.step, e.value) for e in events.Scalars("val/loss")]
     assert val == [
         (r["step"], pytest.approx(r["val_loss"], rel=1e-6)) for r in records if "val_loss" in r

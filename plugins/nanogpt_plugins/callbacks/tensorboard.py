@@ -1,30 +1,23 @@
 """The ``tensorboard`` callback: scalars, hyperparameters and text samples.
 
-Writes every line of ``metrics.jsonl`` as scalars (``train/loss``, ``val/loss``,
-``lr``, ``grad_norm``, ``tokens_per_sec``, ``mfu``), the experiment as
-hyperparameters at the start, and the text other callbacks share through
-``state.add_text`` (whatever their order). Watch with
-``tensorboard --logdir results``. Main process only.
+Writes every numeric value of every line of ``metrics.jsonl`` as a scalar
+(``train/loss``, ``val/loss``, ``lr``, ``grad_norm``, ``tokens_per_sec``,
+``mfu``, and under its own name anything else, such as a callback's
+``eval/hellaswag/acc_norm``), the experiment as hyperparameters at the start,
+and the text other callbacks share through ``state.add_text`` (whatever their
+order). Watch with ``tensorboard --logdir results``. Main process only.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from nanogpt_core import Callback, TrainerState, hookimpl, option, positive
-
-SCALARS = (
-    ("train_loss", "train/loss"),
-    ("val_loss", "val/loss"),
-    ("lr", "lr"),
-    ("grad_norm", "grad_norm"),
-    ("tokens_per_sec", "tokens_per_sec"),
-    ("mfu", "mfu"),
-)
+from nanogpt_core import Callback, TrainerState, hookimpl, metric_scalars, option, positive
 
 
 @attrs.frozen(kw_only=True)
@@ -78,15 +71,15 @@ class TensorBoardCallback(Callback):
             self.writer.add_hparams(flat_hparams(config), {}, run_name=".")
         self.texts_written = len(state.texts)
 
-    def on_step_end(self, state: TrainerState) -> None:
-        """Write the scalars of the metrics line logged at this step, and any new text."""
+    def on_metrics(self, state: TrainerState, record: Mapping[str, Any]) -> None:
+        """Write every numeric value of a ``metrics.jsonl`` line as a scalar."""
         if self.writer is None:
             return
-        if state.record is not None:
-            for key, tag in SCALARS:
-                value = state.record.get(key)
-                if value is not None:
-                    self.writer.add_scalar(tag, value, global_step=state.step)
+        for tag, value in metric_scalars(record).items():
+            self.writer.add_scalar(tag, value, global_step=record["step"])
+
+    def on_step_end(self, state: TrainerState) -> None:
+        """Write text that arrived at this step."""
         self._write_texts(state)
 
     def on_epoch_end(self, state: TrainerState) -> None:
