@@ -286,12 +286,13 @@ def _train(
     from nanogpt_core.trainer import Trainer, model_config_for
 
     main = accelerator.is_main_process
+    # Callbacks first: one that refuses its options does so before data is prepared.
+    callbacks = make_callbacks(config, plugins)
     # The main process prepares; the others then find the finished data.
     with accelerator.main_process_first():
         data = prepare_dataset(config, plugins, data_dir=Path(data_dir))
     check_data_fits(config, data)
     check_memory(config, model_config_for(config, data).vocab_size, accelerator.device)
-    callbacks = make_callbacks(config, plugins)
     # Only now, with everything checked, is anything on disk changed.
     if main:
         if fresh and (moved := move_aside(paths.root)):
