@@ -341,6 +341,17 @@ def test_init_from_and_resume_compare_the_options(
     ) == ["model.qk_norm = True now, False in the checkpoint"]
 
 
+def test_init_from_a_rope_checkpoint_may_lengthen_the_context(
+    rope_checkpoint, tiny_char_experiment, session_data_dir, tmp_path
+):
+    path = tiny_char_experiment("longer")
+    overrides = [f'model.init_from="{rope_checkpoint}"', "model.block_size=64"]
+    overrides += [f"model.{key}={toml_value(value)}" for key, value in LLAMA.items()]
+    overrides += ["train.steps_per_epoch=1", "train.eval_batches=1", "train.batch_size=2"]
+    root = train(path, session_data_dir, tmp_path / "results", overrides)
+    assert (root / "done").exists()
+
+
 def test_init_from_a_hugging_face_folder_needs_gpt2s_options(
     tiny_char_experiment, session_data_dir, tmp_path
 ):
