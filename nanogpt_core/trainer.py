@@ -388,10 +388,10 @@ class Trainer:
         unlike_gpt2 = gpt2_mismatches(self.model_config)
         if unlike_gpt2:
             raise NanoGPTError(
-                f"model.init_from: {folder} is a Hugging Face GPT-2 folder, but "
+                f"model.init_from: {folder}: a Hugging Face folder starts only a GPT-2, and "
                 f"{', '.join('model.' + m for m in unlike_gpt2)} "
                 f"{'has' if len(unlike_gpt2) == 1 else 'have'} no place in GPT-2; "
-                "use GPT-2's options (the defaults) to start from it"
+                "use GPT-2's options (the defaults) or start from a toolkit checkpoint"
             )
         hf_config, state = read_hf_folder(folder)
         theirs = config_from_hf(hf_config)
