@@ -14,7 +14,7 @@ Keys (``FORMAT`` 2):
 ======================  ======================================================
 ``format``              this layout's version
 ``version``             the toolkit's version that wrote it
-``model_args``          the architecture (``GPTConfig`` fields)
+``model_args``          the architecture (``GPTConfig`` fields; later ones default on load)
 ``model``               the weights, unwrapped, full precision, on the CPU
 ``tokenizer``           the tokenizer's description (a char vocabulary in full)
 ``step``, ``epoch``     optimizer steps done, current epoch
@@ -71,6 +71,18 @@ MODEL_ARGS: dict[str, type | tuple[type, ...]] = {
     "n_embd": int,
     "dropout": (int, float),
     "bias": bool,
+}
+# Architecture options added after the first checkpoints were written. A
+# checkpoint without them was trained as GPT-2, which is what their defaults
+# (GPTConfig's) describe, so load_checkpoint fills them in.
+LATER_MODEL_ARGS: dict[str, type | tuple[type, ...]] = {
+    "position": str,
+    "rope_theta": (int, float),
+    "norm": str,
+    "mlp": str,
+    "qk_norm": bool,
+    "tie_embeddings": bool,
+    "logit_softcap": (int, float, type(None)),
 }
 
 
@@ -150,6 +162,7 @@ def load_checkpoint(
     ):
         raise CheckpointError(f"{path}: tokenizer: expected a table with 'kind' and 'vocab_size'")
     _check_checksum(path, checkpoint, required=resume)
+    checkpoint["model_args"] = _complete_model_args(path, checkpoint["model_args"])
     return checkpoint
 
 
@@ -193,6 +206,8 @@ def _type_name(expected: type | tuple[type, ...]) -> str:
         int: "an integer",
         float: "a number",
         bool: "a boolean",
+        str: "a string",
+        type(None): "none",
     }
     types = expected if isinstance(expected, tuple) else (expected,)
     return " or ".join(names.get(t, t.__name__) for t in types)
@@ -221,14 +236,37 @@ def _check_keys(path: Path, checkpoint: dict[str, Any], keys: dict[str, Any]) ->
 
 
 def _check_model_args(path: Path, args: dict[str, Any]) -> None:
-    for key, expected in MODEL_ARGS.items():
+    for key, expected in {**MODEL_ARGS, **LATER_MODEL_ARGS}.items():
         if key not in args:
+            if key in LATER_MODEL_ARGS:
+                continue
             raise CheckpointError(f"{path}: model_args lacks {key}")
         if not _has_type(args[key], expected):
             raise CheckpointError(
                 f"{path}: model_args.{key} is {type(args[key]).__name__}, "
                 f"expected {_type_name(expected)}"
             )
+
+
+def _complete_model_args(path: Path, args: dict[str, Any]) -> dict[str, Any]:
+    """``args`` with the defaults of options it predates, checked as a whole."""
+    import dataclasses
+
+    from nanogpt_core.model import GPTConfig
+
+    unknown = sorted(set(args) - set(MODEL_ARGS) - set(LATER_MODEL_ARGS))
+    if unknown:
+        raise CheckpointError(
+            f"{path}: model_args.{unknown[0]} is unknown to this nanogpt "
+            "(written by a newer version?)"
+        )
+    defaults = {field.name: field.default for field in dataclasses.fields(GPTConfig)}
+    complete = {**{key: defaults[key] for key in LATER_MODEL_ARGS}, **args}
+    try:
+        GPTConfig(**complete)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: model_args: {exc}") from None
+    return complete
 
 
 def _check_checksum(path: Path, checkpoint: dict[str, Any], *, required: bool) -> None:

@@ -89,6 +89,40 @@ class ModelConfig:
         False,
         "Bias in Linear and LayerNorm layers (GPT-2 has them; without is a bit better and faster).",
     )
+    position: str = option(
+        "learned",
+        'Positions: "learned" (a learned vector per position, GPT-2) or "rope" (rotary '
+        "embeddings of queries and keys, Llama; no position weights).",
+        validator=one_of("learned", "rope"),
+    )
+    rope_theta: float | None = option(
+        None,
+        'RoPE base frequency; 10000.0 when left out. Only with position = "rope".',
+        validator=positive,
+    )
+    norm: str = option(
+        "layernorm",
+        '"layernorm" (GPT-2) or "rmsnorm" (scale only, never a bias; Llama).',
+        validator=one_of("layernorm", "rmsnorm"),
+    )
+    mlp: str = option(
+        "gelu",
+        '"gelu" (GPT-2, 4x wide), "swiglu" (Llama; 8/3x wide, rounded up to a multiple '
+        'of 64, for the same parameters) or "relu2" (ReLU squared, 4x wide).',
+        validator=one_of("gelu", "swiglu", "relu2"),
+    )
+    qk_norm: bool = option(
+        False, "RMSNorm of each head's queries and keys before attention (steadier training)."
+    )
+    tie_embeddings: bool = option(
+        True, "The output layer reuses the token embedding (GPT-2); false gives it its own."
+    )
+    logit_softcap: float | None = option(
+        None,
+        "Squash the output logits into (-cap, cap) with cap * tanh(logits / cap) (Gemma 2 "
+        "uses 30); none by default.",
+        validator=positive,
+    )
     vocab_size: int | None = option(
         None,
         "Vocabulary size. Default: the prepared data's, padded up to a multiple of 64 for speed.",
@@ -106,6 +140,18 @@ class ModelConfig:
         if self.n_embd % self.n_head:
             raise OptionValueError(
                 "n_embd", f"{self.n_embd} is not divisible by n_head = {self.n_head}"
+            )
+        head_size = self.n_embd // self.n_head
+        if self.position == "rope" and head_size % 2:
+            raise OptionValueError(
+                "position",
+                f'"rope" rotates pairs of channels and needs an even head size, but n_embd / '
+                f"n_head = {self.n_embd} / {self.n_head} = {head_size}",
+            )
+        if self.rope_theta is not None and self.position != "rope":
+            raise OptionValueError(
+                "rope_theta",
+                'is only used with position = "rope"; remove it or set position = "rope"',
             )
 
 

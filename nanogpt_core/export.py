@@ -1,7 +1,10 @@
-"""Exporting a checkpoint as a Hugging Face ``transformers`` GPT-2 folder.
+"""Exporting a checkpoint as a Hugging Face ``transformers`` folder.
 
 The folder holds ``config.json`` and ``model.safetensors`` that
-``GPT2LMHeadModel.from_pretrained`` loads with logits equal to ours, and the
+``GPT2LMHeadModel.from_pretrained`` loads with logits equal to ours (a model
+with GPT-2's architecture options, ``hf_gpt2.py``), or ``LlamaForCausalLM``'s
+(``rope`` + ``rmsnorm`` + ``swiglu`` without biases, ``hf_llama.py``); any other
+model is refused before anything is written. Beside them goes the
 tokenizer rebuilt from the checkpoint's description: a tokenizer plugin with an
 ``export_hf`` method writes Hugging Face's files (GPT-2's ``vocab.json`` and
 ``merges.txt``; a ``tokenizer.json`` for the ``huggingface`` tokenizer) so
@@ -18,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +33,7 @@ from nanogpt_core.templates import template_from_description
 from nanogpt_core.tokenizers import Tokenizer, tokenizer_from_description
 
 if TYPE_CHECKING:
+    from nanogpt_core.model import GPT, GPTConfig
     from nanogpt_core.plugins import Plugins
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -45,7 +50,6 @@ def export_hf(ckpt: Path, out: Path, plugins: Plugins | None = None) -> list[str
     """
     from safetensors.torch import save_file
 
-    from nanogpt_core.hf_gpt2 import hf_config_dict, to_hf_state_dict
     from nanogpt_core.model import GPT, GPTConfig
 
     out = Path(out)
@@ -53,6 +57,7 @@ def export_hf(ckpt: Path, out: Path, plugins: Plugins | None = None) -> list[str
         raise NanoGPTError(f"--out {out}: exists and is not an empty folder; choose a new folder")
     checkpoint = load_checkpoint(ckpt)
     config = GPTConfig(**checkpoint["model_args"])
+    weights_and_config = _hf_format(ckpt, config)
     model = GPT(config)
     model.load_state_dict(checkpoint["model"])
     description = checkpoint["tokenizer"]
@@ -63,10 +68,7 @@ def export_hf(ckpt: Path, out: Path, plugins: Plugins | None = None) -> list[str
         None if template is None else template_from_description(template, plugins).chat_template()
     )
 
-    state = to_hf_state_dict(model)
-    # The output layer is tied to the token embedding; transformers re-ties it on load.
-    state.pop("lm_head.weight")
-    hf_config = hf_config_dict(config)
+    state, hf_config = weights_and_config(model)
     hf_config["bos_token_id"] = hf_config["eos_token_id"] = tokenizer.eot_id
 
     staging = temporary_path(out)
@@ -85,6 +87,52 @@ def export_hf(ckpt: Path, out: Path, plugins: Plugins | None = None) -> list[str
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return written
+
+
+def _hf_format(
+    ckpt: Path, config: GPTConfig
+) -> Callable[[GPT], tuple[dict[str, Any], dict[str, Any]]]:
+    """How to write this architecture for transformers, or a one-line refusal.
+
+    Returns a function from the model to its weights and ``config.json``.
+    """
+    from nanogpt_core import hf_gpt2, hf_llama
+
+    unlike_gpt2 = hf_gpt2.gpt2_mismatches(config)
+    unlike_llama = hf_llama.llama_mismatches(config)
+    if not unlike_gpt2:
+        return _gpt2_format
+    if not unlike_llama:
+        return _llama_format
+    # Learned positions exist only in GPT-2, RoPE only in Llama: that one is the closest.
+    closest, unlike = (
+        ("GPT2LMHeadModel", unlike_gpt2)
+        if config.position == "learned"
+        else ("LlamaForCausalLM", unlike_llama)
+    )
+    raise NanoGPTError(
+        f"--ckpt {ckpt}: model.{', model.'.join(unlike)} "
+        f"{'has' if len(unlike) == 1 else 'have'} no equivalent in transformers' "
+        f"{closest}; gpt export writes GPT-2's options as GPT2LMHeadModel and position = "
+        '"rope", norm = "rmsnorm", mlp = "swiglu", bias = false, qk_norm = false and no '
+        "logit_softcap as LlamaForCausalLM"
+    )
+
+
+def _gpt2_format(model: GPT) -> tuple[dict[str, Any], dict[str, Any]]:
+    from nanogpt_core.hf_gpt2 import hf_config_dict, to_hf_state_dict
+
+    state = to_hf_state_dict(model)
+    if model.config.tie_embeddings:
+        # The output layer is the token embedding; transformers re-ties it on load.
+        state.pop("lm_head.weight")
+    return state, hf_config_dict(model.config)
+
+
+def _llama_format(model: GPT) -> tuple[dict[str, Any], dict[str, Any]]:
+    from nanogpt_core.hf_llama import llama_config_dict, to_llama_state_dict
+
+    return to_llama_state_dict(model), llama_config_dict(model.config)
 
 
 def _write_tokenizer(

@@ -3,7 +3,8 @@
 Parameter names match one to one. The only twist is that Hugging Face stores its
 four big projections as ``Conv1D`` modules, whose weights are the transpose of a
 ``Linear``'s. Reading a folder needs only ``safetensors`` (or torch for
-``pytorch_model.bin``), not ``transformers``.
+``pytorch_model.bin``), not ``transformers``. Only a model with GPT-2's
+architecture options (the defaults; tied or untied embeddings) moves this way.
 """
 
 from __future__ import annotations
@@ -16,11 +17,31 @@ import torch
 
 from nanogpt_core.errors import NanoGPTError
 from nanogpt_core.model import GPT, GPTConfig
+from nanogpt_core.options import show
 
 # Hugging Face's Conv1D weights are (in, out); ours are Linear (out, in).
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Buffers some transformers versions keep in the state dict: causal masks, not weights.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+
+
+# What GPT2LMHeadModel computes, among our architecture options.
+GPT2_OPTIONS: dict[str, Any] = {
+    "position": "learned",
+    "norm": "layernorm",
+    "mlp": "gelu",
+    "qk_norm": False,
+    "logit_softcap": None,
+}
+
+
+def gpt2_mismatches(config: GPTConfig) -> list[str]:
+    """Our options that GPT-2 has no place for, as ``key = value``; empty for a GPT-2."""
+    return [
+        f"{key} = {show(getattr(config, key))}"
+        for key, wanted in GPT2_OPTIONS.items()
+        if getattr(config, key) != wanted
+    ]
 
 
 def from_hf_state_dict(model: GPT, hf_state: dict[str, torch.Tensor]) -> None:
@@ -89,7 +110,7 @@ def hf_config_dict(config: GPTConfig) -> dict[str, Any]:
         "initializer_range": 0.02,
         "bos_token_id": 50256,
         "eos_token_id": 50256,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": config.tie_embeddings,
     }
 
 
@@ -132,4 +153,5 @@ def config_from_hf(hf_config: dict[str, Any], dropout: float = 0.0) -> GPTConfig
         n_embd=hf_config["n_embd"],
         dropout=dropout,
         bias=True,
+        tie_embeddings=hf_config.get("tie_word_embeddings", True),
     )

@@ -1,12 +1,15 @@
-"""The GPT language model, as GPT-2 and nanoGPT have it.
+"""The GPT language model: GPT-2 as nanoGPT has it, plus a few modern options.
 
-Read top to bottom: LayerNorm, causal self-attention, MLP, a transformer block,
-then the GPT that stacks them, with GPT-2's initialisation, the optimizer set-up
-and text generation. Parameter names match Hugging Face's ``GPT2LMHeadModel`` one
-to one (see ``hf_gpt2.py``), so weights move between the two.
+Read top to bottom: the config, the normalisation layers, rotary position
+embeddings, causal self-attention, the MLP variants, a transformer block, the KV
+cache, then the GPT that stacks the blocks, with GPT-2's initialisation, the
+optimizer set-up and text generation. With the default options the model is
+GPT-2 exactly, and parameter names match Hugging Face's ``GPT2LMHeadModel`` one
+to one (see ``hf_gpt2.py``); ``rope`` + ``rmsnorm`` + ``swiglu`` without biases is
+Llama's architecture (see ``hf_llama.py``).
 
 Shapes in comments: B batch, T time (tokens), C channels (n_embd), nh heads,
-hs head size (C // nh), V vocabulary.
+hs head size (C // nh), V vocabulary, H the MLP's hidden width.
 """
 
 from __future__ import annotations
@@ -20,6 +23,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+POSITIONS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu", "relu2")
+# Llama's (and transformers' LlamaConfig's) default; exported as rms_norm_eps.
+RMS_NORM_EPS = 1e-6
 
 
 @dataclass
@@ -36,6 +45,44 @@ class GPTConfig:
     dropout: float = 0.0
     # GPT-2 has biases in Linear and LayerNorm layers; without them is a bit better and faster.
     bias: bool = True
+    # "learned": a learned vector per position is added to the tokens (GPT-2).
+    # "rope": queries and keys are rotated by their position (RoFormer, Su et al.
+    # 2021; Llama), so attention depends on relative positions only.
+    position: str = "learned"
+    # RoPE's base: pair i of a head rotates at rope_theta ** (-2i / hs) radians per position.
+    rope_theta: float = 10000.0
+    # "layernorm" (GPT-2) or "rmsnorm": scale only, no centring, no bias (Zhang & Sennrich 2019).
+    norm: str = "layernorm"
+    # "gelu" (GPT-2), "swiglu" (Shazeer 2020; Llama) or "relu2", ReLU squared (So et al. 2021).
+    mlp: str = "gelu"
+    # RMSNorm of each head's queries and keys before attention, which keeps the
+    # attention logits from growing large (Dehghani et al. 2023; modded-nanogpt).
+    qk_norm: bool = False
+    # The output layer reuses the token embedding (Press & Wolf 2017), as GPT-2 does.
+    tie_embeddings: bool = True
+    # Squash the output logits smoothly into (-cap, cap): cap * tanh(logits / cap) (Gemma 2).
+    logit_softcap: float | None = None
+
+    def __post_init__(self) -> None:
+        for name, choices in (("position", POSITIONS), ("norm", NORMS), ("mlp", MLPS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} = {getattr(self, name)!r}: expected one of {choices}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd = {self.n_embd} is not divisible by n_head = {self.n_head}")
+        if self.position == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError("RoPE rotates pairs of channels: the head size must be even")
+
+
+def mlp_hidden_size(config: GPTConfig) -> int:
+    """H, the MLP's hidden width: 4 C, as GPT-2.
+
+    SwiGLU has three matrices instead of two, so it gets 2/3 of that, rounded up
+    to a multiple of 64 for fast matrix shapes: about the same parameter count
+    (2048 for C = 768, exactly; Llama does the same).
+    """
+    if config.mlp != "swiglu":
+        return 4 * config.n_embd
+    return -(-(8 * config.n_embd) // (3 * 64)) * 64
 
 
 class LayerNorm(nn.Module):
@@ -48,6 +95,35 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    """The block's normalisation: LayerNorm, or RMSNorm (which never has a bias)."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=RMS_NORM_EPS)
+    return LayerNorm(config.n_embd, bias=config.bias)
+
+
+def rotary_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotation of each position (T,) for every channel pair: cos and sin, (T, hs).
+
+    Computed in float32 for the exact positions given, so a KV cache can go on
+    counting past ``block_size``.
+    """
+    freqs = positions.float()[:, None] * inv_freq.float()[None, :]  # (T, hs/2)
+    # Channel i pairs with channel i + hs/2 (Hugging Face Llama's layout, not
+    # interleaved pairs), so exported q/k weights need no permutation.
+    angles = torch.cat((freqs, freqs), dim=-1)  # (T, hs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate queries or keys (B, nh, T, hs) by their positions' angles."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated_half = torch.cat((-x2, x1), dim=-1)
+    return x * cos.to(x.dtype) + rotated_half * sin.to(x.dtype)
 
 
 class CausalSelfAttention(nn.Module):
@@ -63,18 +139,33 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
+        head_size = config.n_embd // config.n_head
+        # One gain per channel of a head, shared by the heads (as OLMo 2 and Qwen 3).
+        self.q_norm = nn.RMSNorm(head_size, eps=RMS_NORM_EPS) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(head_size, eps=RMS_NORM_EPS) if config.qk_norm else None
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: LayerCache | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, nh, T, hs)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        is_causal = True
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            # Rotated before caching: a cached key keeps the rotation of its own position.
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        is_causal = mask is None
         if cache is not None:
             first = cache.length == 0
-            k, v = cache.append(k, v)  # every key so far: (B, nh, L, hs)
+            k, v = cache.append(k, v)  # every cached key: (B, nh, L, hs)
             if not first:
                 # One new token attends to all cached ones: nothing to mask.
                 if T != 1:
@@ -82,77 +173,114 @@ class CausalSelfAttention(nn.Module):
                 is_causal = False
         # Flash attention on GPUs that support it; (B, nh, T, hs)
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
-    """The feed-forward part of a block: widen 4x, GELU, project back."""
+    """The feed-forward part of a block: widen to H, a nonlinearity, project back.
+
+    ``gelu`` and ``relu2`` are ``c_proj(act(c_fc(x)))``; ``swiglu`` is
+    ``c_proj(silu(c_gate(x)) * c_fc(x))``: ``c_gate`` is Llama's ``gate_proj``,
+    ``c_fc`` its ``up_proj`` and ``c_proj`` its ``down_proj``.
+    """
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        # GPT-2 used the tanh approximation of GELU; keep it so HF weights match exactly.
-        self.gelu = nn.GELU(approximate="tanh")
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        hidden = mlp_hidden_size(config)
+        self.kind = config.mlp
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_gate = (
+            nn.Linear(config.n_embd, hidden, bias=config.bias) if config.mlp == "swiglu" else None
+        )
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        h = self.c_fc(x)  # (B, T, H)
+        if self.kind == "gelu":
+            # GPT-2 used the tanh approximation of GELU; keep it so HF weights match exactly.
+            h = F.gelu(h, approximate="tanh")
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.silu(self.c_gate(x)) * h
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
-    """A transformer block: pre-LayerNorm attention and MLP, each with a residual."""
+    """A transformer block: pre-norm attention and MLP, each with a residual."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: LayerCache | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, rope, mask)
         return x + self.mlp(self.ln_2(x))
 
 
 class LayerCache:
-    """One layer's keys and values of the tokens seen so far (incremental decoding).
+    """One layer's keys and values of the last ``capacity`` tokens (incremental decoding).
 
     Sampling a token needs the keys and values of every earlier token; keeping
     them turns each step from a forward pass over the whole context into one
-    over a single token.
+    over a single token. Once full, each new token overwrites the oldest (a
+    ring buffer): attention of one query over a set of keys does not depend on
+    their order, and RoPE keys carry their positions with them.
     """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.length = 0
+        self.length = 0  # tokens seen, which may exceed the capacity
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store new keys and values (B, nh, T, hs); return all of them so far."""
+        """Store new keys and values (B, nh, T, hs); return all those cached."""
         B, nh, T, hs = k.shape
         if self.keys is None:
             self.keys = k.new_empty(B, nh, self.capacity, hs)
             self.values = v.new_empty(B, nh, self.capacity, hs)
-        self.keys[:, :, self.length : self.length + T] = k
-        self.values[:, :, self.length : self.length + T] = v
-        self.length += T
-        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+        if self.length + T <= self.capacity:
+            self.keys[:, :, self.length : self.length + T] = k
+            self.values[:, :, self.length : self.length + T] = v
+            self.length += T
+            return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+        if T != 1:
+            raise ValueError("a full KV cache takes one token at a time")
+        slot = self.length % self.capacity  # the oldest token's place
+        self.keys[:, :, slot : slot + 1] = k
+        self.values[:, :, slot : slot + 1] = v
+        self.length += 1
+        return self.keys, self.values
 
 
 class KVCache:
-    """A :class:`LayerCache` per block, up to ``block_size`` tokens."""
+    """A :class:`LayerCache` per block, each of ``block_size`` tokens."""
 
     def __init__(self, config: GPTConfig) -> None:
         self.layers = [LayerCache(config.block_size) for _ in range(config.n_layer)]
 
     @property
     def length(self) -> int:
-        """Tokens cached so far."""
+        """Tokens seen so far (with RoPE this goes on past ``block_size``)."""
         return self.layers[0].length
 
 
@@ -163,18 +291,26 @@ class GPT(nn.Module):
         super().__init__()
         assert config.vocab_size is not None and config.block_size is not None
         self.config = config
-        self.transformer = nn.ModuleDict(
-            {
-                "wte": nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
-                "wpe": nn.Embedding(config.block_size, config.n_embd),  # learned positions
-                "drop": nn.Dropout(config.dropout),
-                "h": nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                "ln_f": LayerNorm(config.n_embd, bias=config.bias),
-            }
-        )
+        modules: dict[str, nn.Module] = {
+            "wte": nn.Embedding(config.vocab_size, config.n_embd)  # token embeddings
+        }
+        if config.position == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)  # learned positions
+        modules["drop"] = nn.Dropout(config.dropout)
+        modules["h"] = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        modules["ln_f"] = make_norm(config)
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Weight tying (Press & Wolf 2017): the output layer reuses the input embedding.
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_embeddings:
+            # Weight tying (Press & Wolf 2017): the output layer reuses the input embedding.
+            self.transformer.wte.weight = self.lm_head.weight
+        if config.position == "rope":
+            # Not a weight: recomputed from the config, so not in the state dict.
+            head_size = config.n_embd // config.n_head
+            exponents = torch.arange(0, head_size, 2, dtype=torch.int64).float() / head_size
+            self.register_buffer(
+                "rope_inv_freq", 1.0 / (config.rope_theta**exponents), persistent=False
+            )
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer): each block
         # adds two of them to the residual stream, whose variance would otherwise grow.
@@ -191,15 +327,29 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Number of parameters (the tied token embedding counts once).
+        """Number of parameters (a tied token embedding counts once).
 
         ``non_embedding`` leaves out the token and position embeddings, the count
-        scaling laws use (Kaplan et al. 2020).
+        scaling laws use (Kaplan et al. 2020); an untied output layer stays in.
         """
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+            n -= self.transformer.wte.weight.numel()
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
         return n
+
+    @property
+    def reach(self) -> int:
+        """How many tokens back the last position's output can depend on.
+
+        Within ``block_size`` that is the context. With RoPE a longer sequence is
+        attended in sliding windows of ``block_size`` tokens in every layer, so
+        each layer looks ``block_size - 1`` tokens further back.
+        """
+        if self.config.position == "learned":
+            return self.config.block_size
+        return self.config.n_layer * (self.config.block_size - 1) + 1
 
     def forward(
         self,
@@ -212,28 +362,52 @@ class GPT(nn.Module):
         Targets equal to -1 take no loss (padding, prompt tokens). Without targets
         only the last position's logits are computed: that is all sampling needs.
         With a ``cache``, ``idx`` continues the tokens already cached.
+
+        With learned positions T (plus the cached tokens) is at most
+        ``block_size``. With RoPE a sequence may be longer: each token then
+        attends to the ``block_size`` latest tokens (itself included), which is
+        what the KV cache computes past ``block_size`` too.
         """
         _, T = idx.size()
+        block_size = self.config.block_size
         start = cache.length if cache is not None else 0
-        if start + T > self.config.block_size:
+        if self.config.position == "learned" and start + T > block_size:
             raise ValueError(
-                f"sequence of length {start + T} is longer than block_size {self.config.block_size}"
+                f"sequence of length {start + T} is longer than block_size {block_size}"
             )
+        if cache is not None and block_size < T:
+            raise ValueError(f"a KV cache takes at most block_size {block_size} tokens at once")
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        tok_emb = self.transformer.wte(idx)  # (B, T, C)
-        pos_emb = self.transformer.wpe(pos)  # (T, C)
-        x = self.transformer.drop(tok_emb + pos_emb)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.config.position == "learned":
+            x = x + self.transformer.wpe(pos)  # (T, C), broadcast over B
+        else:
+            rope = rotary_cos_sin(pos, self.rope_inv_freq)
+        mask = None
+        if cache is None and block_size < T:
+            # Sliding windows: query i sees keys i - block_size + 1 .. i. (T, T)
+            i = torch.arange(T, device=idx.device)
+            mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - block_size)
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache.layers[i] if cache is not None else None)
+            x = block(x, cache.layers[i] if cache is not None else None, rope, mask)
         x = self.transformer.ln_f(x)
         if targets is not None:
-            logits = self.lm_head(x)  # (B, T, V)
+            logits = self._logits(x)  # (B, T, V)
             loss = F.cross_entropy(
                 logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1
             )
             return logits, loss
         # Keep the time dimension: (B, 1, V)
-        return self.lm_head(x[:, [-1], :]), None
+        return self._logits(x[:, [-1], :]), None
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(x)
+        cap = self.config.logit_softcap
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)
+        return logits
 
     def configure_optimizers(
         self,
@@ -261,9 +435,15 @@ class GPT(nn.Module):
     def flops_per_token(self) -> int:
         """Training FLOPs per token (forward and backward), as in the PaLM paper appendix B."""
         cfg = self.config
-        # nanoGPT's count: the token embedding is a matmul in the output layer,
-        # the position embedding a lookup.
-        n = self.num_params() - self.transformer.wpe.weight.numel()
+        # nanoGPT's count: 6 FLOPs per weight that multiplies (the norms' gains
+        # are counted too, a rounding error). Lookups cost none: the position
+        # embedding, and the token embedding when the output layer is not tied
+        # to it (tied, it is the output layer's matmul).
+        n = self.num_params()
+        if "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        if not cfg.tie_embeddings:
+            n -= self.transformer.wte.weight.numel()
         return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
     @torch.no_grad()
@@ -283,17 +463,15 @@ class GPT(nn.Module):
         ``temperature = 0`` picks the most likely token; ``top_k`` and ``top_p``
         (nucleus) restrict sampling to the likeliest tokens. ``vocab_limit`` (the
         tokenizer's size) keeps the vocabulary's padding rows from being sampled.
+        A context longer than ``block_size`` keeps its last ``block_size`` tokens.
 
-        With ``use_cache`` each step feeds one token through a KV cache. While the
-        context fits in ``block_size`` this gives exactly what recomputing the
-        whole context gives. Once it is full the window slides in chunks: the
-        cache restarts from the last ``block_size // 2`` tokens, so the model
-        always sees at least half a window of context (``use_cache=False`` instead
-        recomputes the last ``block_size`` tokens at every step, as nanoGPT does).
+        With ``use_cache`` each step feeds one token through a KV cache; see
+        :meth:`next_logits` for what happens once the context outgrows
+        ``block_size`` and what ``use_cache=False`` recomputes instead.
         """
-        block_size = self.config.block_size
+        idx = idx[:, -self.config.block_size :]
         cache = KVCache(self.config) if use_cache else None
-        logits, _ = self(idx[:, -block_size:], cache=cache)
+        logits, _ = self(idx, cache=cache)
         for step in range(max_new_tokens):
             idx_next = self._pick(
                 logits[:, -1, :], temperature, top_k, top_p, generator, vocab_limit
@@ -302,13 +480,34 @@ class GPT(nn.Module):
             if step == max_new_tokens - 1:
                 return
             idx = torch.cat((idx, idx_next), dim=1)
-            if cache is None:
-                logits, _ = self(idx[:, -block_size:])
-            elif cache.length < block_size:
-                logits, _ = self(idx_next, cache=cache)
-            else:
-                cache = KVCache(self.config)
-                logits, _ = self(idx[:, -(block_size // 2) :], cache=cache)
+            logits, cache = self.next_logits(idx, cache)
+
+    def next_logits(
+        self, idx: torch.Tensor, cache: KVCache | None
+    ) -> tuple[torch.Tensor, KVCache | None]:
+        """Logits (B, 1, V) after the context ``idx`` (B, T), whose last token is new.
+
+        With a ``cache`` holding every token of ``idx`` but the last, that token
+        is fed alone; returns the cache to go on with. While the context fits in
+        ``block_size`` this gives exactly what recomputing it gives. Past it:
+
+        - learned positions: the window slides in chunks: the cache restarts
+          from the last ``block_size // 2`` tokens, so the model always sees at
+          least half a window; without a cache the last ``block_size`` tokens
+          are recomputed at every step, as nanoGPT does.
+        - RoPE: attention depends only on relative positions, so the cache
+          slides one token at a time (the oldest key leaves as a new one comes)
+          and every layer attends to the ``block_size`` latest tokens; without a
+          cache the same sliding-window attention is recomputed over the last
+          :attr:`reach` tokens, all that the output depends on.
+        """
+        block_size = self.config.block_size
+        if cache is None:
+            return self(idx[:, -self.reach :])[0], None
+        if self.config.position == "rope" or cache.length < block_size:
+            return self(idx[:, -1:], cache=cache)[0], cache
+        cache = KVCache(self.config)
+        return self(idx[:, -(block_size // 2) :], cache=cache)[0], cache
 
     @staticmethod
     def _pick(

@@ -178,9 +178,10 @@ def generate_batch(loaded: LoadedModel, jobs: list[Job]) -> None:
     """Decode every choice of ``jobs`` (prompts of one length) together, in a worker thread.
 
     The same steps as ``GPT.generate_tokens``: the prompt through the KV cache,
-    then one token per forward pass, the cache restarting from the last half
-    window when full. Each row samples with its own settings and generator;
-    rows that finished (or whose client left) ride along until all are done.
+    then one token per forward pass (``GPT.next_logits``, which also decides how
+    the window moves past ``block_size``). Each row samples with its own settings
+    and generator; rows that finished (or whose client left) ride along until
+    all are done.
     """
     import torch
 
@@ -189,10 +190,11 @@ def generate_batch(loaded: LoadedModel, jobs: list[Job]) -> None:
     model, rows = loaded.model, make_rows(loaded, jobs)
     config, limit = model.config, loaded.tokenizer.vocab_size
     ids = torch.tensor([row.job.ids for row in rows], dtype=torch.long, device=loaded.device)
+    ids = ids[:, -config.block_size :]
     filler = loaded.tokenizer.eot_id or 0
     with torch.no_grad():
-        cache = KVCache(config)
-        logits, _ = model(ids[:, -config.block_size :], cache=cache)
+        cache: KVCache | None = KVCache(config)
+        logits, _ = model(ids, cache=cache)
         while not all(row.done for row in rows):
             chosen = []
             for b, row in enumerate(rows):
@@ -209,11 +211,7 @@ def generate_batch(loaded: LoadedModel, jobs: list[Job]) -> None:
                 return
             step = torch.tensor(chosen, dtype=torch.long, device=loaded.device).view(-1, 1)
             ids = torch.cat((ids, step), dim=1)
-            if cache.length < config.block_size:
-                logits, _ = model(step, cache=cache)
-            else:
-                cache = KVCache(config)
-                logits, _ = model(ids[:, -(config.block_size // 2) :], cache=cache)
+            logits, cache = model.next_logits(ids, cache)
 
 
 _DONE = object()

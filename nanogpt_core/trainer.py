@@ -27,7 +27,7 @@ import torch
 from nanogpt_core import __version__
 from nanogpt_core.callbacks import LAST_CHECKPOINT, Callback, Requests, RunPaths, TrainerState
 from nanogpt_core.checkpoints import FORMAT as CHECKPOINT_FORMAT
-from nanogpt_core.checkpoints import load_checkpoint, save_checkpoint
+from nanogpt_core.checkpoints import LATER_MODEL_ARGS, load_checkpoint, save_checkpoint
 from nanogpt_core.config import ExperimentConfig, TrainConfig
 from nanogpt_core.datasets import PreparedData
 from nanogpt_core.errors import NanoGPTError, PluginFault, TrainingError
@@ -35,6 +35,7 @@ from nanogpt_core.evaluation import EVAL_SEED_OFFSET, fixed_loss_batches
 from nanogpt_core.example_batches import ExampleBatches
 from nanogpt_core.metrics import MetricsLog
 from nanogpt_core.model import GPT, GPTConfig
+from nanogpt_core.options import show
 from nanogpt_core.resume import callback_states, check_belongs, tokenizer_difference
 from nanogpt_core.sampler import BatchSource, MemmapSampler
 
@@ -113,6 +114,8 @@ def model_config_for(config: ExperimentConfig, data: PreparedData) -> GPTConfig:
             f"model.vocab_size = {vocab_size} is smaller than the data's vocabulary of "
             f"{data.vocab_size}; remove it to use the data's (padded)"
         )
+    # rope_theta left out keeps GPTConfig's default (it is not used with learned positions).
+    rope_theta = {} if model.rope_theta is None else {"rope_theta": model.rope_theta}
     return GPTConfig(
         block_size=model.block_size,
         vocab_size=vocab_size,
@@ -121,6 +124,13 @@ def model_config_for(config: ExperimentConfig, data: PreparedData) -> GPTConfig:
         n_embd=model.n_embd,
         dropout=model.dropout,
         bias=model.bias,
+        position=model.position,
+        norm=model.norm,
+        mlp=model.mlp,
+        qk_norm=model.qk_norm,
+        tie_embeddings=model.tie_embeddings,
+        logit_softcap=model.logit_softcap,
+        **rope_theta,
     )
 
 
@@ -347,12 +357,16 @@ class Trainer:
         checkpoint = load_checkpoint(path)
         theirs = checkpoint["model_args"]
         ours = asdict(self.model_config)
+        # Everything that shapes the weights or what they compute; load_checkpoint
+        # gave an older checkpoint the defaults of options it predates.
+        keys = ["n_layer", "n_head", "n_embd", "bias", "vocab_size", *LATER_MODEL_ARGS]
         differences = [
-            f"model.{key} = {ours[key]} but {path} has {theirs[key]}"
-            for key in ("n_layer", "n_head", "n_embd", "bias", "vocab_size")
-            if ours[key] != theirs[key]
+            f"model.{key} = {show(ours[key])} but {path} has {show(theirs[key])}"
+            for key in keys
+            if ours[key] != theirs[key] and not (key == "rope_theta" and ours["position"] != "rope")
         ]
-        if ours["block_size"] > theirs["block_size"]:
+        # Learned positions have no weights past the trained context; RoPE has none at all.
+        if ours["position"] == "learned" and ours["block_size"] > theirs["block_size"]:
             differences.append(
                 f"model.block_size = {ours['block_size']} is longer than the "
                 f"{theirs['block_size']} {path} was trained with"
@@ -363,19 +377,34 @@ class Trainer:
         if differences:
             raise NanoGPTError("model.init_from: " + "; ".join(differences))
         weights = dict(checkpoint["model"])
-        # A shorter context keeps the first positions, as with a Hugging Face folder.
-        weights["transformer.wpe.weight"] = weights["transformer.wpe.weight"][: ours["block_size"]]
+        if "transformer.wpe.weight" in weights:
+            # A shorter context keeps the first positions, as with a Hugging Face folder.
+            wpe = weights["transformer.wpe.weight"]
+            weights["transformer.wpe.weight"] = wpe[: ours["block_size"]]
         model.load_state_dict(weights)
         self.echo(f"model.init_from: weights of step {checkpoint['step']} of {path}")
 
     def _init_from_hf(self, model: GPT, folder: str) -> None:
-        from nanogpt_core.hf_gpt2 import config_from_hf, from_hf_state_dict, read_hf_folder
+        from nanogpt_core.hf_gpt2 import (
+            config_from_hf,
+            from_hf_state_dict,
+            gpt2_mismatches,
+            read_hf_folder,
+        )
 
+        unlike_gpt2 = gpt2_mismatches(self.model_config)
+        if unlike_gpt2:
+            raise NanoGPTError(
+                f"model.init_from: {folder}: a Hugging Face folder starts only a GPT-2, and "
+                f"{', '.join('model.' + m for m in unlike_gpt2)} "
+                f"{'has' if len(unlike_gpt2) == 1 else 'have'} no place in GPT-2; "
+                "use GPT-2's options (the defaults) or start from a toolkit checkpoint"
+            )
         hf_config, state = read_hf_folder(folder)
         theirs = config_from_hf(hf_config)
         differences = [
             f"model.{key} = {getattr(self.model_config, key)} but {folder} has {getattr(theirs, key)}"
-            for key in ("n_layer", "n_head", "n_embd", "bias")
+            for key in ("n_layer", "n_head", "n_embd", "bias", "tie_embeddings")
             if getattr(self.model_config, key) != getattr(theirs, key)
         ]
         if self.model_config.block_size > theirs.block_size:

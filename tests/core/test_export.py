@@ -1,4 +1,4 @@
-"""`gpt export`: a Hugging Face GPT-2 folder that transformers loads with our logits."""
+"""`gpt export`: a Hugging Face GPT-2 or Llama folder that transformers loads with our logits."""
 
 from __future__ import annotations
 
@@ -75,14 +75,23 @@ def test_export_refuses_a_used_folder_and_bad_checkpoints(char_checkpoint, tmp_p
     assert not (tmp_path / "new").exists()
 
 
-def write_checkpoint(path, template):
-    """A tiny GPT-2-BPE checkpoint as a fine-tuning run writes it (``template`` None: pre-trained)."""
+def write_checkpoint(path, template, **options):
+    """A tiny GPT-2-BPE checkpoint as a fine-tuning run writes it (``template`` None: pre-trained).
+
+    ``options`` are architecture options (GPTConfig fields) of the model.
+    """
     import dataclasses
 
     from nanogpt_core.checkpoints import save_checkpoint
     from nanogpt_core.model import GPT, GPTConfig
 
-    model = GPT(GPTConfig(block_size=32, vocab_size=50304, n_layer=1, n_head=2, n_embd=16))
+    shape = {"block_size": 32, "vocab_size": 50304, "n_layer": 1, "n_head": 2, "n_embd": 16}
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**shape, **options}))
+    with torch.no_grad():
+        # Gains away from 1 and untied matrices apart, so a misplaced tensor shows.
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
     save_checkpoint(
         path,
         {
@@ -140,3 +149,64 @@ def test_without_a_template_there_is_no_chat_template_and_unknown_ones_are_refus
     assert result.output.startswith("Error: template 'vicuna' is not installed (installed: ")
     assert len(result.output.splitlines()) == 1
     assert not (tmp_path / "odd").exists()
+
+
+LLAMA = {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False}
+
+
+def equal_logits_and_greedy_text(hf, ckpt, out):
+    ours = load_model(ckpt, "cpu").model
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("Once upon a time, there was", return_tensors="pt").input_ids
+    with torch.no_grad():
+        theirs = hf(ids).logits
+        mine, _ = ours(ids, ids)
+    assert (theirs - mine).abs().max().item() < 1e-4
+    hf_greedy = hf.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=50256)
+    assert torch.equal(hf_greedy, ours.generate(ids, 20, temperature=0))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_llama_shaped_model_exports_as_llama_with_equal_logits_and_greedy_text(tmp_path, tie):
+    options = {**LLAMA, "n_layer": 2, "rope_theta": 500.0, "tie_embeddings": tie}
+    ckpt = write_checkpoint(tmp_path / "llama.pth", None, **options)
+    out = tmp_path / "hf"
+    result = export(ckpt, out)
+    assert result.exit_code == 0, result.output
+    hf = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    assert hf.config.tie_word_embeddings == tie
+    assert (hf.lm_head.weight is hf.model.embed_tokens.weight) == tie
+    # The tokenizer is written as for GPT-2 models.
+    assert {"vocab.json", "merges.txt", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    equal_logits_and_greedy_text(hf, ckpt, out)
+
+
+def test_an_untied_gpt2_exports_with_its_own_output_layer(tmp_path):
+    ckpt = write_checkpoint(tmp_path / "untied.pth", None, tie_embeddings=False)
+    out = tmp_path / "hf"
+    assert export(ckpt, out).exit_code == 0
+    hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    assert hf.lm_head.weight is not hf.transformer.wte.weight
+    equal_logits_and_greedy_text(hf, ckpt, out)
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({**LLAMA, "qk_norm": True}, "model.qk_norm = true has no equivalent in transformers' "
+         "LlamaForCausalLM"),
+        ({"mlp": "swiglu"}, 'model.mlp = "swiglu" has no equivalent in transformers\' '
+         "GPT2LMHeadModel"),
+        ({"logit_softcap": 30.0}, "model.logit_softcap = 30.0 has no equivalent in "
+         "transformers' GPT2LMHeadModel"),
+        ({"position": "rope"}, 'model.norm = "layernorm", model.mlp = "gelu", model.bias = true '
+         "have no equivalent in transformers' LlamaForCausalLM"),
+    ],
+)  # fmt: skip
+def test_other_architectures_are_refused_naming_the_options(tmp_path, options, expected):
+    ckpt = write_checkpoint(tmp_path / "odd.pth", None, **options)
+    result = export(ckpt, tmp_path / "hf")
+    assert result.exit_code == 2
+    (line,) = result.output.splitlines()
+    assert line.startswith(f"Error: --ckpt {ckpt}: {expected}; gpt export writes GPT-2's options")
+    assert not (tmp_path / "hf").exists()
