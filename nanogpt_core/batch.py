@@ -34,6 +34,7 @@ from nanogpt_core.errors import ConfigError, NanoGPTError
 from nanogpt_core.run import finished_summary, read_done
 
 LIST_FILE = "experiment_list.conf"
+PLOT_FILE = "batch-summary.png"
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -303,3 +304,34 @@ def summary_table(results: Sequence[BatchResult]) -> str:
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def write_batch_plot(results: Sequence[BatchResult], results_dir: Path) -> Path | None:
+    """Draw the loss curves of the batch's runs into ``results/batch-summary.png``.
+
+    Never fails the batch: without matplotlib it says how to get it, and any
+    other problem is one warning line. Returns the file, or None if none was written.
+    """
+    from nanogpt_core.compare import PLOT_EXTRA, read_runs, write_plot
+
+    folders = [
+        results_dir / r.name for r in results if (results_dir / r.name / "metrics.jsonl").is_file()
+    ]
+    if not folders:
+        return None
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(
+            f"note: for a plot of the batch ({results_dir / PLOT_FILE}): {PLOT_EXTRA}",
+            file=sys.stderr,
+        )
+        return None
+    out = results_dir / PLOT_FILE
+    try:
+        write_plot(read_runs(folders), out)
+    except Exception as exc:  # a plot is never worth a failed batch
+        print(f"warning: could not write {out}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+    print(f"wrote {out}", flush=True)
+    return out

@@ -464,7 +464,7 @@ def batch(
       gpt batch experiments/tinystories.toml experiments/fineweb.toml --stop-on-error
       gpt batch experiments/ --launcher "accelerate launch --multi_gpu --num_processes 8"
     """
-    from nanogpt_core.batch import experiments_in, run_batch, summary_table
+    from nanogpt_core.batch import experiments_in, run_batch, summary_table, write_batch_plot
 
     experiments = experiments_in(list(paths))
     results = run_batch(
@@ -475,9 +475,54 @@ def batch(
         results_dir=results_dir,
         data_dir=data_dir,
     )
+    write_batch_plot(results, results_dir)
     click.echo(summary_table(results))
     if any(r.status == "failed" for r in results):
         sys.exit(1)
+
+
+@click.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--plot",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    metavar="FILE.png",
+    help="Also draw every run's train and val loss (and eval scores) into this PNG.",
+)
+@click.option(
+    "--x",
+    "x_axis",
+    type=click.Choice(["step", "tokens", "elapsed"]),
+    default="step",
+    show_default=True,
+    help="The plot's x axis: optimizer steps, tokens trained on, or seconds of training.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def compare(runs: tuple[Path, ...], plot: Path | None, x_axis: str, as_json: bool) -> None:
+    """Compare runs: final and best val loss, steps, tokens, time, throughput, eval scores.
+
+    Each RUN is a results folder (results/<name>/); the numbers are those of
+    its metrics.jsonl. --plot needs matplotlib (pip install 'nanogpt[plot]').
+
+    \b
+    Examples:
+      gpt compare results/small results/large
+      gpt compare results/* --plot compare.png --x tokens
+      gpt compare results/small --json
+    """
+    from nanogpt_core.compare import comparison_table, read_runs, require_matplotlib, write_plot
+
+    if plot is not None:
+        require_matplotlib("gpt compare --plot")
+    summaries = read_runs(list(runs))
+    if as_json:
+        click.echo(json.dumps([run.summary() for run in summaries], indent=2))
+    else:
+        click.echo(comparison_table(summaries))
+    if plot is not None:
+        write_plot(summaries, plot, x_axis)
+        click.echo(f"wrote {plot}", err=as_json)
 
 
 @click.command()
@@ -730,6 +775,7 @@ def make_cli(plugins: Plugins) -> click.Group:
         chat,
         serve,
         batch,
+        compare,
         export,
         eval_command,
         plugins_command,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,9 +43,27 @@ def folder(tmp_path, shared_data):
     return exps
 
 
-def gpt(*args, cwd):
+def gpt(*args, cwd, env=None):
     script = str(Path(sys.executable).with_name("gpt"))
-    return subprocess.run([script, *args], cwd=cwd, capture_output=True, text=True, check=False)
+    return subprocess.run(
+        [script, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def plotted_runs(png: Path) -> str:
+    """The runs a batch-summary.png names, after checking it is a whole PNG."""
+    from PIL import Image
+
+    with Image.open(png) as image:
+        image.verify()
+    with Image.open(png) as image:
+        assert image.format == "PNG"
+        return image.text["Description"]
 
 
 def test_folders_run_sorted_without_abstract_bases_or_by_their_list(folder):
@@ -80,6 +99,8 @@ def test_batch_runs_each_in_a_subprocess_goes_on_after_a_failure_and_skips_done(
     done = json.loads((tmp_path / "results" / "a_first" / "done").read_text())
     assert done["step"] == 3 and rows["a_first"][2] == f"{done['val_loss']:.4f}"
     assert "model.n_embd: 15 is not divisible by n_head = 2" in first.stderr
+    # The batch's loss curves: the runs that have metrics (c_broken never started).
+    assert plotted_runs(tmp_path / "results" / "batch-summary.png") == "runs: a_first, b_second"
 
     (folder / "c_broken.toml").unlink()
     second = gpt(*args, cwd=tmp_path)
@@ -112,6 +133,21 @@ def test_stop_on_error_and_launcher(folder, tmp_path, session_data_dir):
     )
     assert launched.returncode == 0, launched.stderr
     assert f"{sys.executable} -X utf8 -m nanogpt_core run" in launched.stdout
+    assert plotted_runs(tmp_path / "results" / "batch-summary.png") == "runs: a_first"
+    # Without matplotlib the batch still succeeds; a note says how to get the plot.
+    (tmp_path / "results" / "batch-summary.png").unlink()
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(
+        'import sys\nsys.modules["matplotlib"] = None\n'
+    )
+    args = ["batch", str(folder / "a_first.toml"), "--results-dir", "results"]
+    again = gpt(*args, cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site")})
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.strip().splitlines() == [
+        f"note: for a plot of the batch ({Path('results') / 'batch-summary.png'}): "
+        "pip install 'nanogpt[plot]'"
+    ]
+    assert not (tmp_path / "results" / "batch-summary.png").exists()
 
 
 def test_run_of_a_finished_experiment_says_so(folder, tmp_path, session_data_dir):

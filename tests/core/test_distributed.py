@@ -78,5 +78,7 @@ def test_two_processes_draw_different_batches_and_stay_in_sync(
     ranks = [json.loads((probe / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [(r["start_step"], r["end_step"]) for r in ranks] == [(40, 80), (40, 80)]
     assert ranks[0]["params_sha256"] == ranks[1]["params_sha256"]
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(5, 81, 5))
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == list(range(5, 81, 5))
+    # tokens counts both processes (batch 8 x block 32 each), across the resume.
+    assert [line["tokens"] for line in lines] == [step * 8 * 32 * 2 for step in range(5, 81, 5)]

@@ -321,3 +321,7 @@ def test_two_processes_see_disjoint_examples(shared_data, tmp_path):
     assert not set(flat[0]) & set(flat[1])
     meta = json.loads(next((tmp_path / "data").rglob("meta.json")).read_text())
     assert sorted(flat[0] + flat[1]) == list(range(meta["splits"]["train"]["examples"]))
+    # tokens counts both processes' real tokens: each train example's inputs, once.
+    examples = np.load(next((tmp_path / "data").rglob("train.examples.npy")))
+    rows, _ = read_metrics(tmp_path / "results" / "ddp_ft" / "metrics.jsonl")
+    assert rows[-1]["tokens"] == int((examples[:, 1] - 1).sum())
