@@ -66,7 +66,8 @@ class RunSummary:
     def summary(self) -> dict[str, Any]:
         """The row of the table, with the metrics' own values (``--json``)."""
         best, best_step = self.best_val()
-        steps = self.records[-1]["step"] if self.records else None
+        # The largest step, not the last line's: `gpt eval --log` may append an earlier one.
+        steps = max((r["step"] for r in self.records), default=None)
         tokens, wall = self.last("tokens"), self.last("elapsed_s")
         return {
             "run": self.label,

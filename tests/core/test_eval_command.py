@@ -86,6 +86,12 @@ def test_log_appends_to_the_run_under_its_lock(char_run, session_data_dir, tmp_p
     assert records[-1]["step"] == records[-2]["step"]
     assert records[-1]["eval_checkpoint"] == "last.pth"
     assert (run / "metrics.jsonl").read_text().startswith(before)
+    # gpt compare shows the logged score beside the run's own numbers.
+    compared = gpt("compare", str(run), "--json")
+    assert compared.returncode == 0, compared.stderr
+    (summary,) = json.loads(compared.stdout)
+    assert summary["eval"] == {"eval/val_loss/val_loss": records[-1]["eval/val_loss/val_loss"]}
+    assert summary["steps"] == records[-2]["step"]
 
 
 def test_eval_errors_are_one_line(char_run, tmp_path):
