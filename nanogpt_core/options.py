@@ -19,12 +19,12 @@ from typing import Any, TypeVar
 import attrs
 import cattrs
 from cattrs.cols import is_sequence, list_structure_factory
-from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 from cattrs.errors import (
     ClassValidationError,
     ForbiddenExtraKeysError,
     IterableValidationError,
 )
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 T = TypeVar("T")
 

@@ -44,4 +44,8 @@ class AdamW:
 @hookimpl
 def register_optimizers(register):
     """The built-in ``adamw`` optimizer (no options of its own: ``[train]`` has them)."""
-    register("adamw", AdamW, description="nanoGPT's AdamW; learning_rate, betas and weight_decay from [train].")
+    register(
+        "adamw",
+        AdamW,
+        description="nanoGPT's AdamW; learning_rate, betas and weight_decay from [train].",
+    )

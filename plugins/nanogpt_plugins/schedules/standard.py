@@ -124,7 +124,11 @@ class WSD:
 @hookimpl
 def register_schedules(register):
     """The four built-in schedules."""
-    register("cosine", Cosine, description="Warmup, then cosine decay to min_lr at the last step (nanoGPT's).")
+    register(
+        "cosine",
+        Cosine,
+        description="Warmup, then cosine decay to min_lr at the last step (nanoGPT's).",
+    )
     register("linear", Linear, description="Warmup, then linear decay to min_lr at the last step.")
     register("constant", Constant, description="Warmup, then the peak learning rate to the end.")
     register(
