@@ -535,14 +535,13 @@ def resolve_paths(data: dict[str, Any], origins: Origins, plugins: Plugins | Non
                 _resolve_keys(table, path_fields(registration.options), key, origins)
 
 
-def _train_table_owner(plugins: Plugins, name: str, prefer: str = "optimizer") -> Any:
+def _train_table_owner(plugins: Plugins, name: str) -> Any:
     """The optimizer or schedule registration a ``[train.<name>]`` table belongs to, or None.
 
-    A name registered as both kinds goes to ``prefer`` first; a name two plugins
+    A name registered as both kinds is the optimizer's; a name two plugins
     registered raises the conflict's :class:`PluginError`.
     """
-    kinds = ("optimizer", "schedule") if prefer == "optimizer" else ("schedule", "optimizer")
-    for kind in kinds:
+    for kind in ("optimizer", "schedule"):
         registration = plugins.registry(kind).get(name)
         if registration is not None:
             return registration

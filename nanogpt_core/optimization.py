@@ -129,9 +129,11 @@ class LearningRates:
     """Sets every param group's learning rate from the schedule, step by step.
 
     :param schedule: what the schedule's factory returned.
-    :param plugin: the plugin that registered it (for messages).
+    :param name: the schedule's name, and ``plugin`` the plugin that registered it
+        (for messages).
     :param bounds: ``(peak, floor)`` of each param group, in order.
     :param main: ``(learning_rate, min_lr)``: the rate ``metrics.jsonl`` shows.
+    :param warmup_steps: ``train.warmup_steps``, and ``total_steps`` the run's length.
     """
 
     schedule: Schedule

@@ -275,7 +275,8 @@ def describe(exc: BaseException, path: str) -> Iterator[str]:
         for sub in without:
             yield from describe(sub, path)
     elif isinstance(exc, ForbiddenExtraKeysError):
-        known = [a.name for a in attrs.fields(exc.cl)]
+        hidden = internal_fields(exc.cl)
+        known = [a.name for a in attrs.fields(exc.cl) if a.name not in hidden]
         for key in sorted(exc.extra_fields):
             yield f"{join(path, key)}: unknown key{suggest(key, known)}"
     elif isinstance(exc, OptionValueError):

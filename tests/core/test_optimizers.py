@@ -18,6 +18,7 @@ from nanogpt_core import Callback, hookimpl, option, positive
 from nanogpt_core.checkpoints import load_checkpoint
 from nanogpt_core.cli import plugin_listing
 from nanogpt_core.config import load_experiment
+from nanogpt_core.errors import NanoGPTError, PluginFault
 from nanogpt_core.metrics import read_metrics
 from nanogpt_core.plugins import load_plugins
 from nanogpt_core.run import config_differences, run_experiment
@@ -214,6 +215,8 @@ def test_the_built_ins_register_like_any_plugin(installed_plugins):
         ("", ["train.muon.adjust_lr_fn=rms"], 'train.muon.adjust_lr_fn: expected one of "original", "match_rms_adamw", got "rms"'),
         ("", ["train.schedule=wsd", "train.wsd.cooldown_fraction=1.5"], "train.wsd.cooldown_fraction: must be in [0, 1], got 1.5"),
         ("", ["train.adamw.lr=1"], 'train.adamw.lr: unknown key'),
+        # The core's own record of the tables is no key of [train].
+        ("[train.plugin_options]\nmuon = {}\n", [], "train.plugin_options: unknown key"),
     ],
 )  # fmt: skip
 def test_bad_optimizer_or_schedule_input_is_one_line_and_exit_2(
@@ -225,6 +228,64 @@ def test_bad_optimizer_or_schedule_input_is_one_line_and_exit_2(
     assert result.returncode == 2, result.stderr
     (line,) = result.stderr.splitlines()
     assert line == f"Error: exp.toml: {expected}"
+
+
+class NotAnOptimizer:
+    def __init__(self, options) -> None:
+        pass
+
+    def build(self, model, train, device_type):
+        return "adam"
+
+
+class SkipsVectors(NotAnOptimizer):
+    def build(self, model, train, device_type):
+        return torch.optim.SGD([p for p in model.parameters() if p.dim() >= 2], lr=0.1)
+
+
+class NaNSchedule(NotAnOptimizer):
+    def lr(self, step, *, peak, floor, warmup_steps, total_steps):
+        return float("nan") if step == 3 else peak
+
+
+def test_what_a_plugin_returns_is_checked_in_one_line():
+    from nanogpt_core.config import TrainConfig
+    from nanogpt_core.model import GPT, GPTConfig
+    from nanogpt_core.optimization import LearningRates, make_optimizer, make_schedule
+
+    class Bad:
+        @hookimpl
+        def register_optimizers(self, register):
+            register("not_one", NotAnOptimizer)
+            register("skips", SkipsVectors)
+
+        @hookimpl
+        def register_schedules(self, register):
+            register("nan", NaNSchedule)
+
+    plugins = load_plugins(entry_points=False, disabled=())
+    plugins.register(Bad(), name="bad")
+    model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8))
+    with pytest.raises(
+        NanoGPTError,
+        match=r"^plugin 'bad': optimizer 'not_one': build returned str, not a torch.optim.Optimizer$",
+    ):
+        make_optimizer(plugins, TrainConfig(optimizer="not_one"), model, "cpu")
+    with pytest.raises(
+        NanoGPTError,
+        match=r"optimizer 'skips': build left parameters out: transformer.h.0.ln_1.weight, ",
+    ):
+        make_optimizer(plugins, TrainConfig(optimizer="skips"), model, "cpu")
+    train = TrainConfig(optimizer="skips", schedule="nan")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer.param_groups[0]["peak_lr"] = 0.1
+    rates = LearningRates.for_run(*make_schedule(plugins, train), optimizer, train, 10)
+    assert rates.apply(optimizer.param_groups, 2) == train.learning_rate
+    with pytest.raises(
+        PluginFault,
+        match=r"^plugin 'bad': schedule 'nan': lr returned nan at step 3, not a finite number$",
+    ):
+        rates.apply(optimizer.param_groups, 3)
 
 
 def test_dry_run_shows_the_selected_plugins_tables_only(tmp_path):
