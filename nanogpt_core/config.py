@@ -19,6 +19,7 @@ import attrs
 
 from nanogpt_core.errors import ConfigError, PluginError
 from nanogpt_core.options import (
+    INTERNAL_KEY,
     OptionProblems,
     OptionValueError,
     fraction,
@@ -170,11 +171,26 @@ class TrainConfig:
         "data; 1000 for pre-training data (each step draws fresh random windows).",
         validator=positive,
     )
+    optimizer: str = option(
+        "adamw",
+        'The optimizer: "adamw" (nanoGPT\'s), "muon" or another registered one; '
+        "its options go in [train.<name>].",
+    )
+    schedule: str = option(
+        "cosine",
+        'The learning-rate schedule: "cosine" (nanoGPT\'s), "wsd", "linear", "constant" '
+        "or another registered one; its options go in [train.<name>].",
+    )
     learning_rate: float = option(
-        6e-4, "Peak learning rate, reached after warmup.", validator=positive
+        6e-4,
+        "Peak learning rate, reached after warmup (AdamW's, and the one metrics.jsonl shows).",
+        validator=positive,
     )
     min_lr: float = option(
-        6e-5, "Learning rate at the last step (cosine decay).", validator=non_negative
+        6e-5,
+        "Learning rate at the last step (the schedule's floor); other peaks decay to the "
+        "same fraction of theirs.",
+        validator=non_negative,
     )
     warmup_steps: int = option(100, "Linear warmup steps.", validator=non_negative)
     weight_decay: float = option(
@@ -216,6 +232,22 @@ class TrainConfig:
         "Refuse to start when the estimated parameter + optimizer memory exceeds the "
         "device's memory; false to skip.",
     )
+    # The [train.<name>] tables, by plugin name. Not a key of [train] itself: the
+    # first pass fills it with the raw tables; the second (resolve_plugins) with the
+    # selected optimizer's and schedule's options instances only.
+    plugin_options: dict[str, Any] = attrs.field(
+        factory=dict, hash=False, metadata={INTERNAL_KEY: True}
+    )
+
+    @property
+    def optimizer_options(self) -> Any:
+        """The selected optimizer's options (its ``[train.<name>]`` table)."""
+        return self.plugin_options.get(self.optimizer)
+
+    @property
+    def schedule_options(self) -> Any:
+        """The selected schedule's options (its ``[train.<name>]`` table)."""
+        return self.plugin_options.get(self.schedule)
 
     def __attrs_post_init__(self) -> None:
         if self.min_lr > self.learning_rate:
@@ -273,9 +305,14 @@ class ExperimentConfig:
             data["tokenizer"] = table(self.tokenizer)
         if self.template is not None:
             data["template"] = table(self.template)
+        train = unstructure(self.train)
+        for name, options in self.train.plugin_options.items():
+            values = options if isinstance(options, dict) else unstructure(options)
+            if values:  # a plugin without options has no table to show
+                train[name] = values
         data.update(
             model=unstructure(self.model),
-            train=unstructure(self.train),
+            train=train,
             callbacks=[table(spec) for spec in self.callbacks],
         )
         # Only when set, so results folders of experiments without it compare equal.
@@ -462,6 +499,21 @@ def _split_plugin_table(table: Any) -> Any:
     return split
 
 
+def _split_train_tables(train: Any) -> dict[str, Any]:
+    """Take the ``[train.<name>]`` tables (optimizer and schedule options) out of ``[train]``.
+
+    A table under a key of ``[train]`` itself (``train.batch_size = {}``) stays, for
+    the type check to report.
+    """
+    if not isinstance(train, dict):
+        return {}
+    keys = {field.name for field in attrs.fields(TrainConfig)}
+    tables = {k: v for k, v in train.items() if isinstance(v, dict) and k not in keys}
+    for name in tables:
+        del train[name]
+    return tables
+
+
 def load_experiment(
     path: str | Path,
     overrides: tuple[str, ...] | list[str] = (),
@@ -490,10 +542,13 @@ def load_experiment(
             data[table] = _split_plugin_table(data[table])
     if isinstance(data.get("callbacks"), list):
         data["callbacks"] = [_split_plugin_table(t) for t in data["callbacks"]]
+    train_tables = _split_train_tables(data.get("train"))
     try:
         config = structure(data, ExperimentConfig)
     except OptionProblems as exc:
         raise ConfigError([f"{shown}: {_tidy(p)}" for p in exc.problems]) from None
+    if train_tables:
+        config = attrs.evolve(config, train=attrs.evolve(config.train, plugin_options=train_tables))
     if plugins is not None:
         config = resolve_plugins(config, plugins, shown)
     return config
@@ -517,6 +572,14 @@ def resolve_paths(data: dict[str, Any], origins: Origins, plugins: Plugins | Non
     if isinstance(data.get("callbacks"), list):
         callbacks = plugins.callbacks()
         tables += [(t, callbacks, ("callbacks", i)) for i, t in enumerate(data["callbacks"])]
+    if isinstance(data.get("train"), dict):
+        for name, table in data["train"].items():
+            try:
+                registration = _train_table_owner(plugins, name)
+            except PluginError:
+                continue  # a name two plugins registered: the second pass reports it
+            if isinstance(table, dict) and registration is not None:
+                _resolve_keys(table, path_fields(registration.options), ("train", name), origins)
     for table, registry, key in tables:
         if isinstance(table, dict) and isinstance(table.get("plugin"), str):
             try:
@@ -540,6 +603,19 @@ def _resolve_eval_paths(tables: Any, plugins: Plugins, origins: Origins) -> None
             continue
         if registration is not None:
             _resolve_keys(table, path_fields(registration.options), ("eval", task), origins)
+
+
+def _train_table_owner(plugins: Plugins, name: str) -> Any:
+    """The optimizer or schedule registration a ``[train.<name>]`` table belongs to, or None.
+
+    A name registered as both kinds is the optimizer's; a name two plugins
+    registered raises the conflict's :class:`PluginError`.
+    """
+    for kind in ("optimizer", "schedule"):
+        registration = plugins.registry(kind).get(name)
+        if registration is not None:
+            return registration
+    return None
 
 
 def _resolve_keys(
@@ -611,6 +687,7 @@ def resolve_plugins(config: ExperimentConfig, plugins: Plugins, source: str) -> 
     for i, name in enumerate(names):
         if name in names[:i]:
             problems.append(f"callbacks[{i}].plugin: {name!r} is already enabled above")
+    train = resolve_train_tables(config.train, plugins, problems)
     if problems:
         raise ConfigError([f"{source}: {p}" for p in problems])
     return attrs.evolve(
@@ -619,6 +696,7 @@ def resolve_plugins(config: ExperimentConfig, plugins: Plugins, source: str) -> 
         tokenizer=tokenizer,
         template=template,
         callbacks=resolved_callbacks,
+        train=train,
         eval=eval_options,
     )
 
@@ -644,3 +722,65 @@ def resolve_eval_table(task: str, table: Any, plugins: Plugins, problems: list[s
     except OptionProblems as exc:
         problems.extend(exc.problems)
         return table
+
+
+def resolve_train_tables(train: TrainConfig, plugins: Plugins, problems: list[str]) -> TrainConfig:
+    """Second pass for ``[train]``: the selected optimizer and schedule, and their tables.
+
+    The selected plugins' tables (absent ones too: their defaults) become their
+    options instances. A table for a registered optimizer or schedule that is not
+    selected is checked and then left out, so ``--set train.optimizer=adamw`` works on
+    an experiment with a ``[train.muon]`` table. A table naming neither is a problem.
+    Problems are appended to ``problems``.
+    """
+    resolved: dict[str, Any] = {}
+    selected = {"optimizer": train.optimizer, "schedule": train.schedule}
+    for kind, name in selected.items():
+        registry = plugins.registry(kind)
+        try:
+            registration = registry.get(name)
+        except PluginError as exc:
+            problems.append(f"train.{kind}: {exc}")
+            continue
+        if registration is None:
+            installed = ", ".join(sorted(registry)) or "none"
+            problems.append(
+                f"train.{kind}: no {kind} named {name!r}{suggest(name, list(registry))}; "
+                f"installed: {installed}"
+            )
+            continue
+        options = _structure_train_table(train, name, registration, problems)
+        if options is not None:
+            resolved[name] = options
+    for name in train.plugin_options:
+        if name in selected.values():
+            continue
+        try:
+            registration = _train_table_owner(plugins, name)
+        except PluginError as exc:
+            problems.append(f"train.{name}: {exc}")
+            continue
+        if registration is None:
+            known = sorted({*plugins.optimizers(), *plugins.schedules()})
+            problems.append(
+                f"train.{name}: unknown table: no optimizer or schedule is named "
+                f"{name!r}{suggest(name, known)}; optimizers: "
+                f"{', '.join(sorted(plugins.optimizers())) or 'none'}; schedules: "
+                f"{', '.join(sorted(plugins.schedules())) or 'none'}"
+            )
+            continue
+        _structure_train_table(train, name, registration, problems)  # checked, not used
+    return attrs.evolve(train, plugin_options=resolved)
+
+
+def _structure_train_table(
+    train: TrainConfig, name: str, registration: Any, problems: list[str]
+) -> Any:
+    table = train.plugin_options.get(name, {})
+    if not isinstance(table, dict):  # already structured (a config resolved twice)
+        return table
+    try:
+        return structure(table, registration.options, f"train.{name}")
+    except OptionProblems as exc:
+        problems.extend(exc.problems)
+        return None

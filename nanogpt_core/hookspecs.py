@@ -74,6 +74,31 @@ def register_eval_tasks(register: Any) -> None:
 
 
 @hookspec
+def register_optimizers(register: Any) -> None:
+    """Register optimizers.
+
+    :param register: call ``register(name, factory, options=OptionsClass)`` once per
+        optimizer. An experiment picks one with ``[train] optimizer = "name"`` and sets
+        its options in ``[train.name]``; ``factory(options)`` returns an object whose
+        ``build(model, train, device_type)`` returns the ``torch.optim.Optimizer`` for
+        the model, each param group's peak learning rate in ``group["peak_lr"]``
+        (default: its ``lr``).
+    """
+
+
+@hookspec
+def register_schedules(register: Any) -> None:
+    """Register learning-rate schedules.
+
+    :param register: call ``register(name, factory, options=OptionsClass)`` once per
+        schedule. An experiment picks one with ``[train] schedule = "name"`` and sets
+        its options in ``[train.name]``; ``factory(options)`` returns an object whose
+        ``lr(step, *, peak, floor, warmup_steps, total_steps)`` is the learning rate of
+        a param group at the 0-based ``step``, given its peak and its floor.
+    """
+
+
+@hookspec
 def register_commands(cli: Any) -> None:
     """Add subcommands to the ``gpt`` command.
 

@@ -24,11 +24,14 @@ from cattrs.errors import (
     ForbiddenExtraKeysError,
     IterableValidationError,
 )
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 T = TypeVar("T")
 
 DOC_KEY = "doc"
 PATH_KEY = "path"
+# Metadata of a field the core fills in itself (never a key an experiment file may set).
+INTERNAL_KEY = "internal"
 
 
 def option(
@@ -183,7 +186,18 @@ def make_converter() -> cattrs.Converter:
     # Without this, `train = []` or `[[model]]` reaches cattrs' generated code and
     # fails with an AttributeError about `.keys()` instead of naming the table.
     def strict_table_factory(cls: type) -> Callable[[Any, Any], Any]:
-        inner = converter.gen_structure_attrs_fromdict(cls)
+        internal = internal_fields(cls)
+        if internal:
+            # Not read from the file: its key is an unknown key like any other.
+            inner = make_dict_structure_fn(
+                cls,
+                converter,
+                _cattrs_forbid_extra_keys=True,
+                _cattrs_detailed_validation=True,
+                **{name: override(omit=True) for name in internal},
+            )
+        else:
+            inner = converter.gen_structure_attrs_fromdict(cls)
 
         def structure_table(value: Any, type_: Any) -> Any:
             if not isinstance(value, dict):
@@ -193,7 +207,22 @@ def make_converter() -> cattrs.Converter:
         return structure_table
 
     converter.register_structure_hook_factory(attrs.has, strict_table_factory)
+
+    # Internal fields are not part of the table as written, so not part of it as read back.
+    def table_unstructure_factory(cls: type) -> Callable[[Any], Any]:
+        internal = internal_fields(cls)
+        if not internal:
+            return converter.gen_unstructure_attrs_fromdict(cls)
+        omitted = {name: override(omit=True) for name in internal}
+        return make_dict_unstructure_fn(cls, converter, **omitted)
+
+    converter.register_unstructure_hook_factory(attrs.has, table_unstructure_factory)
     return converter
+
+
+def internal_fields(cls: type) -> list[str]:
+    """Fields of ``cls`` the core fills in itself: never read from, nor written to, a table."""
+    return [field.name for field in attrs.fields(cls) if field.metadata.get(INTERNAL_KEY)]
 
 
 def structure(data: Any, cls: type[T], path: str = "") -> T:
@@ -246,7 +275,8 @@ def describe(exc: BaseException, path: str) -> Iterator[str]:
         for sub in without:
             yield from describe(sub, path)
     elif isinstance(exc, ForbiddenExtraKeysError):
-        known = [a.name for a in attrs.fields(exc.cl)]
+        hidden = internal_fields(exc.cl)
+        known = [a.name for a in attrs.fields(exc.cl) if a.name not in hidden]
         for key in sorted(exc.extra_fields):
             yield f"{join(path, key)}: unknown key{suggest(key, known)}"
     elif isinstance(exc, OptionValueError):

@@ -2,8 +2,9 @@
 
 :func:`load_plugins` builds a fresh pluggy manager, loads every entry point of the
 ``nanogpt`` group one at a time and returns a :class:`Plugins` object from which
-the rest of the core asks for datasets, callbacks, tokenizers and commands. There
-is no module-global manager: each call returns a new, independent one.
+the rest of the core asks for datasets, callbacks, tokenizers, templates,
+optimizers, schedules and commands. There is no module-global manager: each call
+returns a new, independent one.
 
 A plugin is checked whole when it loads: its hook names and argument names, its
 ``@hookimpl`` options, and everything its ``register_*`` hooks register. One that
@@ -37,6 +38,8 @@ KINDS = {
     "tokenizer": "register_tokenizers",
     "template": "register_templates",
     "eval_task": "register_eval_tasks",
+    "optimizer": "register_optimizers",
+    "schedule": "register_schedules",
 }
 
 
@@ -59,7 +62,7 @@ class PluginInfo:
 
 @attrs.frozen
 class Registration:
-    """A dataset, callback or tokenizer a plugin registered through a ``register_*`` hook."""
+    """A dataset, callback, optimizer, ... a plugin registered through a ``register_*`` hook."""
 
     kind: str
     name: str
@@ -125,7 +128,7 @@ def check_callback(callback: Any, name: str, plugin: str) -> None:
 
 
 class Plugins:
-    """A plugin manager and the datasets, callbacks, tokenizers and commands it provides."""
+    """A plugin manager and the datasets, callbacks, optimizers, ... and commands it provides."""
 
     def __init__(self, manager: pluggy.PluginManager) -> None:
         self.manager = manager
@@ -228,7 +231,7 @@ class Plugins:
     # -- what the plugins provide -------------------------------------------
 
     def registry(self, kind: str) -> Registry:
-        """Every registration of ``kind``: ``"dataset"``, ``"callback"``, ``"tokenizer"``, ``"template"``."""
+        """Every registration of ``kind``, one of :data:`KINDS` (``"dataset"``, ``"optimizer"``, ...)."""
         if self._registries is None:
             self._registries = {k: self._merge(k) for k in KINDS}
         return self._registries[kind]
@@ -252,6 +255,13 @@ class Plugins:
     def eval_tasks(self) -> Registry:
         """Every registered evaluation task, by name."""
         return self.registry("eval_task")
+    def optimizers(self) -> Registry:
+        """Every registered optimizer, by name."""
+        return self.registry("optimizer")
+
+    def schedules(self) -> Registry:
+        """Every registered learning-rate schedule, by name."""
+        return self.registry("schedule")
 
     def registrations_of(self, plugin_name: str) -> list[Registration]:
         """What one loaded plugin registered, in the order it registered it."""

@@ -302,7 +302,9 @@ def _train(
             remove_stale_temporaries(folder)
         atomic_write_text(paths.config, json.dumps(config.to_dict(), indent=2) + "\n")
     accelerator.wait_for_everyone()
-    trainer = Trainer(config, data, callbacks, paths, accelerator, progress=progress)
+    trainer = Trainer(
+        config, data, callbacks, paths, accelerator, progress=progress, plugins=plugins
+    )
     final = trainer.fit()
     if main:
         summary = {"step": trainer.state.step, "epoch": trainer.state.epoch, **final}

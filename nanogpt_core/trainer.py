@@ -2,9 +2,10 @@
 
 The same code runs on one CPU, one GPU, or many processes under
 ``accelerate launch``: Accelerate owns devices, mixed precision, gradient
-accumulation and the gradient all-reduce; this module owns the recipe (AdamW,
-warmup and cosine decay, clipping, evaluation), the metrics, and the moments at
-which callbacks are called. Only the main process writes files or prints.
+accumulation and the gradient all-reduce; this module owns the recipe (the
+optimizer and schedule plugins the experiment names, clipping, evaluation), the
+metrics, and the moments at which callbacks are called. Only the main process
+writes files or prints.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from nanogpt_core.example_batches import ExampleBatches
 from nanogpt_core.metrics import MetricsLog
 from nanogpt_core.model import GPT, GPTConfig
 from nanogpt_core.options import show
+from nanogpt_core.optimization import LearningRates, make_optimizer, make_schedule
+from nanogpt_core.plugins import Plugins, load_plugins
 from nanogpt_core.resume import callback_states, check_belongs, tokenizer_difference
 from nanogpt_core.sampler import BatchSource, MemmapSampler
 
@@ -70,19 +73,6 @@ def peak_flops(device_name: str, mixed_precision: str) -> float | None:
         if fragment in device_name:
             return flops
     return None
-
-
-def learning_rate_at(step: int, train: TrainConfig, total_steps: int) -> float:
-    """Linear warmup to ``learning_rate``, then cosine decay to ``min_lr`` at the last step.
-
-    :param step: the 0-based index of the optimizer step about to be taken.
-    """
-    if step < train.warmup_steps:
-        return train.learning_rate * (step + 1) / (train.warmup_steps + 1)
-    decay_steps = max(1, total_steps - 1 - train.warmup_steps)
-    ratio = min(1.0, (step - train.warmup_steps) / decay_steps)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
-    return train.min_lr + coeff * (train.learning_rate - train.min_lr)
 
 
 def steps_per_epoch(train: TrainConfig, source: Any) -> int:
@@ -212,6 +202,8 @@ class Trainer:
     :param paths: the run's results folder.
     :param accelerator: an ``accelerate.Accelerator`` built for ``config.train``.
     :param progress: show a progress bar on the main process.
+    :param plugins: where the optimizer and schedule are looked up (the installed
+        plugins when None).
     """
 
     def __init__(
@@ -223,6 +215,7 @@ class Trainer:
         accelerator: Any,
         *,
         progress: bool = True,
+        plugins: Plugins | None = None,
     ) -> None:
         from accelerate.utils import set_seed
 
@@ -233,6 +226,7 @@ class Trainer:
         self.paths = paths
         self.accelerator = accelerator
         self.progress = progress
+        self.plugins = plugins if plugins is not None else load_plugins()
         self.train_cfg = config.train
         self.fine_tuning = data.meta.get("kind", "tokens") == "examples"
         self.is_main = accelerator.is_main_process
@@ -248,6 +242,12 @@ class Trainer:
         self.sampler: BatchSource = self._build_train_source()
         self.steps_per_epoch = steps_per_epoch(config.train, self.sampler)
         self.total_steps = self.train_cfg.epochs * self.steps_per_epoch
+        self.learning_rates = LearningRates.for_run(
+            *make_schedule(self.plugins, self.train_cfg),
+            self.optimizer,
+            self.train_cfg,
+            self.total_steps,
+        )
         name = (
             torch.cuda.get_device_name(accelerator.device)
             if accelerator.device.type == "cuda"
@@ -303,11 +303,8 @@ class Trainer:
 
     def _prepare_for_training(self) -> tuple[Any, Any]:
         train = self.train_cfg
-        optimizer = self.raw_model.configure_optimizers(
-            train.weight_decay,
-            train.learning_rate,
-            (train.beta1, train.beta2),
-            self.accelerator.device.type,
+        optimizer = make_optimizer(
+            self.plugins, train, self.raw_model, self.accelerator.device.type
         )
         model: torch.nn.Module = self.raw_model
         if train.compile:
@@ -647,12 +644,21 @@ class Trainer:
                 _, loss = self.model(x, y)
             yield loss
 
-    def train_step(self, lr: float) -> tuple[float, float]:
-        """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
+    def set_learning_rates(self, step: int) -> float:
+        """Each param group's ``lr`` for the 0-based ``step``, from the schedule.
+
+        :returns: the learning rate of ``train.learning_rate`` at this step (the
+            ``lr`` metric).
+        """
+        return self.learning_rates.apply(self.optimizer.param_groups, step)
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches.
+
+        The learning rates are the param groups' as they are: see :meth:`set_learning_rates`.
+        """
         train = self.config.train
         acc = self.accelerator
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         loss_sum = torch.zeros((), device=acc.device)
         grad_norm = torch.zeros((), device=acc.device)
         for _ in range(train.gradient_accumulation_steps):
@@ -731,8 +737,8 @@ class Trainer:
     def _step(self, bar: Any) -> None:
         """One optimizer step, its metrics, and the callbacks that follow it."""
         train = self.train_cfg
-        lr = learning_rate_at(self.state.step, train, self.total_steps)
-        loss, grad_norm = self.train_step(lr)
+        lr = self.set_learning_rates(self.state.step)
+        loss, grad_norm = self.train_step()
         step = self.state.step + 1
         epoch = (step - 1) // self.steps_per_epoch + 1
         if not math.isfinite(loss):

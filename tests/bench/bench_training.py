@@ -83,10 +83,10 @@ def trainer_for(config: ExperimentConfig, data: PreparedData, root: Path) -> Tra
 def time_our_steps(trainer: Trainer, steps: int, warmup: int) -> float:
     """Tokens/s of ours: the real train_step, after warm-up steps."""
     for _ in range(warmup):
-        trainer.train_step(1e-4)
+        trainer.train_step()
     start = time.perf_counter()
     for _ in range(steps):
-        trainer.train_step(1e-4)
+        trainer.train_step()
     elapsed = time.perf_counter() - start
     cfg = trainer.config
     return steps * cfg.train.batch_size * cfg.model.block_size / elapsed
@@ -208,7 +208,7 @@ def bench_callback_overhead(root: Path, quick: bool) -> None:
     time_our_steps(trainer, 5, 0)
     start = time.perf_counter()
     for _ in range(steps):
-        trainer.train_step(1e-4)
+        trainer.train_step()
     bare = (time.perf_counter() - start) / steps
     full_trainer = Trainer(
         config, data, [], RunPaths(root / "full"), make_accelerator(config.train), progress=True

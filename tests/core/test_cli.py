@@ -16,6 +16,8 @@ from nanogpt_core import hookimpl, option
 from nanogpt_core.cli import make_cli
 from nanogpt_core.errors import ConfigError
 from nanogpt_core.plugins import PluginInfo, load_plugins
+from nanogpt_plugins.optimizers import adamw
+from nanogpt_plugins.schedules import standard
 
 
 @attrs.frozen(kw_only=True)
@@ -37,6 +39,9 @@ def cli():
     plugins.register(
         Lines(), name="lines-plugin", info=PluginInfo("lines-plugin", "tests", "lines-dist", "1.2")
     )
+    # The optimizer and schedule every experiment names by default, as installed.
+    plugins.register(adamw, name="adamw")
+    plugins.register(standard, name="schedules")
     plugins.broken.append(
         PluginInfo("bad", "bad_mod", "bad-dist", "0.1", error="ImportError: nope")
     )

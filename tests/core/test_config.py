@@ -12,6 +12,8 @@ from nanogpt_core.config import MAX_NAME_LENGTH, load_experiment, parse_value
 from nanogpt_core.errors import ConfigError
 from nanogpt_core.options import OptionValueError, path_fields, positive
 from nanogpt_core.plugins import load_plugins
+from nanogpt_plugins.optimizers import adamw
+from nanogpt_plugins.schedules import standard
 
 
 def _min_score(_instance, attribute, value):
@@ -76,6 +78,9 @@ class Vocab:
 def plugins():
     plugins = load_plugins(entry_points=False, disabled=())
     plugins.register(Corpus(), name="corpus-plugin")
+    # The optimizer and schedule every experiment names by default, as installed.
+    plugins.register(adamw, name="adamw")
+    plugins.register(standard, name="schedules")
     return plugins
 
 

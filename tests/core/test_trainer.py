@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 
@@ -10,11 +9,11 @@ import pytest
 import torch
 
 from nanogpt_core import Callback, hookimpl
-from nanogpt_core.config import TrainConfig, load_experiment
+from nanogpt_core.config import load_experiment
 from nanogpt_core.errors import NanoGPTError, TrainingError
 from nanogpt_core.plugins import load_plugins
 from nanogpt_core.run import run_experiment
-from nanogpt_core.trainer import learning_rate_at, padded_vocab_size, peak_flops
+from nanogpt_core.trainer import padded_vocab_size, peak_flops
 
 METRIC_KEYS = {
     "step",
@@ -27,19 +26,6 @@ METRIC_KEYS = {
     "tokens",
     "elapsed_s",
 }
-
-
-def test_schedule_warms_up_linearly_then_decays_to_min_lr_at_the_last_step():
-    train = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_steps=10)
-    total = 100
-    warm = [learning_rate_at(s, train, total) for s in range(10)]
-    assert warm == pytest.approx([1e-3 * (s + 1) / 11 for s in range(10)])
-    assert learning_rate_at(10, train, total) == pytest.approx(1e-3)
-    assert learning_rate_at(99, train, total) == pytest.approx(1e-4)
-    middle = learning_rate_at(10 + 89 // 2, train, total)
-    assert 1e-4 < middle < 1e-3
-    decay = [learning_rate_at(s, train, total) for s in range(10, 100)]
-    assert all(a >= b for a, b in itertools.pairwise(decay))
 
 
 def test_peak_flops_only_for_known_hardware():

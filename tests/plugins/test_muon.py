@@ -1,0 +1,168 @@
+"""The ``muon`` optimizer: its parameter split, its updates against torch's own, its state."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from nanogpt_core.config import TrainConfig
+from nanogpt_core.model import GPT, GPTConfig
+from nanogpt_plugins.optimizers.muon import Muon, MuonOptions
+
+TRAIN = TrainConfig(learning_rate=3e-3, weight_decay=0.1, beta1=0.8, beta2=0.99)
+# The README's split, for a 2-layer model: Muon for the 2-D weights of the blocks ...
+MUON = [
+    f"transformer.h.{i}.{name}.weight"
+    for i in range(2)
+    for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+]
+# ... AdamW for the embeddings (the tied head is wte) and every 1-D tensor.
+EMBED = ["transformer.wte.weight", "transformer.wpe.weight"]
+VECTORS = [f"transformer.h.{i}.{n}.weight" for i in range(2) for n in ("ln_1", "ln_2")] + [
+    "transformer.ln_f.weight"
+]
+
+
+def tiny_gpt(bias: bool = False) -> GPT:
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, bias=bias)
+    return GPT(config)
+
+
+def names_by_group(optimizer) -> list[tuple[str, float, float, list[str]]]:
+    return [
+        (part, g["peak_lr"], g["weight_decay"], g["param_names"])
+        for part, opt in optimizer.parts.items()
+        for g in opt.param_groups
+    ]
+
+
+def test_the_split_is_the_readmes():
+    model = tiny_gpt()
+    options = MuonOptions(lr=0.05, weight_decay=0.01, embed_lr=0.3)
+    optimizer = Muon(options).build(model, TRAIN, "cpu")
+    assert names_by_group(optimizer) == [
+        ("muon", 0.05, 0.01, MUON),
+        ("adamw", 0.3, 0.1, EMBED),
+        ("adamw", 3e-3, 0.0, VECTORS),
+    ]
+    assert optimizer.param_groups == [g for o in optimizer.parts.values() for g in o.param_groups]
+
+
+def test_biases_and_an_untied_head_go_to_adamw():
+    model = tiny_gpt(bias=True)
+    model.lm_head.weight = torch.nn.Parameter(model.transformer.wte.weight.detach().clone())
+    optimizer = Muon(MuonOptions(head_lr=0.01)).build(model, TRAIN, "cpu")
+    groups = {(part, lr): names for part, lr, _, names in names_by_group(optimizer)}
+    assert groups[("muon", 0.02)] == MUON
+    assert groups[("adamw", 0.01)] == ["lm_head.weight"]
+    vectors = groups[("adamw", 3e-3)][len(EMBED) :]
+    assert "transformer.h.0.attn.c_attn.bias" in vectors
+    assert "transformer.h.1.mlp.c_proj.bias" in vectors
+    params = dict(model.named_parameters())
+    assert all(params[name].dim() == 1 for name in vectors)
+
+
+def seeded_grads(model, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for param in model.parameters():
+        param.grad = torch.randn(param.shape, generator=generator)
+
+
+def test_updates_equal_torchs_muon_and_adamw_on_the_parameters_each_owns():
+    options = MuonOptions(
+        lr=0.05,
+        momentum=0.9,
+        nesterov=False,
+        weight_decay=0.1,
+        ns_steps=4,
+        adjust_lr_fn="match_rms_adamw",
+        embed_lr=0.01,
+    )
+    model = tiny_gpt()
+    reference = copy.deepcopy(model)
+    optimizer = Muon(options).build(model, TRAIN, "cpu")
+    params = dict(reference.named_parameters())
+    muon = torch.optim.Muon(
+        [params[n] for n in MUON],
+        lr=0.05,
+        momentum=0.9,
+        nesterov=False,
+        weight_decay=0.1,
+        ns_steps=4,
+        adjust_lr_fn="match_rms_adamw",
+    )
+    adamw = torch.optim.AdamW(
+        [
+            {"params": [params[n] for n in EMBED], "lr": 0.01, "weight_decay": 0.1},
+            {"params": [params[n] for n in VECTORS], "lr": 3e-3, "weight_decay": 0.0},
+        ],
+        betas=(0.8, 0.99),
+    )
+    for step in range(3):
+        seeded_grads(model, step)
+        seeded_grads(reference, step)
+        if step == 2:  # the schedule moves every group's lr; both follow
+            refs = [*muon.param_groups, *adamw.param_groups]
+            for group, ref in zip(optimizer.param_groups, refs, strict=True):
+                group["lr"] = ref["lr"] = group["lr"] / 2
+        optimizer.step()
+        muon.step()
+        adamw.step()
+        optimizer.zero_grad()
+    for name, param in model.named_parameters():
+        assert torch.equal(param, params[name]), name
+    assert not torch.equal(
+        model.transformer.h[0].mlp.c_fc.weight, tiny_gpt().transformer.h[0].mlp.c_fc.weight
+    )
+
+
+def test_state_survives_a_weights_only_save_and_load(tmp_path):
+    model = tiny_gpt()
+    optimizer = Muon(MuonOptions()).build(model, TRAIN, "cpu")
+    for step in range(2):
+        seeded_grads(model, step)
+        optimizer.step()
+    torch.save(optimizer.state_dict(), tmp_path / "opt.pt")
+    resumed_model = copy.deepcopy(model)
+    resumed = Muon(MuonOptions()).build(resumed_model, TRAIN, "cpu")
+    resumed.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    # The groups are still the parts' own: setting an lr here sets it in the part.
+    assert resumed.param_groups[0] is resumed.parts["muon"].param_groups[0]
+    assert resumed.param_groups[-1] is resumed.parts["adamw"].param_groups[-1]
+    for step in (2, 3):
+        for m, o in ((model, optimizer), (resumed_model, resumed)):
+            seeded_grads(m, step)
+            o.param_groups[0]["lr"] = 0.01
+            o.step()
+    for (name, a), b in zip(model.named_parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(a, b), name
+    assert set(resumed.state) == set(resumed_model.parameters())  # every part's, one view
+    with pytest.raises(ValueError, match="saved by another optimizer"):
+        resumed.load_state_dict({"adamw": {}})
+
+
+def test_a_grad_scaler_unscales_and_checks_every_group():
+    model = tiny_gpt()
+    reference = copy.deepcopy(model)
+    optimizer = Muon(MuonOptions()).build(model, TRAIN, "cpu")
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    _, loss = model(x, x)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    _, ref_loss = reference(x, x)
+    ref_loss.backward()
+    for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    scaler.step(optimizer)
+    scaler.update()
+    before = [p.detach().clone() for p in model.parameters()]
+    # An inf in a Muon matrix's gradient skips the step of every part.
+    _, loss = model(x, x)
+    scaler.scale(loss).backward()
+    model.transformer.h[0].mlp.c_fc.weight.grad[0, 0] = float("inf")
+    scaler.step(optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
