@@ -255,6 +255,7 @@ class Plugins:
     def eval_tasks(self) -> Registry:
         """Every registered evaluation task, by name."""
         return self.registry("eval_task")
+
     def optimizers(self) -> Registry:
         """Every registered optimizer, by name."""
         return self.registry("optimizer")

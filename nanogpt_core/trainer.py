@@ -36,8 +36,8 @@ from nanogpt_core.evaluation import EVAL_SEED_OFFSET, fixed_loss_batches
 from nanogpt_core.example_batches import ExampleBatches
 from nanogpt_core.metrics import MetricsLog
 from nanogpt_core.model import GPT, GPTConfig
-from nanogpt_core.options import show
 from nanogpt_core.optimization import LearningRates, make_optimizer, make_schedule
+from nanogpt_core.options import show
 from nanogpt_core.plugins import Plugins, load_plugins
 from nanogpt_core.resume import callback_states, check_belongs, tokenizer_difference
 from nanogpt_core.sampler import BatchSource, MemmapSampler
