@@ -15,8 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from nanogpt_core.callbacks import RunPaths
-from nanogpt_core.config import ExperimentConfig, TrainConfig
+from nanogpt_core.config import ExperimentConfig, ModelConfig, TrainConfig
 from nanogpt_core.errors import ConfigError, NanoGPTError
 from nanogpt_core.files import atomic_write_text, remove_stale_temporaries
 from nanogpt_core.plugins import Plugins, check_callback
@@ -132,12 +134,33 @@ def _flatten(table: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: table}
 
 
+def _table_default(key: str) -> Any:
+    """The default of a ``model.*`` or ``train.*`` option, or a marker when there is none."""
+    table, _, name = key.partition(".")
+    cls = {"model": ModelConfig, "train": TrainConfig}.get(table)
+    fields = attrs.fields_dict(cls) if cls is not None else {}
+    field = fields.get(name)
+    if field is None or field.default is attrs.NOTHING or isinstance(field.default, attrs.Factory):
+        return _NO_DEFAULT
+    return field.default
+
+
+_NO_DEFAULT = object()
+
+
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Keys whose values differ between two resolved experiments, beyond the schedule."""
+    """Keys whose values differ between two resolved experiments, beyond the schedule.
+
+    A key the saved file lacks because it was written before the option existed
+    (``model.position``, ``train.optimizer``) is no difference while it keeps its
+    default: that is what the old run computed with.
+    """
     old, new = _flatten(saved), _flatten(current)
     found = []
     for key in sorted(set(old) | set(new)):
         if key in RESUMABLE_CHANGES or old.get(key) == new.get(key):
+            continue
+        if key not in old and new.get(key) == _table_default(key):
             continue
         found.append(
             f"{key}: {json.dumps(old.get(key, '(absent)'))} there, "

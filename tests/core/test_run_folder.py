@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -188,3 +189,29 @@ def test_auto_precision_on_a_faked_v100_makes_an_fp16_accelerator_with_loss_scal
     make_accelerator(TrainConfig(mixed_precision="auto"))
     assert made["mixed_precision"] == "bf16"
     assert Accelerator  # the real class is what run.py uses outside this test
+
+
+def test_a_config_json_from_before_an_option_existed_still_matches(write_toml, installed_plugins):
+    from nanogpt_core.config import load_experiment
+    from nanogpt_core.run import config_differences
+
+    path = write_toml("x.toml", '[dataset]\nplugin = "shakespeare"\n')
+    current = load_experiment(path, (), installed_plugins).to_dict()
+    # What an earlier version wrote: no optimizer, schedule or architecture options.
+    older = json.loads(json.dumps(current))
+    for key in ("optimizer", "schedule"):
+        del older["train"][key]
+    for key in (
+        "position",
+        "rope_theta",
+        "norm",
+        "mlp",
+        "qk_norm",
+        "tie_embeddings",
+        "logit_softcap",
+    ):
+        del older["model"][key]
+    assert config_differences(older, current) == []
+    # A new option set away from its default is a different experiment.
+    rope = load_experiment(path, ("model.position=rope",), installed_plugins).to_dict()
+    assert config_differences(older, rope) == ['model.position: "(absent)" there, "rope" now']
