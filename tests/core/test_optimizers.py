@@ -197,7 +197,7 @@ def test_the_built_ins_register_like_any_plugin(installed_plugins):
     assert listing["muon"]["distribution"] == "nanogpt"
     (muon,) = listing["muon"]["registers"]
     assert [o["name"] for o in muon["options"]] == [
-        "lr", "momentum", "nesterov", "weight_decay", "ns_steps", "adjust_lr_fn", "embed_lr", "head_lr",
+        "lr", "momentum", "nesterov", "weight_decay", "ns_steps", "adjust_lr_fn", "ns_dtype", "embed_lr", "head_lr",
     ]  # fmt: skip
     kinds = {(r["kind"], r["name"]) for r in listing["schedules"]["registers"]}
     assert kinds == {("schedule", n) for n in ("cosine", "linear", "constant", "wsd")}

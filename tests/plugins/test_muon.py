@@ -79,6 +79,7 @@ def test_updates_equal_torchs_muon_and_adamw_on_the_parameters_each_owns():
         weight_decay=0.1,
         ns_steps=4,
         adjust_lr_fn="match_rms_adamw",
+        ns_dtype="bfloat16",
         embed_lr=0.01,
     )
     model = tiny_gpt()
@@ -166,3 +167,40 @@ def test_a_grad_scaler_unscales_and_checks_every_group():
     model.transformer.h[0].mlp.c_fc.weight.grad[0, 0] = float("inf")
     scaler.step(optimizer)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("rule", ["original", "match_rms_adamw"])
+def test_the_float32_twin_is_torchs_muon_with_a_float32_iteration(monkeypatch, rule):
+    import torch.optim._muon as torch_muon
+
+    from nanogpt_plugins.optimizers.muon_float32 import Float32Muon, orthogonalize
+
+    # torch's own step, its Newton-Schulz iteration made float32: then the two agree exactly.
+    monkeypatch.setattr(torch_muon, "_zeropower_via_newtonschulz", orthogonalize)
+    model, reference = tiny_gpt(), tiny_gpt()
+    mine = Float32Muon(
+        [p for n, p in model.named_parameters() if n in MUON], lr=0.05, adjust_lr_fn=rule
+    )
+    params = dict(reference.named_parameters())
+    theirs = torch.optim.Muon([params[n] for n in MUON], lr=0.05, adjust_lr_fn=rule)
+    for step in range(3):
+        seeded_grads(model, step)
+        seeded_grads(reference, step)
+        mine.step()
+        theirs.step()
+    for name, param in model.named_parameters():
+        if name in MUON:
+            assert torch.equal(param, params[name]), name
+    assert mine.state_dict()["state"].keys() == theirs.state_dict()["state"].keys()
+
+
+def test_auto_is_torchs_muon_on_cuda_and_the_float32_twin_elsewhere():
+    from nanogpt_plugins.optimizers.muon_float32 import Float32Muon
+
+    def muon_part(dtype: str, device_type: str):
+        return Muon(MuonOptions(ns_dtype=dtype)).build(tiny_gpt(), TRAIN, device_type).parts["muon"]
+
+    assert type(muon_part("auto", "cpu")) is Float32Muon
+    assert type(muon_part("auto", "cuda")) is torch.optim.Muon
+    assert type(muon_part("bfloat16", "cpu")) is torch.optim.Muon
+    assert type(muon_part("float32", "cuda")) is Float32Muon

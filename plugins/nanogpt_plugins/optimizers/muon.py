@@ -12,6 +12,9 @@ The split modded-nanogpt uses, made by parameter name and shape:
   biases, QK-norm weights) at ``train.learning_rate`` without decay.
 
 Each group carries its own peak learning rate; the schedule moves them all.
+On CUDA the matrices get ``torch.optim.Muon`` itself; elsewhere, by default,
+its float32 twin (``muon_float32.py``), since CPUs run its bfloat16
+Newton-Schulz iteration about twenty times slower.
 """
 
 from __future__ import annotations
@@ -45,6 +48,13 @@ class MuonOptions:
         'How the lr is scaled by matrix shape: "original" (Keller Jordan\'s, '
         'sqrt(max(1, rows/cols))) or "match_rms_adamw" (Moonshot\'s, 0.2 * sqrt(max(rows, cols))).',
         validator=one_of("original", "match_rms_adamw"),
+    )
+    ns_dtype: str = option(
+        "auto",
+        'Dtype of the Newton-Schulz iteration: "bfloat16" (torch.optim.Muon as it is), '
+        '"float32" (the same update; far faster on CPUs without bf16 matrix units) or '
+        '"auto" (bfloat16 on CUDA, float32 elsewhere).',
+        validator=one_of("auto", "bfloat16", "float32"),
     )
     embed_lr: float | None = option(
         None,
@@ -112,7 +122,12 @@ class Muon:
             raise PluginError(
                 'train.optimizer = "muon": the model has no 2-D weights under transformer.h.'
             )
-        muon = torch.optim.Muon(
+        float32 = opts.ns_dtype == "float32" or (opts.ns_dtype == "auto" and device_type != "cuda")
+        if float32:
+            from nanogpt_plugins.optimizers.muon_float32 import Float32Muon as MuonClass
+        else:
+            MuonClass = torch.optim.Muon
+        muon = MuonClass(
             [_group(groups["muon"], opts.lr, opts.weight_decay)],
             lr=opts.lr,
             weight_decay=opts.weight_decay,

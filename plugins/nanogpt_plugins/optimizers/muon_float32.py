@@ -1,0 +1,71 @@
+"""``torch.optim.Muon`` with its Newton-Schulz iteration in float32: Muon for CPUs.
+
+torch runs the orthogonalisation in bfloat16, which GPUs do fast and CPUs
+without bf16 matrix instructions emulate about twenty times slower than
+float32. This subclass keeps everything of ``torch.optim.Muon`` (its options,
+param groups, ``momentum_buffer`` state and so its checkpoints) and changes only
+the dtype of that iteration; the ``muon`` plugin picks it where ``ns_dtype``
+says so.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+
+def orthogonalize(
+    grad: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float
+) -> torch.Tensor:
+    """torch's quintic Newton-Schulz iteration (Keller Jordan's), computed in float32."""
+    a, b, c = coefficients
+    x = grad.float()
+    tall = grad.size(0) > grad.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)  # spectral norm at most 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+def adjusted_lr(lr: float, rule: str | None, shape: torch.Size) -> float:
+    """torch's per-shape learning-rate scale ("original" or "match_rms_adamw")."""
+    rows, cols = shape[:2]
+    if rule == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    return lr * math.sqrt(max(1, rows / cols))
+
+
+class Float32Muon(torch.optim.Muon):
+    """``torch.optim.Muon``, the same update, with the Newton-Schulz iteration in float32."""
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """One Muon step: momentum, orthogonalised update, decoupled weight decay."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum = float(group["lr"]), group["momentum"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(
+                        param.grad, memory_format=torch.preserve_format
+                    )
+                buffer = state["momentum_buffer"]
+                buffer.lerp_(param.grad, 1 - momentum)
+                update = param.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
+                update = orthogonalize(
+                    update, group["ns_coefficients"], group["ns_steps"], group["eps"]
+                )
+                param.mul_(1 - lr * group["weight_decay"])
+                param.add_(update, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], param.shape))
+        return loss
