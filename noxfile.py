@@ -80,5 +80,6 @@ def bench(session: nox.Session) -> None:
         "bench_finetune.py",
         "bench_serve.py",
         "bench_eval.py",
+        "bench_recipe.py",
     ):
         session.run("python", f"tests/bench/{script}", *session.posargs)

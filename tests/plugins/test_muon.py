@@ -194,13 +194,17 @@ def test_the_float32_twin_is_torchs_muon_with_a_float32_iteration(monkeypatch, r
     assert mine.state_dict()["state"].keys() == theirs.state_dict()["state"].keys()
 
 
-def test_auto_is_torchs_muon_on_cuda_and_the_float32_twin_elsewhere():
+def test_auto_is_torchs_muon_on_cuda_and_the_float32_twin_elsewhere(monkeypatch):
     from nanogpt_plugins.optimizers.muon_float32 import Float32Muon
 
     def muon_part(dtype: str, device_type: str):
         return Muon(MuonOptions(ns_dtype=dtype)).build(tiny_gpt(), TRAIN, device_type).parts["muon"]
 
     assert type(muon_part("auto", "cpu")) is Float32Muon
+    # An A100 or H100 has bf16 matrix units; a V100 (compute capability 7.0) has none.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert type(muon_part("auto", "cuda")) is torch.optim.Muon
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    assert type(muon_part("auto", "cuda")) is Float32Muon
     assert type(muon_part("bfloat16", "cpu")) is torch.optim.Muon
     assert type(muon_part("float32", "cuda")) is Float32Muon

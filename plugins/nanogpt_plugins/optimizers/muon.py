@@ -12,9 +12,10 @@ The split modded-nanogpt uses, made by parameter name and shape:
   biases, QK-norm weights) at ``train.learning_rate`` without decay.
 
 Each group carries its own peak learning rate; the schedule moves them all.
-On CUDA the matrices get ``torch.optim.Muon`` itself; elsewhere, by default,
-its float32 twin (``muon_float32.py``), since CPUs run its bfloat16
-Newton-Schulz iteration about twenty times slower.
+On GPUs with bf16 matrix units (A100, H100) the matrices get
+``torch.optim.Muon`` itself; elsewhere (a V100, the CPU), by default, its
+float32 twin (``muon_float32.py``): torch's bf16 Newton-Schulz iteration is
+emulated there, about twenty times slower on our CPUs.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class MuonOptions:
         "auto",
         'Dtype of the Newton-Schulz iteration: "bfloat16" (torch.optim.Muon as it is), '
         '"float32" (the same update; far faster on CPUs without bf16 matrix units) or '
-        '"auto" (bfloat16 on CUDA, float32 elsewhere).',
+        '"auto" (bfloat16 on GPUs with bf16 units, A100 and later; float32 on V100s and CPUs).',
         validator=one_of("auto", "bfloat16", "float32"),
     )
     embed_lr: float | None = option(
@@ -122,8 +123,7 @@ class Muon:
             raise PluginError(
                 'train.optimizer = "muon": the model has no 2-D weights under transformer.h.'
             )
-        float32 = opts.ns_dtype == "float32" or (opts.ns_dtype == "auto" and device_type != "cuda")
-        if float32:
+        if _float32_iteration(opts.ns_dtype, device_type):
             from nanogpt_plugins.optimizers.muon_float32 import Float32Muon as MuonClass
         else:
             MuonClass = torch.optim.Muon
@@ -148,6 +148,21 @@ class Muon:
             betas=(train.beta1, train.beta2),
         )
         return CombinedOptimizer({"muon": muon, "adamw": adamw})
+
+
+def _float32_iteration(ns_dtype: str, device_type: str) -> bool:
+    """Whether the Newton-Schulz iteration should run in float32 rather than torch's bf16.
+
+    ``auto``: bf16 only on GPUs with bf16 matrix units (Ampere, compute capability
+    8.0, and later); a V100 has none, and a CPU emulates bf16 matmuls slowly.
+    """
+    if ns_dtype != "auto":
+        return ns_dtype == "float32"
+    if device_type != "cuda":
+        return True
+    import torch
+
+    return torch.cuda.get_device_capability() < (8, 0)
 
 
 def _group(named: list[tuple[str, Any]], lr: float, weight_decay: float) -> dict[str, Any]:
