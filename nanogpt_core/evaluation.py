@@ -187,31 +187,35 @@ class Evaluator:
     def _score_batch(
         self, batch: list[list[tuple[list[int], int, int]]]
     ) -> list[list[Continuation]]:
+        """One padded forward pass for a batch of examples' requests."""
         import torch
         from torch.nn import functional as F
 
         flat = [row for example in batch for row in example]
         length = max(len(ids) for ids, _, _ in flat) - 1
-        device = self.accelerator.device
         x = torch.zeros((len(flat), length), dtype=torch.long)
         y = torch.full((len(flat), length), -1, dtype=torch.long)
         for i, (ids, n, _) in enumerate(flat):
             x[i, : len(ids) - 1] = torch.tensor(ids[:-1])
             y[i, len(ids) - 1 - n : len(ids) - 1] = torch.tensor(ids[-n:])
-        x, y = x.to(device), y.to(device)
+        x, y = x.to(self.accelerator.device), y.to(self.accelerator.device)
+        scored = y >= 0  # the continuations' positions: (rows, length)
         with self.accelerator.autocast():
-            logits, _ = self.model(x, y)
-        logits = logits.float()
-        losses = F.cross_entropy(
-            logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1, reduction="none"
-        ).view(y.shape)
-        scored = y >= 0
-        greedy = (logits.argmax(dim=-1) == y) | ~scored
-        sums = (losses * scored).sum(dim=1).tolist()
-        all_greedy = greedy.all(dim=1).tolist()
+            # Logits of the continuations' positions only: the output layer over
+            # a 50k vocabulary costs as much as the blocks of a small model.
+            logits = self.model.head_logits(self.model.hidden(x)[scored]).float()  # (N, V)
+        targets = y[scored]
+        losses = F.cross_entropy(logits, targets, reduction="none")
+        hits = logits.argmax(dim=-1) == targets
+        # Back to rows: each row's continuation positions are contiguous and in order.
+        counts = scored.sum(dim=1).tolist()
+        loss_rows = torch.split(losses, counts)
+        hit_rows = torch.split(hits, counts)
         results = iter(
-            Continuation(logprob=-s, tokens=n, greedy=bool(g), truncated=d)
-            for s, g, (_, n, d) in zip(sums, all_greedy, flat, strict=True)
+            Continuation(
+                logprob=-float(row_loss.sum()), tokens=n, greedy=bool(row_hits.all()), truncated=d
+            )
+            for row_loss, row_hits, (_, n, d) in zip(loss_rows, hit_rows, flat, strict=True)
         )
         return [[next(results) for _ in example] for example in batch]
 

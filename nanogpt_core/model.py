@@ -2,8 +2,8 @@
 
 Read top to bottom: the config, the normalisation layers, rotary position
 embeddings, causal self-attention, the MLP variants, a transformer block, the KV
-cache, then the GPT that stacks the blocks, with GPT-2's initialisation, the
-optimizer set-up and text generation. With the default options the model is
+cache, then the GPT that stacks the blocks, with GPT-2's initialisation, FLOP
+counting and text generation (the optimizer is a plugin). With the default options the model is
 GPT-2 exactly, and parameter names match Hugging Face's ``GPT2LMHeadModel`` one
 to one (see ``hf_gpt2.py``); ``rope`` + ``rmsnorm`` + ``swiglu`` without biases is
 Llama's architecture (see ``hf_llama.py``).
@@ -14,7 +14,6 @@ hs head size (C // nh), V vocabulary, H the MLP's hidden width.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -368,6 +367,22 @@ class GPT(nn.Module):
         attends to the ``block_size`` latest tokens (itself included), which is
         what the KV cache computes past ``block_size`` too.
         """
+        x = self.hidden(idx, cache)
+        if targets is not None:
+            logits = self.head_logits(x)  # (B, T, V)
+            loss = F.cross_entropy(
+                logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1
+            )
+            return logits, loss
+        # Keep the time dimension: (B, 1, V)
+        return self.head_logits(x[:, [-1], :]), None
+
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The final hidden states (B, T, C), after ``ln_f``: what the output layer reads.
+
+        :meth:`forward` is ``head_logits(hidden(idx))``; scoring that needs the
+        logits of a few positions only (evaluation) selects them first.
+        """
         _, T = idx.size()
         block_size = self.config.block_size
         start = cache.length if cache is not None else 0
@@ -392,45 +407,15 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache.layers[i] if cache is not None else None, rope, mask)
-        x = self.transformer.ln_f(x)
-        if targets is not None:
-            logits = self._logits(x)  # (B, T, V)
-            loss = F.cross_entropy(
-                logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1
-            )
-            return logits, loss
-        # Keep the time dimension: (B, 1, V)
-        return self._logits(x[:, [-1], :]), None
+        return self.transformer.ln_f(x)
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+    def head_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (..., V) of hidden states from :meth:`hidden`: the output layer and softcap."""
         logits = self.lm_head(x)
         cap = self.config.logit_softcap
         if cap is not None:
             logits = cap * torch.tanh(logits / cap)
         return logits
-
-    def configure_optimizers(
-        self,
-        weight_decay: float,
-        learning_rate: float,
-        betas: tuple[float, float],
-        device_type: str,
-    ) -> torch.optim.AdamW:
-        """AdamW with weight decay on matrices and embeddings only.
-
-        Biases and LayerNorm gains (1-D tensors) are not decayed: shrinking them
-        toward zero only hurts. The fused kernel is used on CUDA where available.
-        """
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        extra = {"fused": True} if fused else {}
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token (forward and backward), as in the PaLM paper appendix B."""
