@@ -286,13 +286,29 @@ def test_init_from_a_hugging_face_folder(tiny_char_experiment, session_data_dir,
         run(path, session_data_dir, tmp_path / "r2", [*overrides, "model.n_layer=3"], plugins)
 
 
+FASTER_RECIPE = [
+    "train.optimizer=muon",
+    "train.schedule=wsd",
+    "model.position=rope",
+    "model.norm=rmsnorm",
+    "model.mlp=relu2",
+    "model.qk_norm=true",
+    "model.tie_embeddings=false",
+    "model.logit_softcap=15.0",
+]
+
+
 @pytest.mark.slow
-def test_compile_wraps_the_model_and_trains(tiny_char_experiment, session_data_dir, tmp_path):
+@pytest.mark.parametrize("recipe", [[], FASTER_RECIPE], ids=["nanogpt", "faster"])
+def test_compile_wraps_the_model_and_trains(
+    recipe, tiny_char_experiment, session_data_dir, tmp_path
+):
     overrides = [
         "train.compile=true",
         "train.steps_per_epoch=3",
         "train.eval_every=3",
         "train.eval_batches=1",
+        *recipe,
     ]
     _, final = run(tiny_char_experiment(), session_data_dir, tmp_path / "r", overrides)
     assert math.isfinite(final["val_loss"])
