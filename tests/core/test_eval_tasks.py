@@ -10,7 +10,6 @@ from nanogpt_core import EvalResult, EvalSuite, Evaluator, eval_metrics, hookimp
 from nanogpt_core.errors import ConfigError, PluginError, PluginFault
 from nanogpt_core.model import GPT, GPTConfig
 from nanogpt_core.plugins import load_plugins
-from tests.core.test_evaluation import OneProcess
 
 
 class Letters:
@@ -49,9 +48,13 @@ class LastWordPlugin:
 
 
 def tiny_evaluator(limit: int | None = None) -> Evaluator:
+    from accelerate import Accelerator
+
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=26, n_layer=1, n_head=1, n_embd=8))
-    return Evaluator(model=model, tokenizer=Letters(), accelerator=OneProcess(), limit=limit)
+    return Evaluator(
+        model=model, tokenizer=Letters(), accelerator=Accelerator(cpu=True), limit=limit
+    )
 
 
 def test_register_eval_tasks_built_ins_come_from_entry_points(installed_plugins):

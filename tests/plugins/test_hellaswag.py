@@ -78,8 +78,8 @@ def train_tokenizer(shared: Path, path: Path) -> None:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """A tiny model trained with `gpt run` in a fresh folder; returns the folder."""
-    from tests.conftest import SHARED_DATA
-
+    # ../shared/data beside the repository, as the shared_data fixture finds it.
+    SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data samples not found at {SHARED_DATA}")
     folder = tmp_path_factory.mktemp("hellaswag")
