@@ -804,10 +804,12 @@ def _write_splits(
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(contextlib.closing(batches))
-            outs = {split: stack.enter_context(temporaries[split].open("wb")) for split in SPLITS}
+            # The bar before the files: a Ctrl-C the moment they appear then never
+            # lands inside tqdm's constructor (whose half-built object complains on exit).
             bar = stack.enter_context(
                 tqdm(desc="preparing", unit=" docs", delay=2, leave=False, disable=None)
             )
+            outs = {split: stack.enter_context(temporaries[split].open("wb")) for split in SPLITS}
             for split, ids in batches:
                 if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
                     raise PluginFault(

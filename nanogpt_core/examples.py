@@ -361,10 +361,11 @@ def _write_splits(
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(contextlib.closing(stream))
-        writers = {s: ExampleWriter(folder, s, dtype, stack) for s in datasets.SPLITS}
+        # The bar before the files, as in datasets._write_splits.
         bar = stack.enter_context(
             tqdm(desc="preparing", unit=" examples", delay=2, leave=False, disable=None)
         )
+        writers = {s: ExampleWriter(folder, s, dtype, stack) for s in datasets.SPLITS}
         for split, record in stream:
             prompt = plan.template.prompt(record["instruction"], record["input"])
             with datasets.plugin_call(tokenizer_who, "encode"):
