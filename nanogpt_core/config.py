@@ -703,20 +703,15 @@ def resolve_plugins(config: ExperimentConfig, plugins: Plugins, source: str) -> 
 
 def resolve_eval_table(task: str, table: Any, plugins: Plugins, problems: list[str]) -> Any:
     """One ``[eval.<task>]`` table structured into the task's options (problems appended)."""
+    from nanogpt_core.eval_suite import check_task_names
+
     path = join("eval", task)
-    registry = plugins.eval_tasks()
     try:
-        registration = registry.get(task)
-    except PluginError as exc:
-        problems.append(f"{path}: {exc}")
+        check_task_names([task], plugins, path)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
         return table
-    if registration is None:
-        installed = ", ".join(sorted(registry)) or "none"
-        problems.append(
-            f"{path}: no eval task named {task!r}{suggest(task, list(registry))}; "
-            f"installed: {installed}"
-        )
-        return table
+    registration = plugins.eval_tasks()[task]
     try:
         return structure(table, registration.options, path)
     except OptionProblems as exc:

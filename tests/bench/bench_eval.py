@@ -13,13 +13,13 @@ must agree on every prediction. Goal: >= 1.0x.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from benchtable import print_table
 from torch.nn import functional as F
 
@@ -29,18 +29,6 @@ from nanogpt_core.model import GPT, GPTConfig
 from nanogpt_core.tokenizers import gpt2_encoding
 
 SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "hellaswag"
-
-
-class OneProcess:
-    """The parts of an Accelerator the Evaluator uses, for one CPU process."""
-
-    device = torch.device("cpu")
-    is_main_process = True
-    num_processes = 1
-    process_index = 0
-
-    def autocast(self):
-        return contextlib.nullcontext()
 
 
 class Tiktoken:
@@ -59,7 +47,9 @@ class Tiktoken:
 def ours(model: GPT, rows: list[dict]) -> tuple[float, list[int]]:
     """Seconds for our Evaluator, and its acc_norm picks."""
     tokenizer = Tiktoken()
-    evaluator = Evaluator(model=model, tokenizer=tokenizer, accelerator=OneProcess(), batch_size=8)
+    evaluator = Evaluator(
+        model=model, tokenizer=tokenizer, accelerator=Accelerator(cpu=True), batch_size=8
+    )
     examples = [
         [(tokenizer.encode(r["ctx"]), tokenizer.encode(" " + e)) for e in r["endings"]]
         for r in rows

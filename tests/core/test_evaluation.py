@@ -17,24 +17,14 @@ class Ids:
         return [0]
 
 
-class OneProcess:
-    """What the Evaluator asks of an accelerate.Accelerator, for one CPU process."""
-
-    device = torch.device("cpu")
-    is_main_process = True
-    num_processes = 1
-    process_index = 0
-
-    def autocast(self):
-        import contextlib
-
-        return contextlib.nullcontext()
-
-
 def evaluator(batch_size: int = 4, block_size: int = 16) -> Evaluator:
+    from accelerate import Accelerator
+
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=block_size, vocab_size=50, n_layer=2, n_head=2, n_embd=16))
-    return Evaluator(model=model, tokenizer=Ids(), accelerator=OneProcess(), batch_size=batch_size)
+    return Evaluator(
+        model=model, tokenizer=Ids(), accelerator=Accelerator(cpu=True), batch_size=batch_size
+    )
 
 
 def direct(model: GPT, context: list[int], tail: list[int]) -> tuple[float, bool]:
