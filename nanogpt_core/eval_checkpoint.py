@@ -114,15 +114,21 @@ def _prepared_data(
     """The experiment's data (prepared if needed), refused if the model cannot read it."""
     from nanogpt_core.datasets import prepare_dataset
     from nanogpt_core.resume import tokenizer_difference
+    from nanogpt_core.run import main_process_prepares
+    from nanogpt_core.sampler import check_token_range
 
-    with accelerator.main_process_first():
-        data = prepare_dataset(experiment, plugins, data_dir=Path(data_dir))
+    data = main_process_prepares(
+        accelerator, lambda: prepare_dataset(experiment, plugins, data_dir=Path(data_dir))
+    )
     difference = tokenizer_difference(loaded.tokenizer.description(), dict(data.tokenizer))
     if difference:
         raise NanoGPTError(
             f"{checkpoint}: its tokenizer is not the experiment's data's ({difference}); "
             "evaluate it with the experiment it was trained on"
         )
+    if data.kind == "tokens":  # examples were checked id by id when prepared
+        for split in ("train", "val"):
+            check_token_range(data.split_path(split), data.dtype, loaded.model.config.vocab_size)
     return data
 
 

@@ -241,7 +241,6 @@ class Evaluator:
                 seed=self.experiment.seed + EVAL_SEED_OFFSET,
                 batch_size=train.batch_size,
                 block_size=self.block_size,
-                vocab_size=int(self.model.config.vocab_size),
                 count=count,
             )
         )
@@ -278,7 +277,6 @@ def fixed_loss_batches(
     seed: int,
     batch_size: int,
     block_size: int,
-    vocab_size: int,
     count: int,
     rank: int = 0,
     world: int = 1,
@@ -288,6 +286,10 @@ def fixed_loss_batches(
     Token data: random windows from a sampler seeded ``seed + rank``. Example
     data: whole examples in a seeded order (not grouped by length), each batch
     shared between ``world`` processes, at most one pass.
+
+    Token ids are not checked against the vocabulary here: that reads the whole
+    file, once per run when training starts (or when ``gpt eval`` loads the
+    data), not at every evaluation.
     """
     from nanogpt_core.example_batches import ExampleBatches
     from nanogpt_core.sampler import MemmapSampler
@@ -314,7 +316,6 @@ def fixed_loss_batches(
             block_size,
             batch_size,
             seed=seed + rank,
-            vocab_size=vocab_size,
         )
     for _ in range(count):
         yield source.next_batch()

@@ -355,11 +355,13 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits for ``idx`` (B, T); with ``targets``, also the mean cross-entropy.
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """With ``targets``, ``(None, loss)``: the mean cross-entropy; else the logits.
 
         Targets equal to -1 take no loss (padding, prompt tokens). Without targets
-        only the last position's logits are computed: that is all sampling needs.
+        only the last position's logits are computed, ``(logits (B, 1, V), None)``:
+        that is all sampling needs. The logits of every position are
+        ``head_logits(hidden(idx))``.
         With a ``cache``, ``idx`` continues the tokens already cached.
 
         With learned positions T (plus the cached tokens) is at most
@@ -373,7 +375,11 @@ class GPT(nn.Module):
             loss = F.cross_entropy(
                 logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1
             )
-            return logits, loss
+            # No logits back: nobody training reads them, and returning them keeps a
+            # (B, T, V) tensor alive that Accelerate's mixed-precision wrapper would
+            # also copy to fp32 (2.5 GB for GPT-2 small at B=12). Whoever needs
+            # them calls head_logits(hidden(idx)).
+            return None, loss
         # Keep the time dimension: (B, 1, V)
         return self.head_logits(x[:, [-1], :]), None
 

@@ -9,11 +9,12 @@ written: a bad experiment leaves the results folder exactly as it was.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
@@ -22,6 +23,8 @@ from nanogpt_core.config import ExperimentConfig, ModelConfig, TrainConfig
 from nanogpt_core.errors import ConfigError, NanoGPTError
 from nanogpt_core.files import atomic_write_text, remove_stale_temporaries
 from nanogpt_core.plugins import Plugins, check_callback
+
+T = TypeVar("T")
 
 # Keys of config.json that may change between a run and its resumption: the
 # schedule (to train longer) and how a run is watched, never what it computes.
@@ -39,24 +42,30 @@ RESUMABLE_CHANGES = (
 )
 
 
-def resolve_precision(setting: str, *, cuda: bool, bf16_supported: bool) -> str:
-    """The autocast precision for ``train.mixed_precision`` on this device.
+def resolve_precision(setting: str, device: Any) -> str:
+    """The autocast precision for ``train.mixed_precision`` on this process's ``device``.
 
-    ``auto``: bf16 where the GPU has it (A100, H100), fp16 with loss scaling
-    where it does not (V100), no autocast on the CPU.
+    ``auto``: bf16 on GPUs with bf16 units (compute capability 8.0+: A100,
+    H100), fp16 with loss scaling on older GPUs (V100), no autocast on the CPU.
     """
-    if setting != "auto":
-        return setting
-    if not cuda:
-        return "no"
-    return "bf16" if bf16_supported else "fp16"
+    from nanogpt_core.gpus import auto_precision
+
+    return auto_precision(device) if setting == "auto" else setting
 
 
 def make_accelerator(train: TrainConfig) -> Any:
-    """An ``Accelerator`` for ``[train]``, refusing precisions the hardware lacks."""
+    """An ``Accelerator`` for ``[train]``, refusing precisions the hardware lacks.
+
+    Accelerate's ``PartialState`` comes first: it starts the process group and
+    sets this process's device (``LOCAL_RANK``). Only then is the device asked
+    what it supports, so under ``accelerate launch`` no rank opens a CUDA
+    context on GPU 0 (each costs GPU 0 several hundred MB).
+    """
     import torch
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState
+
+    from nanogpt_core.gpus import allow_tf32, has_bf16_units
 
     has_cuda = torch.cuda.is_available()
     if train.device == "cuda" and not has_cuda:
@@ -64,17 +73,20 @@ def make_accelerator(train: TrainConfig) -> Any:
             'train.device = "cuda" but no CUDA device is available; use "auto" or "cpu"'
         )
     cpu = train.device == "cpu" or not has_cuda
-    bf16 = bool(not cpu and torch.cuda.is_bf16_supported())
-    precision = resolve_precision(train.mixed_precision, cuda=not cpu, bf16_supported=bf16)
+    device = PartialState(cpu=cpu).device
+    precision = resolve_precision(train.mixed_precision, device)
     if precision == "fp16" and cpu:
         raise NanoGPTError(
             'train.mixed_precision = "fp16" needs a GPU; use "auto", "bf16" or "no" on the CPU'
         )
-    if precision == "bf16" and not cpu and not bf16:
-        name = torch.cuda.get_device_name()
+    if precision == "bf16" and not cpu and not has_bf16_units(device):
+        name = torch.cuda.get_device_name(device)
         raise NanoGPTError(
-            f'train.mixed_precision = "bf16" is not supported on {name}; use "auto" or "fp16"'
+            f'train.mixed_precision = "bf16": {name} has no bf16 units (it would emulate them, '
+            'slowly and without loss scaling); use "auto" or "fp16"'
         )
+    if not cpu:
+        allow_tf32(device)
     # One process may run several experiments (tests, notebooks): forget the last
     # one's precision settings. The distributed set-up (PartialState) is kept.
     AcceleratorState._reset_state()
@@ -83,6 +95,54 @@ def make_accelerator(train: TrainConfig) -> Any:
         gradient_accumulation_steps=train.gradient_accumulation_steps,
         cpu=cpu,
     )
+
+
+# How long the other processes wait for the main process to prepare the data.
+# Preparing FineWeb-Edu can take hours; a collective of the training process group
+# would time out long before (NCCL's default is 10 minutes).
+PREPARE_TIMEOUT = datetime.timedelta(hours=48)
+
+
+def main_process_prepares(accelerator: Any, prepare: Callable[[], T]) -> T:
+    """``prepare()`` on the main process first, then on the others (which find it done).
+
+    The others wait on a gloo group of their own with :data:`PREPARE_TIMEOUT`,
+    not in a collective of the training process group, whose timeout is sized
+    for training steps. The main process's outcome is shared: when it fails,
+    every process stops with the same one line instead of waiting.
+    """
+    if accelerator.num_processes == 1:
+        return prepare()
+    import torch.distributed as dist
+
+    group = dist.new_group(backend="gloo", timeout=PREPARE_TIMEOUT)
+    try:
+        failure: list[Any] = [None]
+        if accelerator.is_main_process:
+            try:
+                return_value = prepare()
+            except BaseException as exc:
+                code = exc.exit_code if isinstance(exc, NanoGPTError) else 1
+                failure = [(code, f"{type(exc).__name__}: {exc}" if code == 1 else str(exc))]
+                dist.broadcast_object_list(failure, src=0, group=group)
+                raise
+            dist.broadcast_object_list(failure, src=0, group=group)
+            return return_value
+        dist.broadcast_object_list(failure, src=0, group=group)
+        if failure[0] is not None:
+            code, message = failure[0]
+            raise PreparationFailed(f"the main process could not prepare the data: {message}", code)
+        return prepare()
+    finally:
+        dist.destroy_process_group(group)
+
+
+class PreparationFailed(NanoGPTError):
+    """The main process failed to prepare the data; this process stops with its exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def move_aside(root: Path) -> Path | None:
@@ -206,8 +266,8 @@ def check_data_fits(config: ExperimentConfig, data: Any) -> None:
         )
 
 
-def check_memory(config: ExperimentConfig, vocab_size: int, device: Any) -> None:
-    """Refuse a model whose weights, gradients and AdamW state alone exceed memory."""
+def check_memory(config: ExperimentConfig, model_config: Any, device: Any) -> None:
+    """Refuse a model whose weights, gradients and AdamW state alone exceed free memory."""
     from nanogpt_core.memory import (
         TRAINING_BYTES_PER_PARAMETER,
         available_bytes,
@@ -217,21 +277,14 @@ def check_memory(config: ExperimentConfig, vocab_size: int, device: Any) -> None
 
     if not config.train.memory_check:
         return
-    model = config.model
-    count = parameter_count(
-        vocab_size=vocab_size,
-        block_size=model.block_size,
-        n_layer=model.n_layer,
-        n_embd=model.n_embd,
-        bias=model.bias,
-    )
+    count = parameter_count(model_config)
     needed = count * TRAINING_BYTES_PER_PARAMETER
     available, where = available_bytes(device)
     if available is not None and needed > available:
         raise ConfigError(
             [
                 f"model: {count:,} parameters need about {human_bytes(needed)} for weights, "
-                f"gradients and AdamW state (before activations), but {where} "
+                f"gradients and AdamW state (before activations), but {where} only "
                 f"{human_bytes(available)}; make the model smaller, or skip this check with "
                 "--set train.memory_check=false"
             ]
@@ -312,10 +365,11 @@ def _train(
     # Callbacks first: one that refuses its options does so before data is prepared.
     callbacks = make_callbacks(config, plugins)
     # The main process prepares; the others then find the finished data.
-    with accelerator.main_process_first():
-        data = prepare_dataset(config, plugins, data_dir=Path(data_dir))
+    data = main_process_prepares(
+        accelerator, lambda: prepare_dataset(config, plugins, data_dir=Path(data_dir))
+    )
     check_data_fits(config, data)
-    check_memory(config, model_config_for(config, data).vocab_size, accelerator.device)
+    check_memory(config, model_config_for(config, data), accelerator.device)
     # Only now, with everything checked, is anything on disk changed.
     if main:
         if fresh and (moved := move_aside(paths.root)):

@@ -39,6 +39,23 @@ class BatchSource(Protocol):
         """Continue exactly where :meth:`state_dict` left off."""
 
 
+def check_token_range(path: Path, dtype: np.dtype | str, vocab_size: int) -> None:
+    """Refuse a token file holding an id outside the vocabulary.
+
+    This reads the whole file (tens of gigabytes for FineWeb-Edu), so it runs
+    once per run, when training starts, never per evaluation.
+    """
+    data = np.memmap(path, dtype=np.dtype(dtype), mode="r")
+    for start in range(0, len(data), SCAN_CHUNK):
+        highest = int(data[start : start + SCAN_CHUNK].max())
+        if highest >= vocab_size:
+            raise NanoGPTError(
+                f"{path}: token id {highest} is outside the vocabulary of {vocab_size}; "
+                "the data was prepared with another tokenizer"
+            )
+    del data
+
+
 class MemmapSampler:
     """Random windows of a token file, read through ``np.memmap``.
 
@@ -46,7 +63,8 @@ class MemmapSampler:
     :param dtype: its token dtype (``uint16`` or ``uint32``, from ``meta.json``).
     :param seed: seeds this sampler's own generator; give each process its own
         (seed + rank) so ranks draw different batches.
-    :param vocab_size: when given, a file holding a larger id is refused.
+    :param vocab_size: when given, a file holding a larger id is refused (a
+        scan of the whole file: give it once per run, not per evaluation).
     """
 
     def __init__(
@@ -82,15 +100,7 @@ class MemmapSampler:
                 f"{self.block_size + 1}; use more data or a smaller model.block_size"
             )
         if vocab_size is not None:
-            data = np.memmap(self.path, dtype=self.dtype, mode="r")
-            for start in range(0, num_tokens, SCAN_CHUNK):
-                highest = int(data[start : start + SCAN_CHUNK].max())
-                if highest >= vocab_size:
-                    raise NanoGPTError(
-                        f"{self.path}: token id {highest} is outside the vocabulary of {vocab_size}; "
-                        "the data was prepared with another tokenizer"
-                    )
-            del data
+            check_token_range(self.path, self.dtype, vocab_size)
         return num_tokens
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:

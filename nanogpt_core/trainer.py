@@ -34,6 +34,7 @@ from nanogpt_core.datasets import PreparedData
 from nanogpt_core.errors import NanoGPTError, PluginFault, TrainingError
 from nanogpt_core.evaluation import EVAL_SEED_OFFSET, fixed_loss_batches
 from nanogpt_core.example_batches import ExampleBatches
+from nanogpt_core.gpus import capability, peak_flops
 from nanogpt_core.metrics import MetricsLog
 from nanogpt_core.model import GPT, GPTConfig
 from nanogpt_core.optimization import LearningRates, make_optimizer, make_schedule
@@ -42,17 +43,6 @@ from nanogpt_core.plugins import Plugins, load_plugins
 from nanogpt_core.resume import callback_states, check_belongs, tokenizer_difference
 from nanogpt_core.sampler import BatchSource, MemmapSampler
 
-# Dense bf16/fp16 tensor-core peaks per device, in FLOP/s, from NVIDIA's data sheets.
-# Matched against torch.cuda.get_device_name(); unknown hardware gets no MFU
-# rather than another chip's figure.
-PEAK_FLOPS = (
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),
-    ("A100", 312e12),
-    ("V100", 125e12),
-)
 # Optimizer steps per epoch of pre-training data when the experiment leaves it out.
 DEFAULT_STEPS_PER_EPOCH = 1000
 
@@ -63,16 +53,11 @@ class TrainingInterrupted(NanoGPTError):
     exit_code = 130
 
 
-def peak_flops(device_name: str, mixed_precision: str) -> float | None:
-    """The known tensor-core peak for ``device_name`` at half precision, else None."""
-    if mixed_precision not in ("bf16", "fp16"):
+def device_peak_flops(device: torch.device, mixed_precision: str) -> float | None:
+    """The tensor-core peak of this process's ``device`` (None on the CPU or unknown GPUs)."""
+    if device.type != "cuda":
         return None
-    if mixed_precision == "bf16" and "V100" in device_name:
-        return None
-    for fragment, flops in PEAK_FLOPS:
-        if fragment in device_name:
-            return flops
-    return None
+    return peak_flops(torch.cuda.get_device_name(device), mixed_precision, capability(device))
 
 
 def steps_per_epoch(train: TrainConfig, source: Any) -> int:
@@ -124,8 +109,8 @@ def model_config_for(config: ExperimentConfig, data: PreparedData) -> GPTConfig:
     )
 
 
-def rng_state() -> dict[str, Any]:
-    """This process's random states, as tensors and plain containers only."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """This process's random states (and its CUDA ``device``'s), as tensors and plain containers."""
     np_state = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
@@ -137,13 +122,15 @@ def rng_state() -> dict[str, Any]:
         },
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        # This process's device only: asking for every GPU's state would make each
+        # rank initialise every GPU of the node.
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned."""
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore what :func:`rng_state` returned (the CUDA state onto ``device``)."""
     random.setstate(state["python"])
     np_state = state["numpy"]
     np.random.set_state(
@@ -156,8 +143,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         )
     )
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state.get("cuda")
+    if saved is None or device is None or device.type != "cuda":
+        return
+    if isinstance(saved, (list, tuple)):  # a checkpoint from before: every GPU's state
+        index = device.index or 0
+        if index >= len(saved):
+            return
+        saved = saved[index]
+    torch.cuda.set_rng_state(saved, device)
 
 
 class StopRequest:
@@ -239,6 +233,11 @@ class Trainer:
         self.model_config = model_config_for(config, data)
         self.raw_model = self._build_model()
         self.model, self.optimizer = self._prepare_for_training()
+        if accelerator.num_processes > 1:
+            # The same weights came from the same seed; from here on each process
+            # draws its own dropout masks (one process keeps its stream as it was).
+            torch.manual_seed(config.seed + accelerator.process_index)
+        self.stop_agreed = False
         self.sampler: BatchSource = self._build_train_source()
         self.steps_per_epoch = steps_per_epoch(config.train, self.sampler)
         self.total_steps = self.train_cfg.epochs * self.steps_per_epoch
@@ -248,12 +247,9 @@ class Trainer:
             self.train_cfg,
             self.total_steps,
         )
-        name = (
-            torch.cuda.get_device_name(accelerator.device)
-            if accelerator.device.type == "cuda"
-            else "cpu"
+        self.peak_flops = self.train_cfg.peak_flops or device_peak_flops(
+            accelerator.device, accelerator.mixed_precision
         )
-        self.peak_flops = self.train_cfg.peak_flops or peak_flops(name, accelerator.mixed_precision)
         self.flops_per_token = self.raw_model.flops_per_token()
         # Pre-training steps all train on the same number of tokens, on all processes together.
         self.tokens_per_step = (
@@ -426,7 +422,10 @@ class Trainer:
         """
         from accelerate.utils import gather_object
 
-        per_rank = {"sampler": self.sampler.state_dict(), "rng": rng_state()}
+        per_rank = {
+            "sampler": self.sampler.state_dict(),
+            "rng": rng_state(self.accelerator.device),
+        }
         ranks = gather_object([per_rank]) if self.accelerator.num_processes > 1 else [per_rank]
         return {
             "format": CHECKPOINT_FORMAT,
@@ -484,7 +483,7 @@ class Trainer:
         rank = self.accelerator.process_index
         if rank < len(ranks):
             self.sampler.load_state_dict(ranks[rank]["sampler"])
-            set_rng_state(ranks[rank]["rng"])
+            set_rng_state(ranks[rank]["rng"], self.accelerator.device)
         for position, state in states.items():
             self.callbacks[position].load_state_dict(state)
         step = int(checkpoint["step"])
@@ -542,8 +541,12 @@ class Trainer:
 
     def _check_weights_finite(self) -> None:
         """Refuse to save weights that are already NaN or infinite."""
-        for name, param in self.raw_model.named_parameters():
-            if not bool(torch.isfinite(param).all()):
+        named = list(self.raw_model.named_parameters())
+        finite = torch.stack([torch.isfinite(param).all() for _, param in named])
+        if bool(finite.all()):  # one read from the device, not one per tensor
+            return
+        for (name, _), ok in zip(named, finite.tolist(), strict=True):
+            if not ok:
                 raise TrainingError(
                     f"weights became non-finite at step {self.state.step} ({name}); nothing "
                     f"was saved. {self._last_good()}"
@@ -631,7 +634,6 @@ class Trainer:
             seed=self.config.seed + EVAL_SEED_OFFSET,
             batch_size=self.train_cfg.batch_size,
             block_size=self.model_config.block_size,
-            vocab_size=self.model_config.vocab_size,
             count=self.train_cfg.eval_batches,
             rank=self.accelerator.process_index,
             world=self.accelerator.num_processes,
@@ -656,15 +658,24 @@ class Trainer:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches.
 
         The learning rates are the param groups' as they are: see :meth:`set_learning_rates`.
+
+        :returns: the loss (averaged over micro-batches and processes) and the
+            gradient norm before clipping.
+        """
+        loss, grad_norm, _ = self._agree(*self._forward_backward(), stop=False)
+        return loss, grad_norm
+
+    def _forward_backward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The micro-steps and the optimizer step, reading nothing back from the device.
+
+        :returns: this process's mean loss and the gradient norm, as device tensors.
         """
         train = self.config.train
         acc = self.accelerator
         loss_sum = torch.zeros((), device=acc.device)
         grad_norm = torch.zeros((), device=acc.device)
         for _ in range(train.gradient_accumulation_steps):
-            x, y = self.sampler.next_batch()
-            x = x.to(acc.device, non_blocking=True)
-            y = y.to(acc.device, non_blocking=True)
+            x, y = self._to_device(*self.sampler.next_batch())
             with acc.accumulate(self.model):
                 with self.accelerator.autocast():
                     _, loss = self.model(x, y)
@@ -675,8 +686,32 @@ class Trainer:
                     grad_norm = acc.clip_grad_norm_(self.raw_model.parameters(), max_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-        mean_loss = acc.reduce(loss_sum / train.gradient_accumulation_steps, reduction="mean")
-        return mean_loss.item(), float(grad_norm)
+        return loss_sum / train.gradient_accumulation_steps, grad_norm
+
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch on the training device; on CUDA through pinned memory, so the copy is async."""
+        device = self.accelerator.device
+        if device.type == "cuda":
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    def _agree(
+        self, loss: torch.Tensor, grad_norm: torch.Tensor, *, stop: bool
+    ) -> tuple[float, float, bool]:
+        """The step's figures as every process sees them, in one gather and one host read.
+
+        The loss is averaged over processes (so the finiteness check is the same
+        everywhere); a stop requested on any process stops every process after
+        this step. Packing the three into one small tensor keeps the step at one
+        device-to-host synchronisation.
+        """
+        flag = torch.ones((), device=loss.device) if stop else torch.zeros((), device=loss.device)
+        packed = torch.stack([loss.float(), grad_norm.detach().float().to(loss.device), flag])
+        gathered = self.accelerator.gather(packed[None, :])  # (processes, 3)
+        agreed = torch.stack(
+            [gathered[:, 0].mean(), gathered[:, 1].max(), gathered[:, 2].max()]
+        ).tolist()
+        return agreed[0], agreed[1], agreed[2] > 0
 
     def _throughput(self, step: int) -> dict[str, Any]:
         """Tokens per second since the last log line, over all processes.
@@ -734,11 +769,13 @@ class Trainer:
         self.metrics_log.append(record)
         return record
 
-    def _step(self, bar: Any) -> None:
+    def _step(self, bar: Any, stop: StopRequest) -> None:
         """One optimizer step, its metrics, and the callbacks that follow it."""
         train = self.train_cfg
         lr = self.set_learning_rates(self.state.step)
-        loss, grad_norm = self.train_step()
+        loss, grad_norm, self.stop_agreed = self._agree(
+            *self._forward_backward(), stop=stop.requested is not None
+        )
         step = self.state.step + 1
         epoch = (step - 1) // self.steps_per_epoch + 1
         if not math.isfinite(loss):
@@ -818,14 +855,27 @@ class Trainer:
                     dynamic_ncols=True,
                 )
                 with bar:
-                    while self.state.step < self.total_steps and not stop.requested:
-                        self._step(bar)
-            status = "interrupted" if stop.requested else "completed"
+                    while self.state.step < self.total_steps and not self._stopping(stop):
+                        self._step(bar, stop)
+            status = "interrupted" if self._stopping(stop) else "completed"
         finally:
             self._finish(status)
-        if stop.requested:
-            raise TrainingInterrupted(self._stop_message(stop.requested))
+        if status == "interrupted":
+            raise TrainingInterrupted(
+                self._stop_message(stop.requested or "a stop request on another process")
+            )
         return dict(self.state.metrics)
+
+    def _stopping(self, stop: StopRequest) -> bool:
+        """Whether to stop before the next step.
+
+        Under several processes, only as agreed at the last step (see
+        :meth:`_agree`): a process that stopped alone would leave the others
+        waiting in the next all-reduce.
+        """
+        if self.accelerator.num_processes == 1:
+            return stop.requested is not None
+        return self.stop_agreed
 
     def _stop_message(self, signal_name: str) -> str:
         step = self.state.step

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
-from nanogpt_core import Callback, hookimpl
+import torch
+
+from nanogpt_core import Callback, NanoGPTError, hookimpl
 from nanogpt_core.config import load_experiment
 from nanogpt_core.plugins import load_plugins
 from nanogpt_core.run import run_experiment
@@ -26,6 +29,11 @@ class Probe(Callback):
     def on_train_start(self, state) -> None:
         # The core restores a checkpoint before any hook: a resumed run shows its step here.
         self.start_step = state.step
+        # What this rank's dropout will draw from (each rank must have its own stream).
+        self.rng_at_start = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()
+        rank = state.accelerator.process_index
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"pid{rank}").write_text(str(os.getpid()))
 
     def on_train_end(self, state) -> None:
         digest = hashlib.sha256()
@@ -39,6 +47,8 @@ class Probe(Callback):
             "is_main": state.is_main_process,
             "start_step": self.start_step,
             "end_step": state.step,
+            "status": state.status,
+            "rng_at_start": self.rng_at_start,
         }
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / f"rank{rank}.json").write_text(json.dumps(record))
@@ -57,7 +67,13 @@ def main() -> None:
     plugins.register(ProbePlugin(), name="probe")
     callbacks = 'callbacks=[{plugin = "probe"}, {plugin = "checkpoint"}]'
     config = load_experiment(experiment, [callbacks, *overrides], plugins)
-    run_experiment(config, plugins, results_dir=Path(results), data_dir=Path(data), progress=False)
+    try:
+        run_experiment(
+            config, plugins, results_dir=Path(results), data_dir=Path(data), progress=False
+        )
+    except NanoGPTError as exc:  # as `gpt run` does: one line and the exit status
+        print(f"Error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

@@ -143,7 +143,10 @@ def test_softcap_bounds_the_logits():
     capped.load_state_dict(model.state_dict())
     x = torch.randint(0, 32, (1, 8))
     with torch.no_grad():
-        raw, capped_logits = model(x, x)[0], capped(x, x)[0]
+        raw, capped_logits = (
+            model.head_logits(model.hidden(x)),
+            capped.head_logits(capped.hidden(x)),
+        )
     assert torch.allclose(capped_logits, 0.5 * torch.tanh(raw / 0.5))
     assert capped_logits.abs().max() < 0.5
 

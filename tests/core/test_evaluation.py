@@ -31,7 +31,7 @@ def direct(model: GPT, context: list[int], tail: list[int]) -> tuple[float, bool
     """The log-probability of ``tail`` after ``context`` from one unpadded forward pass."""
     ids = torch.tensor([(context + tail)[-(model.config.block_size + 1) :]])
     with torch.no_grad():
-        logits, _ = model(ids[:, :-1], ids[:, 1:])
+        logits = model.head_logits(model.hidden(ids[:, :-1]))
     logits = logits[0, -len(tail) :]
     logprob = -F.cross_entropy(logits, torch.tensor(tail), reduction="sum").item()
     return logprob, bool((logits.argmax(-1) == torch.tensor(tail)).all())

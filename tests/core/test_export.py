@@ -40,7 +40,7 @@ def test_bpe_export_loads_in_transformers_with_equal_logits_and_greedy_text(
     assert ids[0].tolist()[:3] == [7454, 2402, 257]  # the same ids tiktoken gives
     with torch.no_grad():
         theirs = hf(ids).logits
-        mine, _ = ours(ids, ids)
+        mine = ours.head_logits(ours.hidden(ids))
     assert (theirs - mine).abs().max().item() < 1e-4
     hf_greedy = hf.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=50256)
     our_greedy = ours.generate(ids, 20, temperature=0)
@@ -55,7 +55,7 @@ def test_char_export_keeps_its_vocabulary(char_checkpoint, tmp_path):
     ours = load_model(char_checkpoint, "cpu").model
     ids = torch.randint(0, 65, (1, 40))
     with torch.no_grad():
-        assert (hf(ids).logits - ours(ids, ids)[0]).abs().max().item() < 1e-4
+        assert (hf(ids).logits - ours.head_logits(ours.hidden(ids))).abs().max().item() < 1e-4
 
 
 def test_export_refuses_a_used_folder_and_bad_checkpoints(char_checkpoint, tmp_path):
@@ -160,7 +160,7 @@ def equal_logits_and_greedy_text(hf, ckpt, out):
     ids = tokenizer("Once upon a time, there was", return_tensors="pt").input_ids
     with torch.no_grad():
         theirs = hf(ids).logits
-        mine, _ = ours(ids, ids)
+        mine = ours.head_logits(ours.hidden(ids))
     assert (theirs - mine).abs().max().item() < 1e-4
     hf_greedy = hf.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=50256)
     assert torch.equal(hf_greedy, ours.generate(ids, 20, temperature=0))

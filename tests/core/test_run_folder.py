@@ -138,59 +138,6 @@ def test_a_model_too_big_for_memory_is_refused_with_the_estimate(
     assert not (tmp_path / "results" / "tiny").exists()
 
 
-def test_parameter_estimate_equals_the_model(tmp_path):
-    from nanogpt_core.memory import parameter_count
-    from nanogpt_core.model import GPT, GPTConfig
-
-    for bias in (False, True):
-        config = GPTConfig(block_size=40, vocab_size=96, n_layer=3, n_head=2, n_embd=24, bias=bias)
-        expected = GPT(config).num_params()
-        assert (
-            parameter_count(vocab_size=96, block_size=40, n_layer=3, n_embd=24, bias=bias)
-            == expected
-        )
-
-
-@pytest.mark.parametrize(
-    ("setting", "cuda", "bf16", "expected"),
-    [
-        ("auto", False, False, "no"),  # the CPU: no autocast
-        ("auto", True, True, "bf16"),  # A100 / H100
-        ("auto", True, False, "fp16"),  # V100: fp16 with loss scaling
-        ("fp16", True, True, "fp16"),
-        ("no", True, True, "no"),
-    ],
-)
-def test_mixed_precision_auto_picks_what_the_device_supports(setting, cuda, bf16, expected):
-    from nanogpt_core.run import resolve_precision
-
-    assert resolve_precision(setting, cuda=cuda, bf16_supported=bf16) == expected
-
-
-def test_auto_precision_on_a_faked_v100_makes_an_fp16_accelerator_with_loss_scaling(monkeypatch):
-    import torch
-    from accelerate import Accelerator
-
-    from nanogpt_core.config import TrainConfig
-    from nanogpt_core.run import make_accelerator
-
-    made = {}
-
-    def fake_accelerator(**kwargs):
-        made.update(kwargs)
-        return object()
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    monkeypatch.setattr("accelerate.Accelerator", fake_accelerator)
-    make_accelerator(TrainConfig(mixed_precision="auto"))
-    assert made == {"mixed_precision": "fp16", "gradient_accumulation_steps": 1, "cpu": False}
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    make_accelerator(TrainConfig(mixed_precision="auto"))
-    assert made["mixed_precision"] == "bf16"
-    assert Accelerator  # the real class is what run.py uses outside this test
-
-
 def test_a_config_json_from_before_an_option_existed_still_matches(write_toml, installed_plugins):
     from nanogpt_core.config import load_experiment
     from nanogpt_core.run import config_differences

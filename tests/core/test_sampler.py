@@ -93,3 +93,63 @@ def test_unusable_files_are_refused(tmp_path, content, kwargs, message):
 def test_missing_file_is_refused(tmp_path):
     with pytest.raises(NanoGPTError, match="file not found"):
         MemmapSampler(tmp_path / "nope.bin", "uint16", 16, 2, seed=0)
+
+
+class CountingMemmap(np.memmap):
+    """``np.memmap`` that counts the tokens each indexing hands out (what gets read)."""
+
+    tokens_read = 0
+
+    def __getitem__(self, key):
+        out = super().__getitem__(key)
+        CountingMemmap.tokens_read += int(np.size(out))
+        return out
+
+
+def tiny_trainer(folder, tokens: int):
+    """A Trainer on ``tokens`` random char ids per split, two fixed batches per evaluation."""
+    from nanogpt_core.callbacks import RunPaths
+    from nanogpt_core.config import ExperimentConfig, ModelConfig, PluginSpec, TrainConfig
+    from nanogpt_core.datasets import PreparedData
+    from nanogpt_core.run import make_accelerator
+    from nanogpt_core.trainer import Trainer
+
+    folder.mkdir()
+    for split in ("train", "val"):
+        np.random.default_rng(0).integers(0, 65, tokens, dtype=np.uint16).tofile(
+            folder / f"{split}.bin"
+        )
+    meta = {
+        "tokenizer": {"kind": "char", "vocab_size": 65, "chars": [chr(32 + i) for i in range(65)]},
+        "dtype": "uint16",
+        "splits": {s: {"tokens": tokens} for s in ("train", "val")},
+    }
+    train = TrainConfig(batch_size=4, steps_per_epoch=2, eval_batches=2, device="cpu")
+    config = ExperimentConfig(
+        name="evalcost",
+        dataset=PluginSpec(plugin="none"),
+        model=ModelConfig(n_layer=1, n_head=1, n_embd=16, block_size=16),
+        train=train,
+    )
+    data = PreparedData(folder, meta)
+    return Trainer(
+        config, data, [], RunPaths(folder / "run"), make_accelerator(train), progress=False
+    )
+
+
+def test_an_evaluation_reads_its_windows_not_the_whole_file(tmp_path, monkeypatch):
+    """Token ids are checked once, when training starts; an evaluation reads only its batches."""
+    monkeypatch.setattr(np, "memmap", CountingMemmap)
+    read = {}
+    for tokens in (100_000, 4_000_000):
+        CountingMemmap.tokens_read = 0
+        trainer = tiny_trainer(tmp_path / str(tokens), tokens)
+        at_start = CountingMemmap.tokens_read
+        assert at_start >= 2 * tokens  # the start-of-run check read train.bin and val.bin
+        CountingMemmap.tokens_read = 0
+        trainer.estimate_loss()
+        read[tokens] = CountingMemmap.tokens_read
+    # Two splits x two batches x four windows of block_size + 1 tokens, whatever the
+    # file size (np.stack indexes each window's view once more: twice the tokens).
+    windows = 2 * 2 * 4 * 17
+    assert read[100_000] == read[4_000_000] <= 2 * windows

@@ -13,7 +13,7 @@ from nanogpt_core.config import load_experiment
 from nanogpt_core.errors import NanoGPTError, TrainingError
 from nanogpt_core.plugins import load_plugins
 from nanogpt_core.run import run_experiment
-from nanogpt_core.trainer import padded_vocab_size, peak_flops
+from nanogpt_core.trainer import padded_vocab_size
 
 METRIC_KEYS = {
     "step",
@@ -26,16 +26,6 @@ METRIC_KEYS = {
     "tokens",
     "elapsed_s",
 }
-
-
-def test_peak_flops_only_for_known_hardware():
-    assert peak_flops("NVIDIA A100-SXM4-80GB", "bf16") == 312e12
-    assert peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989e12
-    assert peak_flops("NVIDIA H100 PCIe", "bf16") == 756e12
-    assert peak_flops("Tesla V100-SXM2-32GB", "fp16") == 125e12
-    assert peak_flops("Tesla V100-SXM2-32GB", "bf16") is None
-    assert peak_flops("NVIDIA GeForce RTX 4090", "bf16") is None
-    assert peak_flops("cpu", "no") is None
 
 
 def test_vocab_is_padded_to_a_multiple_of_64():
