@@ -75,6 +75,7 @@ def bench(session: nox.Session) -> None:
     install(session)
     for script in (
         "bench_training.py",
+        "bench_memory.py",
         "bench_prepare.py",
         "bench_sampling.py",
         "bench_finetune.py",

@@ -208,8 +208,9 @@ class TrainConfig:
     log_every: int = option(10, "Write a metrics line every this many steps.", validator=positive)
     mixed_precision: str = option(
         "auto",
-        'Autocast precision: "auto" (bf16 where the GPU supports it, fp16 with loss scaling '
-        'where not, e.g. V100; none on the CPU), "no", "fp16" or "bf16".',
+        'Autocast precision: "auto" (bf16 on GPUs with bf16 units, compute capability 8.0+; '
+        'fp16 with loss scaling on older ones, e.g. V100; none on the CPU), "no", "fp16" '
+        'or "bf16".',
         validator=one_of("auto", "no", "fp16", "bf16"),
     )
     compile: bool = option(False, "Wrap the model in torch.compile.")
@@ -220,7 +221,8 @@ class TrainConfig:
     )
     peak_flops: float | None = option(
         None,
-        "Peak FLOP/s of one device for MFU. Default: known for V100/A100/H100/H200, else no MFU.",
+        "Peak FLOP/s of one device for MFU. Default: the data-sheet figure of known GPUs "
+        "(V100, A100, A10, L4, L40S, H100, H200 and their variants), else no MFU.",
         validator=positive,
     )
     group_by_length: bool = option(
@@ -230,7 +232,7 @@ class TrainConfig:
     memory_check: bool = option(
         True,
         "Refuse to start when the estimated parameter + optimizer memory exceeds the "
-        "device's memory; false to skip.",
+        "device's free memory; false to skip.",
     )
     # The [train.<name>] tables, by plugin name. Not a key of [train] itself: the
     # first pass fills it with the raw tables; the second (resolve_plugins) with the
