@@ -157,7 +157,9 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            # CUDA autocast runs rms_norm in float32: back to the compute dtype (v's), so
+            # the KV cache and attention get one dtype. Without autocast a no-op.
+            q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
         if rope is not None:
             # Rotated before caching: a cached key keeps the rotation of its own position.
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)

@@ -183,6 +183,47 @@ def test_rope_cache_equals_recomputation_within_and_past_block_size(options):
     assert cached.shape == (2, 45) and torch.equal(cached, recomputed)
 
 
+@pytest.fixture
+def cuda_autocast_rms_norm():
+    """CPU autocast made to run ``rms_norm`` in float32, as CUDA autocast does.
+
+    CUDA autocast lists ``rms_norm`` among its float32 ops; CPU autocast leaves
+    it in bf16. This registers CUDA's rule for it on the CPU's autocast key (torch's
+    own ``register_autocast``), for this test only.
+    """
+    lib = torch.library.Library("aten", "IMPL")
+    torch.library.register_autocast("aten::rms_norm", "cpu", torch.float32, lib=lib)
+    yield
+    lib._destroy()
+
+
+@pytest.mark.parametrize("position", ["rope", "learned"])
+def test_qk_norm_keeps_keys_in_the_compute_dtype_under_autocast(cuda_autocast_rms_norm, position):
+    """Under (CUDA's) autocast the KV cache holds keys and values of one dtype, bf16.
+
+    Stands for a GPU run with mixed precision: there q and k left the qk-norm in
+    float32 while v stayed half precision, so the cache mixed float32 keys with
+    half values and attention got mixed dtypes.
+    """
+    torch.manual_seed(0)
+    config = GPTConfig(
+        block_size=8, vocab_size=64, n_layer=2, n_head=2, n_embd=32, qk_norm=True, position=position
+    )
+    model = GPT(config).eval()
+    tokens = torch.randint(0, 64, (2, 6))
+    cache = KVCache(model.config)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.transformer.h[0].attn.q_norm(torch.ones(16).bfloat16()).dtype == torch.float32
+        model(tokens[:, :5], cache=cache)
+        logits, _ = model(tokens[:, 5:], cache=cache)
+        full, _ = model(tokens)
+    assert [(layer.keys.dtype, layer.values.dtype) for layer in cache.layers] == [
+        (torch.bfloat16, torch.bfloat16)
+    ] * 2
+    # The cached step still equals recomputation (measured equal; bf16 allows some rounding).
+    torch.testing.assert_close(logits.float(), full[:, -1:].float(), atol=1e-2, rtol=0)
+
+
 def test_rope_output_reaches_back_exactly_reach_tokens():
     model = rope_model()
     assert model.reach == 2 * 7 + 1

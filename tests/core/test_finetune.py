@@ -224,6 +224,60 @@ def test_exact_resume_after_sigkill_mid_epoch(shared_data, tmp_path):
 
 
 @pytest.mark.slow
+def test_compile_compiles_a_few_graphs_for_batches_of_many_widths(
+    shared_data, installed_plugins, tmp_path, monkeypatch
+):
+    """``train.compile`` on fine-tuning batches, padded to their longest example: few compiles.
+
+    torch's automatic dynamic shapes compile the first width as it is, recompile
+    with the width symbolic when a second width comes and with the batch size
+    symbolic at a short batch (the epoch's last; the validation split's last);
+    training and evaluation (no grad) each get their own graphs. So at most 3
+    per grad mode, however many widths. Measured here (57 batches of 36 widths,
+    evaluations every 10 steps): 5 graphs; 4 over two epochs of 43 widths with a
+    final evaluation only. Were each width compiled anew, dynamo would stop at its
+    recompile limit of 8 and run the rest uncompiled.
+    """
+    import torch
+    from torch._dynamo.utils import counters
+
+    from nanogpt_core.config import load_experiment
+    from nanogpt_core.example_batches import ExampleBatches
+    from nanogpt_core.run import run_experiment
+
+    shapes: list[tuple[int, int]] = []
+    collate = ExampleBatches.collate
+
+    def recording(self, indices):
+        x, y = collate(self, indices)
+        if self.group_by_length:  # training batches; evaluation batches are not grouped
+            shapes.append(tuple(x.shape))
+        return x, y
+
+    monkeypatch.setattr(ExampleBatches, "collate", recording)
+    (tmp_path / "ft.toml").write_text(finetune_toml("ft_compile"))
+    # 400 examples in batches of 7: the epoch's last batch holds one.
+    overrides = ["train.compile=true", "train.batch_size=7", "train.epochs=1"]
+    config = load_experiment(tmp_path / "ft.toml", overrides, installed_plugins)
+    torch._dynamo.reset()  # no graphs, and no sizes seen, from earlier tests
+    counters.clear()
+    try:
+        run_experiment(
+            config,
+            installed_plugins,
+            results_dir=tmp_path / "results",
+            data_dir=tmp_path / "data",
+            progress=False,
+        )
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert len({width for _, width in shapes}) >= 10
+    assert min(rows for rows, _ in shapes) < 7
+    assert 2 <= graphs <= 6, graphs
+
+
+@pytest.mark.slow
 def test_init_from_a_toolkit_checkpoint_checks_shape_and_tokenizer(shared_data, tmp_path):
     # A "pre-trained" model: the same shape and GPT-2 tokenizer, trained on TinyStories rows.
     ts = shared_data / "tinystories"

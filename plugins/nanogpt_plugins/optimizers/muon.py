@@ -13,9 +13,11 @@ The split modded-nanogpt uses, made by parameter name and shape:
 
 Each group carries its own peak learning rate; the schedule moves them all.
 On GPUs with bf16 matrix units (A100, H100) the matrices get
-``torch.optim.Muon`` itself; elsewhere (a V100, the CPU), by default, its
-float32 twin (``muon_float32.py``): torch's bf16 Newton-Schulz iteration is
-emulated there, about twenty times slower on our CPUs.
+``torch.optim.Muon`` itself; elsewhere, by default, its twin with the
+Newton-Schulz iteration in another dtype (``muon_float32.py``): float16 on a
+V100 (compute capability 7.x: fp16 tensor cores, no bf16 ones) and float32 on
+CPUs, where torch's bf16 iteration is emulated, about twenty times slower on
+our CPUs. Every process of a DDP run repeats the iteration for every matrix.
 """
 
 from __future__ import annotations
@@ -53,9 +55,11 @@ class MuonOptions:
     ns_dtype: str = option(
         "auto",
         'Dtype of the Newton-Schulz iteration: "bfloat16" (torch.optim.Muon as it is), '
-        '"float32" (the same update; far faster on CPUs without bf16 matrix units) or '
-        '"auto" (bfloat16 on GPUs with bf16 units, A100 and later; float32 on V100s and CPUs).',
-        validator=one_of("auto", "bfloat16", "float32"),
+        '"float16" (the same update on fp16 tensor cores: V100s), "float32" (far faster on '
+        'CPUs without bf16 matrix units) or "auto" (bfloat16 on GPUs with bf16 units, A100 '
+        "and later; float16 on V100s and other GPUs of compute capability 7.x; float32 on "
+        "CPUs and older GPUs).",
+        validator=one_of("auto", "bfloat16", "float16", "float32"),
     )
     embed_lr: float | None = option(
         None,
@@ -123,19 +127,22 @@ class Muon:
             raise PluginError(
                 'train.optimizer = "muon": the model has no 2-D weights under transformer.h.'
             )
-        if _float32_iteration(opts.ns_dtype, device_type):
-            from nanogpt_plugins.optimizers.muon_float32 import Float32Muon as MuonClass
+        muon_options = {
+            "lr": opts.lr,
+            "weight_decay": opts.weight_decay,
+            "momentum": opts.momentum,
+            "nesterov": opts.nesterov,
+            "ns_steps": opts.ns_steps,
+            "adjust_lr_fn": opts.adjust_lr_fn,
+        }
+        muon_groups = [_group(groups["muon"], opts.lr, opts.weight_decay)]
+        ns_dtype = _iteration_dtype(opts.ns_dtype, device_type, groups["muon"][0][1].device)
+        if ns_dtype == "bfloat16":
+            muon = torch.optim.Muon(muon_groups, **muon_options)
         else:
-            MuonClass = torch.optim.Muon
-        muon = MuonClass(
-            [_group(groups["muon"], opts.lr, opts.weight_decay)],
-            lr=opts.lr,
-            weight_decay=opts.weight_decay,
-            momentum=opts.momentum,
-            nesterov=opts.nesterov,
-            ns_steps=opts.ns_steps,
-            adjust_lr_fn=opts.adjust_lr_fn,
-        )
+            from nanogpt_plugins.optimizers.muon_float32 import CastMuon
+
+            muon = CastMuon(muon_groups, ns_dtype=getattr(torch, ns_dtype), **muon_options)
         adamw_groups = [
             _group(groups["embed"], opts.embed_lr or train.learning_rate, train.weight_decay),
             _group(groups["head"], opts.head_lr or train.learning_rate, train.weight_decay),
@@ -146,23 +153,44 @@ class Muon:
             [g for g in adamw_groups if g["params"]],
             lr=train.learning_rate,
             betas=(train.beta1, train.beta2),
+            **_fused(device_type),
         )
         return CombinedOptimizer({"muon": muon, "adamw": adamw})
 
 
-def _float32_iteration(ns_dtype: str, device_type: str) -> bool:
-    """Whether the Newton-Schulz iteration should run in float32 rather than torch's bf16.
+def _iteration_dtype(ns_dtype: str, device_type: str, device: Any = None) -> str:
+    """The Newton-Schulz iteration's dtype for ``ns_dtype`` on this device.
 
-    ``auto``: bf16 only on GPUs with bf16 matrix units (Ampere, compute capability
-    8.0, and later); a V100 has none, and a CPU emulates bf16 matmuls slowly.
+    ``auto`` decides by compute capability, not ``torch.cuda.is_bf16_supported()``
+    (which answers yes on a V100, emulating bf16): bfloat16, torch's own, where
+    there are bf16 matrix units (Ampere, 8.0, and later); float16 on compute
+    capability 7.x (Volta, Turing), whose tensor cores take fp16 only; float32 on
+    older GPUs, which have none, and off CUDA (CPUs emulate bf16 slowly).
+
+    :param device: the CUDA device the matrices are on (default: the current one).
     """
     if ns_dtype != "auto":
-        return ns_dtype == "float32"
+        return ns_dtype
     if device_type != "cuda":
-        return True
+        return "float32"
     import torch
 
-    return torch.cuda.get_device_capability() < (8, 0)
+    major, _ = torch.cuda.get_device_capability(
+        device if device is not None and device.type == "cuda" else None
+    )
+    if major >= 8:
+        return "bfloat16"
+    return "float16" if major == 7 else "float32"
+
+
+def _fused(device_type: str) -> dict[str, Any]:
+    # AdamW's fused CUDA kernel, as the adamw optimizer uses: one launch for all tensors.
+    import inspect
+
+    import torch
+
+    fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    return {"fused": True} if fused else {}
 
 
 def _group(named: list[tuple[str, Any]], lr: float, weight_decay: float) -> dict[str, Any]:

@@ -1,11 +1,13 @@
-"""``torch.optim.Muon`` with its Newton-Schulz iteration in float32: Muon for CPUs.
+"""``torch.optim.Muon`` with its Newton-Schulz iteration in a dtype of our choosing.
 
-torch runs the orthogonalisation in bfloat16, which GPUs do fast and CPUs
-without bf16 matrix instructions emulate about twenty times slower than
-float32. This subclass keeps everything of ``torch.optim.Muon`` (its options,
-param groups, ``momentum_buffer`` state and so its checkpoints) and changes only
-the dtype of that iteration; the ``muon`` plugin picks it where ``ns_dtype``
-says so.
+torch runs the orthogonalisation in bfloat16: fast on GPUs with bf16 matrix
+units (A100 and later), but a V100 has none and CPUs without bf16 matrix
+instructions emulate it about twenty times slower than float32. This subclass
+keeps everything of ``torch.optim.Muon`` (its options, param groups,
+``momentum_buffer`` state and so its checkpoints) and changes only the dtype of
+that iteration: float16 for a V100's tensor cores, float32 for CPUs. The
+``muon`` plugin picks it where ``ns_dtype`` says so. (The module keeps its first
+name, from when float32 was its only dtype; so does :data:`Float32Muon`.)
 """
 
 from __future__ import annotations
@@ -17,15 +19,25 @@ import torch
 
 
 def orthogonalize(
-    grad: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float
+    grad: torch.Tensor,
+    coefficients: tuple[float, float, float],
+    steps: int,
+    eps: float,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """torch's quintic Newton-Schulz iteration (Keller Jordan's), computed in float32."""
+    """torch's quintic Newton-Schulz iteration (Keller Jordan's), computed in ``dtype``.
+
+    The matrix is normalised in float32 before it is cast: a gradient's entries
+    (often 1e-6 and smaller) would underflow float16, its normalised ones (the
+    Frobenius norm is 1, so each is at most 1) do not, and the iteration keeps
+    the singular values near 1, far inside float16's range.
+    """
     a, b, c = coefficients
     x = grad.float()
     tall = grad.size(0) > grad.size(1)
     if tall:
         x = x.T
-    x = x / x.norm().clamp(min=eps)  # spectral norm at most 1
+    x = (x / x.norm().clamp(min=eps)).to(dtype)  # spectral norm at most 1
     for _ in range(steps):
         gram = x @ x.T
         x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
@@ -40,8 +52,17 @@ def adjusted_lr(lr: float, rule: str | None, shape: torch.Size) -> float:
     return lr * math.sqrt(max(1, rows / cols))
 
 
-class Float32Muon(torch.optim.Muon):
-    """``torch.optim.Muon``, the same update, with the Newton-Schulz iteration in float32."""
+class CastMuon(torch.optim.Muon):
+    """``torch.optim.Muon``, the same update, with the Newton-Schulz iteration in ``ns_dtype``.
+
+    :param ns_dtype: the iteration's dtype (float32 by default; float16 on a
+        V100). Kept on the optimizer, not in its param groups, so the state
+        dict is ``torch.optim.Muon``'s and a checkpoint resumes on any GPU.
+    """
+
+    def __init__(self, params: Any, *, ns_dtype: torch.dtype = torch.float32, **kwargs: Any):
+        super().__init__(params, **kwargs)
+        self.ns_dtype = ns_dtype
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -64,8 +85,12 @@ class Float32Muon(torch.optim.Muon):
                 buffer.lerp_(param.grad, 1 - momentum)
                 update = param.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
                 update = orthogonalize(
-                    update, group["ns_coefficients"], group["ns_steps"], group["eps"]
+                    update, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype
                 )
                 param.mul_(1 - lr * group["weight_decay"])
                 param.add_(update, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], param.shape))
         return loss
+
+
+# The float32 twin's first name: CastMuon's default dtype is float32.
+Float32Muon = CastMuon
