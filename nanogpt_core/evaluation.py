@@ -187,35 +187,51 @@ class Evaluator:
     def _score_batch(
         self, batch: list[list[tuple[list[int], int, int]]]
     ) -> list[list[Continuation]]:
-        """One padded forward pass for a batch of examples' requests."""
+        """One padded forward pass for a batch of examples' requests, read back once.
+
+        Each request's summed loss and greedy flag are reduced on the device and
+        copied to the host in one ``tolist()`` per batch: a read per request
+        would make the host wait on the device tens of thousands of times over
+        HellaSwag's 10,042 rows.
+        """
         import torch
         from torch.nn import functional as F
 
         flat = [row for example in batch for row in example]
         length = max(len(ids) for ids, _, _ in flat) - 1
+        widest = max(n for _, n, _ in flat)
         x = torch.zeros((len(flat), length), dtype=torch.long)
-        y = torch.full((len(flat), length), -1, dtype=torch.long)
+        # Where the continuation tokens are is known here, on the host: their
+        # positions in the (rows * length) hidden states and their cells in a
+        # (rows * widest) grid of per-token losses. A boolean mask would make the
+        # device report how many positions it selected (a wait, on a GPU).
+        positions: list[int] = []
+        cells: list[int] = []
+        targets: list[int] = []
         for i, (ids, n, _) in enumerate(flat):
             x[i, : len(ids) - 1] = torch.tensor(ids[:-1])
-            y[i, len(ids) - 1 - n : len(ids) - 1] = torch.tensor(ids[-n:])
-        x, y = x.to(self.accelerator.device), y.to(self.accelerator.device)
-        scored = y >= 0  # the continuations' positions: (rows, length)
+            first = i * length + len(ids) - 1 - n
+            positions.extend(range(first, first + n))
+            cells.extend(range(i * widest, i * widest + n))
+            targets.extend(ids[-n:])
+        device = self.accelerator.device
+        x = x.to(device)
+        at, cell, target = torch.tensor([positions, cells, targets], device=device)
         with self.accelerator.autocast():
             # Logits of the continuations' positions only: the output layer over
             # a 50k vocabulary costs as much as the blocks of a small model.
-            logits = self.model.head_logits(self.model.hidden(x)[scored]).float()  # (N, V)
-        targets = y[scored]
-        losses = F.cross_entropy(logits, targets, reduction="none")
-        hits = logits.argmax(dim=-1) == targets
-        # Back to rows: each row's continuation positions are contiguous and in order.
-        counts = scored.sum(dim=1).tolist()
-        loss_rows = torch.split(losses, counts)
-        hit_rows = torch.split(hits, counts)
+            hidden = self.model.hidden(x).flatten(0, 1)  # (rows * length, C)
+            logits = self.model.head_logits(hidden[at]).float()  # (N, V)
+        losses = F.cross_entropy(logits, target, reduction="none")
+        misses = (logits.argmax(dim=-1) != target).float()
+        # Row sums on the device: the padding cells hold zeros.
+        grid = torch.zeros((2, len(flat) * widest), device=device)
+        grid[0, cell] = losses
+        grid[1, cell] = misses
+        sums, missed = grid.view(2, len(flat), widest).sum(dim=2).tolist()  # the one read
         results = iter(
-            Continuation(
-                logprob=-float(row_loss.sum()), tokens=n, greedy=bool(row_hits.all()), truncated=d
-            )
-            for row_loss, row_hits, (_, n, d) in zip(loss_rows, hit_rows, flat, strict=True)
+            Continuation(logprob=-loss, tokens=n, greedy=miss == 0, truncated=d)
+            for loss, miss, (_, n, d) in zip(sums, missed, flat, strict=True)
         )
         return [[next(results) for _ in example] for example in batch]
 
