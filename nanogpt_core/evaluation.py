@@ -10,6 +10,9 @@ itself. It asks the :class:`Evaluator`:
 - :meth:`Evaluator.split_loss`: the loss on a prepared split of the
   experiment's data, over the same fixed batches the trainer evaluates.
 
+:meth:`Evaluator.from_main_process` runs a loader (a hub download) on the main
+process only and hands every process its result, or the same one-line error.
+
 Work is split by whole batches (batch ``k`` goes to process ``k % world``) and
 the batches are cut the same way whatever the number of processes, so a run
 under ``accelerate launch`` gives exactly the numbers of one process.
@@ -18,12 +21,13 @@ under ``accelerate launch`` gives exactly the numbers of one process.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+import pickle
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
-from nanogpt_core.errors import NanoGPTError
+from nanogpt_core.errors import NanoGPTError, PluginFault
 
 if TYPE_CHECKING:
     import torch
@@ -38,6 +42,7 @@ EVAL_SEED_OFFSET = 1_000_003
 
 # A (context ids, continuation ids) pair, and the requests of one example.
 Request = tuple[Sequence[int], Sequence[int]]
+T = TypeVar("T")
 
 
 @attrs.frozen
@@ -92,6 +97,18 @@ class EvalInputError(NanoGPTError):
     """A request the model cannot score (a continuation longer than its context)."""
 
 
+class MainProcessError(NanoGPTError):
+    """What the other processes raise when the main one failed in :meth:`Evaluator.from_main_process`.
+
+    Its message and exit status are the main process's, so every process
+    reports the same line.
+    """
+
+    def __init__(self, message: str, exit_code: int = NanoGPTError.exit_code) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 @attrs.define
 class Evaluator:
     """The model under evaluation, and the core's scoring of it (see the module doc).
@@ -143,6 +160,41 @@ class Evaluator:
                 yield
         finally:
             self.model.train(was_training)
+
+    def from_main_process(self, load: Callable[[], T]) -> T:
+        """``load()`` run on the main process only; every process gets its result or its error.
+
+        For what one process should fetch for all (a data set from the hub): the
+        others never call ``load`` and receive its (pickled) result. Whether it
+        worked is known everywhere before anyone waits in another collective, so
+        a failed download stops every process with the same one-line error
+        instead of leaving the others waiting for the one that failed.
+        """
+        if self.num_processes == 1:
+            return load()
+        from accelerate.utils import broadcast_object_list
+
+        failure: BaseException | None = None
+        message: list[Any] = [None]
+        if self.is_main_process:
+            try:
+                # Pickled here, so an unpicklable result fails inside the try
+                # rather than in the broadcast, where the others would wait.
+                message[0] = pickle.dumps(("ok", load()))
+            except NanoGPTError as exc:
+                failure = exc
+                message[0] = pickle.dumps(("error", str(exc), exc.exit_code))
+            except Exception as exc:  # a bug: the main process keeps its traceback
+                failure = exc
+                text = f"the main process failed: {type(exc).__name__}: {exc}"
+                message[0] = pickle.dumps(("error", text, PluginFault.exit_code))
+        broadcast_object_list(message, from_process=0)
+        if failure is not None:
+            raise failure
+        outcome = pickle.loads(message[0])
+        if outcome[0] == "error":
+            raise MainProcessError(outcome[1], exit_code=outcome[2])
+        return outcome[1]
 
     # -- continuations -------------------------------------------------------
 
