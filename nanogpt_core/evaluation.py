@@ -10,6 +10,9 @@ itself. It asks the :class:`Evaluator`:
 - :meth:`Evaluator.split_loss`: the loss on a prepared split of the
   experiment's data, over the same fixed batches the trainer evaluates.
 
+:meth:`Evaluator.from_main_process` runs a loader (a hub download) on the main
+process only and hands every process its result, or the same one-line error.
+
 Work is split by whole batches (batch ``k`` goes to process ``k % world``) and
 the batches are cut the same way whatever the number of processes, so a run
 under ``accelerate launch`` gives exactly the numbers of one process.
@@ -18,12 +21,13 @@ under ``accelerate launch`` gives exactly the numbers of one process.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+import pickle
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
-from nanogpt_core.errors import NanoGPTError
+from nanogpt_core.errors import NanoGPTError, PluginFault
 
 if TYPE_CHECKING:
     import torch
@@ -38,6 +42,7 @@ EVAL_SEED_OFFSET = 1_000_003
 
 # A (context ids, continuation ids) pair, and the requests of one example.
 Request = tuple[Sequence[int], Sequence[int]]
+T = TypeVar("T")
 
 
 @attrs.frozen
@@ -92,6 +97,18 @@ class EvalInputError(NanoGPTError):
     """A request the model cannot score (a continuation longer than its context)."""
 
 
+class MainProcessError(NanoGPTError):
+    """What the other processes raise when the main one failed in :meth:`Evaluator.from_main_process`.
+
+    Its message and exit status are the main process's, so every process
+    reports the same line.
+    """
+
+    def __init__(self, message: str, exit_code: int = NanoGPTError.exit_code) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 @attrs.define
 class Evaluator:
     """The model under evaluation, and the core's scoring of it (see the module doc).
@@ -144,6 +161,41 @@ class Evaluator:
         finally:
             self.model.train(was_training)
 
+    def from_main_process(self, load: Callable[[], T]) -> T:
+        """``load()`` run on the main process only; every process gets its result or its error.
+
+        For what one process should fetch for all (a data set from the hub): the
+        others never call ``load`` and receive its (pickled) result. Whether it
+        worked is known everywhere before anyone waits in another collective, so
+        a failed download stops every process with the same one-line error
+        instead of leaving the others waiting for the one that failed.
+        """
+        if self.num_processes == 1:
+            return load()
+        from accelerate.utils import broadcast_object_list
+
+        failure: BaseException | None = None
+        message: list[Any] = [None]
+        if self.is_main_process:
+            try:
+                # Pickled here, so an unpicklable result fails inside the try
+                # rather than in the broadcast, where the others would wait.
+                message[0] = pickle.dumps(("ok", load()))
+            except NanoGPTError as exc:
+                failure = exc
+                message[0] = pickle.dumps(("error", str(exc), exc.exit_code))
+            except Exception as exc:  # a bug: the main process keeps its traceback
+                failure = exc
+                text = f"the main process failed: {type(exc).__name__}: {exc}"
+                message[0] = pickle.dumps(("error", text, PluginFault.exit_code))
+        broadcast_object_list(message, from_process=0)
+        if failure is not None:
+            raise failure
+        outcome = pickle.loads(message[0])
+        if outcome[0] == "error":
+            raise MainProcessError(outcome[1], exit_code=outcome[2])
+        return outcome[1]
+
     # -- continuations -------------------------------------------------------
 
     def loglikelihood(self, examples: Sequence[Sequence[Request]]) -> list[list[Continuation]]:
@@ -187,35 +239,51 @@ class Evaluator:
     def _score_batch(
         self, batch: list[list[tuple[list[int], int, int]]]
     ) -> list[list[Continuation]]:
-        """One padded forward pass for a batch of examples' requests."""
+        """One padded forward pass for a batch of examples' requests, read back once.
+
+        Each request's summed loss and greedy flag are reduced on the device and
+        copied to the host in one ``tolist()`` per batch: a read per request
+        would make the host wait on the device tens of thousands of times over
+        HellaSwag's 10,042 rows.
+        """
         import torch
         from torch.nn import functional as F
 
         flat = [row for example in batch for row in example]
         length = max(len(ids) for ids, _, _ in flat) - 1
+        widest = max(n for _, n, _ in flat)
         x = torch.zeros((len(flat), length), dtype=torch.long)
-        y = torch.full((len(flat), length), -1, dtype=torch.long)
+        # Where the continuation tokens are is known here, on the host: their
+        # positions in the (rows * length) hidden states and their cells in a
+        # (rows * widest) grid of per-token losses. A boolean mask would make the
+        # device report how many positions it selected (a wait, on a GPU).
+        positions: list[int] = []
+        cells: list[int] = []
+        targets: list[int] = []
         for i, (ids, n, _) in enumerate(flat):
             x[i, : len(ids) - 1] = torch.tensor(ids[:-1])
-            y[i, len(ids) - 1 - n : len(ids) - 1] = torch.tensor(ids[-n:])
-        x, y = x.to(self.accelerator.device), y.to(self.accelerator.device)
-        scored = y >= 0  # the continuations' positions: (rows, length)
+            first = i * length + len(ids) - 1 - n
+            positions.extend(range(first, first + n))
+            cells.extend(range(i * widest, i * widest + n))
+            targets.extend(ids[-n:])
+        device = self.accelerator.device
+        x = x.to(device)
+        at, cell, target = torch.tensor([positions, cells, targets], device=device)
         with self.accelerator.autocast():
             # Logits of the continuations' positions only: the output layer over
             # a 50k vocabulary costs as much as the blocks of a small model.
-            logits = self.model.head_logits(self.model.hidden(x)[scored]).float()  # (N, V)
-        targets = y[scored]
-        losses = F.cross_entropy(logits, targets, reduction="none")
-        hits = logits.argmax(dim=-1) == targets
-        # Back to rows: each row's continuation positions are contiguous and in order.
-        counts = scored.sum(dim=1).tolist()
-        loss_rows = torch.split(losses, counts)
-        hit_rows = torch.split(hits, counts)
+            hidden = self.model.hidden(x).flatten(0, 1)  # (rows * length, C)
+            logits = self.model.head_logits(hidden[at]).float()  # (N, V)
+        losses = F.cross_entropy(logits, target, reduction="none")
+        misses = (logits.argmax(dim=-1) != target).float()
+        # Row sums on the device: the padding cells hold zeros.
+        grid = torch.zeros((2, len(flat) * widest), device=device)
+        grid[0, cell] = losses
+        grid[1, cell] = misses
+        sums, missed = grid.view(2, len(flat), widest).sum(dim=2).tolist()  # the one read
         results = iter(
-            Continuation(
-                logprob=-float(row_loss.sum()), tokens=n, greedy=bool(row_hits.all()), truncated=d
-            )
-            for row_loss, row_hits, (_, n, d) in zip(loss_rows, hit_rows, flat, strict=True)
+            Continuation(logprob=-loss, tokens=n, greedy=miss == 0, truncated=d)
+            for loss, miss, (_, n, d) in zip(sums, missed, flat, strict=True)
         )
         return [[next(results) for _ in example] for example in batch]
 

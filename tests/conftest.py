@@ -143,3 +143,37 @@ def bpe_checkpoint(tmp_path_factory, session_data_dir) -> Path:
         + TINY_MODEL
     )
     return _train_tiny(body, tmp_path_factory.mktemp("bpe_ckpt"), session_data_dir)
+
+
+# Every way Python code copies a tensor's values to the host (a wait for a GPU).
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
+
+
+@pytest.fixture
+def count_host_reads() -> Callable[[Callable[[], object]], int]:
+    """``count(run)``: how many times ``run()`` reads tensor values back to the host.
+
+    Counts calls of torch.Tensor's own reading methods (patched for the call),
+    so scoring code is measured as it is, without replacing any of our functions.
+    """
+
+    def count(run: Callable[[], object]) -> int:
+        import torch
+
+        calls: list[str] = []
+        patch = pytest.MonkeyPatch()
+        try:
+            for name in HOST_READS:
+                original = getattr(torch.Tensor, name)
+
+                def counted(self, *args, _original=original, _name=name, **kwargs):
+                    calls.append(_name)
+                    return _original(self, *args, **kwargs)
+
+                patch.setattr(torch.Tensor, name, counted)
+            run()
+        finally:
+            patch.undo()
+        return len(calls)
+
+    return count

@@ -134,7 +134,7 @@ def test_eval_errors_are_one_line(char_run, tmp_path):
     )
 
 
-def test_hellaswag_offline_points_at_data(char_run, monkeypatch):
+def test_hellaswag_offline_points_at_data(char_run, monkeypatch, tmp_path):
     import datasets
     from click.testing import CliRunner
 
@@ -147,6 +147,8 @@ def test_hellaswag_offline_points_at_data(char_run, monkeypatch):
         )
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
+    # An empty cache: a copy an earlier run left in ~/.cache would be read instead.
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path))
     ckpt, _ = char_run
     result = CliRunner().invoke(
         make_cli(load_plugins(disabled=())), ["eval", "--ckpt", str(ckpt), "--task", "hellaswag"]

@@ -95,3 +95,30 @@ def test_split_loss_needs_an_experiment():
 
     with pytest.raises(NanoGPTError, match="pass --experiment"):
         evaluator().split_loss("val")
+
+
+def test_scoring_reads_the_device_once_per_batch_whatever_the_rows(count_host_reads):
+    import random
+
+    rng = random.Random(0)
+    ev = evaluator(batch_size=4, block_size=16)
+
+    def examples(count: int) -> list:
+        """``count`` examples of three continuations (1 to 3 tokens) after random contexts."""
+        return [
+            [
+                ([rng.randrange(50) for _ in range(rng.randrange(20))], [1, 2, 3][:e])
+                for e in (1, 2, 3)
+            ]
+            for _ in range(count)
+        ]
+
+    scored: list = []
+    few = count_host_reads(lambda: scored.append(ev.loglikelihood(examples(8))))
+    many = count_host_reads(lambda: scored.append(ev.loglikelihood(examples(40))))
+    # One tolist() per batch of 4 examples (12 continuations): 2 and 10 batches,
+    # not one read per continuation (24 and 120) or per token.
+    assert (few, many) == (2, 10)
+    assert [len(s) for s in scored] == [8, 40] and all(len(e) == 3 for e in scored[1])
+    # The counter sees reads: the same scores read one at a time count every one.
+    assert count_host_reads(lambda: [float(torch.tensor(c.logprob)) for c in scored[0][0]]) == 3

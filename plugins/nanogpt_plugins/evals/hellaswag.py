@@ -16,6 +16,7 @@ these. Ties go to the first ending.
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from nanogpt_core import (
     DataError,
     EvalResult,
     Evaluator,
+    NanoGPTError,
+    atomic_write_text,
     hookimpl,
     option,
     read_rows,
@@ -49,10 +52,18 @@ class HellaSwagOptions:
 
 
 class HellaSwag:
-    """Four-way sentence completion: which ending does the model find likeliest?"""
+    """Four-way sentence completion: which ending does the model find likeliest?
+
+    Without a ``data`` file the rows come from the hub once per run: the main
+    process reads them (from the on-disk cache, see :func:`hub_cache_path`, or
+    the hub, then caches them), every process receives them, and later
+    evaluations of the run (the ``eval`` callback) reuse them from memory.
+    """
 
     def __init__(self, options: HellaSwagOptions) -> None:
         self.options = options
+        # The hub's rows and a note about caching them, once read (see evaluate).
+        self._hub: tuple[list[tuple[str, dict[str, Any]]], str | None] | None = None
 
     def rows(self, limit: int | None) -> Iterator[tuple[str, dict[str, Any]]]:
         """``(where, row)`` for each example, at most ``limit``."""
@@ -67,23 +78,35 @@ class HellaSwag:
             for number, row in enumerate(read_rows(path, COLUMNS), start=1):
                 yield f"{path}: row {number}", row
             return
-        name = self.options.hub_name
-        try:
-            import datasets
+        if self._hub is None:  # one process, outside evaluate: read it here
+            self._hub = self._read_hub()
+        yield from self._hub[0]
 
-            stream = datasets.load_dataset(name, split=self.options.split, streaming=True)
-            for number, row in enumerate(stream, start=1):
-                yield f"{name} row {number}", row
-        except Exception as exc:  # offline, unknown name, gated: all end the same way
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            raise DataError(
-                f"hellaswag: could not read {name} from the Hugging Face hub "
-                f"({type(exc).__name__}: {first}); pass a local copy with --data "
-                "hellaswag_val.jsonl (or data = ... in [eval.hellaswag])"
-            ) from None
+    def _read_hub(self) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
+        """The hub split's rows, from the cache file or the hub (then cached); and a note."""
+        name, split = self.options.hub_name, self.options.split
+        cache = hub_cache_path(name, split)
+        if cache.is_file():
+            try:
+                rows = list(read_rows(cache, COLUMNS))
+            except DataError as exc:
+                raise DataError(f"hellaswag: {exc}; delete {cache} to read the hub again") from None
+            return [(f"{cache}: row {n}", row) for n, row in enumerate(rows, start=1)], None
+        rows = download(name, split)
+        note = None
+        if rows:  # an empty split is not worth remembering
+            text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+            try:
+                atomic_write_text(cache, text)
+            except NanoGPTError as exc:  # a read-only cache: score anyway, say so
+                note = f"the rows were not cached ({exc}); the next run reads the hub again"
+        return [(f"{name} row {n}", row) for n, row in enumerate(rows, start=1)], note
 
     def evaluate(self, evaluator: Evaluator) -> EvalResult:
         """Score every example's four endings; ``acc`` and ``acc_norm`` as the module says."""
+        if not self.options.data and self._hub is None:
+            # Once per run, on the main process; the others get the rows from it.
+            self._hub = evaluator.from_main_process(self._read_hub)
         examples, labels = [], []
         for where, row in self.rows(evaluator.limit):
             context, endings, label = parse_row(row, where)
@@ -109,13 +132,61 @@ class HellaSwag:
             correct_norm += min(range(len(mean_losses)), key=mean_losses.__getitem__) == label
             cut += any(e.truncated for e in endings)
         n = len(examples)
-        notes = ()
+        notes = []
         if cut:
-            notes = (
+            notes.append(
                 f"{cut} of {n} contexts were longer than block_size "
-                f"{evaluator.block_size} allows and kept their last tokens",
+                f"{evaluator.block_size} allows and kept their last tokens"
             )
-        return EvalResult({"acc": correct / n, "acc_norm": correct_norm / n}, n=n, notes=notes)
+        if not self.options.data and self._hub is not None and self._hub[1]:
+            notes.append(self._hub[1])
+        return EvalResult(
+            {"acc": correct / n, "acc_norm": correct_norm / n}, n=n, notes=tuple(notes)
+        )
+
+
+def hub_cache_path(name: str, split: str) -> Path:
+    """Where the hub's rows are kept after the first read: a JSON Lines file in the datasets cache.
+
+    ``<HF_DATASETS_CACHE>/nanogpt/hellaswag/<name with / as -->-<split>.jsonl``
+    (``~/.cache/huggingface/datasets`` unless ``HF_HOME`` or
+    ``HF_DATASETS_CACHE`` say otherwise). Delete it to read the hub again.
+    """
+    import datasets
+
+    file = f"{name.replace('/', '--')}-{split}.jsonl"
+    return Path(datasets.config.HF_DATASETS_CACHE) / "nanogpt" / "hellaswag" / file
+
+
+def download(name: str, split: str) -> list[dict[str, Any]]:
+    """Every row of the hub dataset's split, streamed, keeping the columns scored.
+
+    :raises DataError: the hub cannot be read (offline, an unknown name), in
+        one line pointing at a local copy; or a row lacks a column.
+    """
+    rows = []
+    try:
+        import datasets
+
+        stream = datasets.load_dataset(name, split=split, streaming=True)
+        for number, row in enumerate(stream, start=1):
+            missing = [column for column in COLUMNS if column not in row]
+            if missing:
+                raise DataError(
+                    f"hellaswag: {name} row {number} has no {missing[0]!r} field "
+                    f"(it has: {', '.join(sorted(row))}); is hub_name a HellaSwag copy?"
+                )
+            rows.append({column: row[column] for column in COLUMNS})
+    except DataError:
+        raise
+    except Exception as exc:  # offline, unknown name, gated: all end the same way
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise DataError(
+            f"hellaswag: could not read {name} from the Hugging Face hub "
+            f"({type(exc).__name__}: {first}); pass a local copy with --data "
+            "hellaswag_val.jsonl (or data = ... in [eval.hellaswag])"
+        ) from None
+    return rows
 
 
 def parse_row(row: dict[str, Any], where: str) -> tuple[str, list[str], int]:
