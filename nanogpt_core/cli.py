@@ -19,6 +19,7 @@ import click
 from nanogpt_core import __version__
 from nanogpt_core.config import ExperimentConfig, load_experiment
 from nanogpt_core.errors import ConfigError, NanoGPTError
+from nanogpt_core.main_process import end_process_group
 from nanogpt_core.options import describe_fields
 from nanogpt_core.plugins import Plugins, load_plugins
 
@@ -61,6 +62,8 @@ class GptGroup(click.Group):
                 raise
             click.echo("Interrupted.", err=True)
             ctx.exit(INTERRUPTED)
+        finally:
+            end_process_group()
 
 
 def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:

@@ -113,12 +113,14 @@ def _prepared_data(
 ) -> Any:
     """The experiment's data (prepared if needed), refused if the model cannot read it."""
     from nanogpt_core.datasets import prepare_dataset
+    from nanogpt_core.main_process import on_main_process
     from nanogpt_core.resume import tokenizer_difference
-    from nanogpt_core.run import main_process_prepares
     from nanogpt_core.sampler import check_token_range
 
-    data = main_process_prepares(
-        accelerator, lambda: prepare_dataset(experiment, plugins, data_dir=Path(data_dir))
+    data = on_main_process(
+        accelerator,
+        lambda: prepare_dataset(experiment, plugins, data_dir=Path(data_dir)),
+        others="repeat",
     )
     difference = tokenizer_difference(loaded.tokenizer.description(), dict(data.tokenizer))
     if difference:

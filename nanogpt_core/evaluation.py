@@ -21,13 +21,12 @@ under ``accelerate launch`` gives exactly the numbers of one process.
 from __future__ import annotations
 
 import contextlib
-import pickle
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
-from nanogpt_core.errors import NanoGPTError, PluginFault
+from nanogpt_core.errors import NanoGPTError
 
 if TYPE_CHECKING:
     import torch
@@ -97,18 +96,6 @@ class EvalInputError(NanoGPTError):
     """A request the model cannot score (a continuation longer than its context)."""
 
 
-class MainProcessError(NanoGPTError):
-    """What the other processes raise when the main one failed in :meth:`Evaluator.from_main_process`.
-
-    Its message and exit status are the main process's, so every process
-    reports the same line.
-    """
-
-    def __init__(self, message: str, exit_code: int = NanoGPTError.exit_code) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
 @attrs.define
 class Evaluator:
     """The model under evaluation, and the core's scoring of it (see the module doc).
@@ -170,31 +157,9 @@ class Evaluator:
         a failed download stops every process with the same one-line error
         instead of leaving the others waiting for the one that failed.
         """
-        if self.num_processes == 1:
-            return load()
-        from accelerate.utils import broadcast_object_list
+        from nanogpt_core.main_process import on_main_process
 
-        failure: BaseException | None = None
-        message: list[Any] = [None]
-        if self.is_main_process:
-            try:
-                # Pickled here, so an unpicklable result fails inside the try
-                # rather than in the broadcast, where the others would wait.
-                message[0] = pickle.dumps(("ok", load()))
-            except NanoGPTError as exc:
-                failure = exc
-                message[0] = pickle.dumps(("error", str(exc), exc.exit_code))
-            except Exception as exc:  # a bug: the main process keeps its traceback
-                failure = exc
-                text = f"the main process failed: {type(exc).__name__}: {exc}"
-                message[0] = pickle.dumps(("error", text, PluginFault.exit_code))
-        broadcast_object_list(message, from_process=0)
-        if failure is not None:
-            raise failure
-        outcome = pickle.loads(message[0])
-        if outcome[0] == "error":
-            raise MainProcessError(outcome[1], exit_code=outcome[2])
-        return outcome[1]
+        return on_main_process(self.accelerator, load, others="share")
 
     # -- continuations -------------------------------------------------------
 

@@ -9,12 +9,11 @@ written: a bad experiment leaves the results folder exactly as it was.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import attrs
 
@@ -22,9 +21,8 @@ from nanogpt_core.callbacks import RunPaths
 from nanogpt_core.config import ExperimentConfig, ModelConfig, TrainConfig
 from nanogpt_core.errors import ConfigError, NanoGPTError
 from nanogpt_core.files import atomic_write_text, remove_stale_temporaries
+from nanogpt_core.main_process import on_main_process
 from nanogpt_core.plugins import Plugins, check_callback
-
-T = TypeVar("T")
 
 # Keys of config.json that may change between a run and its resumption: the
 # schedule (to train longer) and how a run is watched, never what it computes.
@@ -95,54 +93,6 @@ def make_accelerator(train: TrainConfig) -> Any:
         gradient_accumulation_steps=train.gradient_accumulation_steps,
         cpu=cpu,
     )
-
-
-# How long the other processes wait for the main process to prepare the data.
-# Preparing FineWeb-Edu can take hours; a collective of the training process group
-# would time out long before (NCCL's default is 10 minutes).
-PREPARE_TIMEOUT = datetime.timedelta(hours=48)
-
-
-def main_process_prepares(accelerator: Any, prepare: Callable[[], T]) -> T:
-    """``prepare()`` on the main process first, then on the others (which find it done).
-
-    The others wait on a gloo group of their own with :data:`PREPARE_TIMEOUT`,
-    not in a collective of the training process group, whose timeout is sized
-    for training steps. The main process's outcome is shared: when it fails,
-    every process stops with the same one line instead of waiting.
-    """
-    if accelerator.num_processes == 1:
-        return prepare()
-    import torch.distributed as dist
-
-    group = dist.new_group(backend="gloo", timeout=PREPARE_TIMEOUT)
-    try:
-        failure: list[Any] = [None]
-        if accelerator.is_main_process:
-            try:
-                return_value = prepare()
-            except BaseException as exc:
-                code = exc.exit_code if isinstance(exc, NanoGPTError) else 1
-                failure = [(code, f"{type(exc).__name__}: {exc}" if code == 1 else str(exc))]
-                dist.broadcast_object_list(failure, src=0, group=group)
-                raise
-            dist.broadcast_object_list(failure, src=0, group=group)
-            return return_value
-        dist.broadcast_object_list(failure, src=0, group=group)
-        if failure[0] is not None:
-            code, message = failure[0]
-            raise PreparationFailed(f"the main process could not prepare the data: {message}", code)
-        return prepare()
-    finally:
-        dist.destroy_process_group(group)
-
-
-class PreparationFailed(NanoGPTError):
-    """The main process failed to prepare the data; this process stops with its exit code."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def move_aside(root: Path) -> Path | None:
@@ -365,8 +315,10 @@ def _train(
     # Callbacks first: one that refuses its options does so before data is prepared.
     callbacks = make_callbacks(config, plugins)
     # The main process prepares; the others then find the finished data.
-    data = main_process_prepares(
-        accelerator, lambda: prepare_dataset(config, plugins, data_dir=Path(data_dir))
+    data = on_main_process(
+        accelerator,
+        lambda: prepare_dataset(config, plugins, data_dir=Path(data_dir)),
+        others="repeat",
     )
     check_data_fits(config, data)
     check_memory(config, model_config_for(config, data), accelerator.device)

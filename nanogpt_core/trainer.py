@@ -43,6 +43,8 @@ from nanogpt_core.plugins import Plugins, load_plugins
 from nanogpt_core.resume import callback_states, check_belongs, tokenizer_difference
 from nanogpt_core.sampler import BatchSource, MemmapSampler
 
+# Param-group keys that choose an optimizer's kernel rather than its update.
+IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")
 # Optimizer steps per epoch of pre-training data when the experiment leaves it out.
 DEFAULT_STEPS_PER_EPOCH = 1000
 
@@ -475,7 +477,7 @@ class Trainer:
 
     def _restore(self, checkpoint: dict[str, Any], states: dict[int, dict[str, Any]]) -> None:
         self.raw_model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self._load_optimizer_state(checkpoint["optimizer"])
         if self.accelerator.scaler and checkpoint.get("scaler"):
             self.accelerator.scaler.load_state_dict(checkpoint["scaler"])
         self.elapsed_before = float(checkpoint["elapsed_s"])
@@ -498,6 +500,21 @@ class Trainer:
             last_saved_step=step,
         )
         self.throughput_mark = (time.perf_counter(), step)
+
+    def _load_optimizer_state(self, state: dict[str, Any]) -> None:
+        """The saved optimizer state, keeping how this machine runs the update.
+
+        torch restores every key of the saved param groups, ``fused`` and
+        ``foreach`` too: a checkpoint written on a CPU would resume unfused on a
+        GPU. Those say how the update is computed, not what it is, so this
+        run's own choice stays.
+        """
+        groups = self.optimizer.param_groups
+        kernels = [{k: g[k] for k in IMPLEMENTATION_KEYS if k in g} for g in groups]
+        self.optimizer.load_state_dict(state)
+        if len(self.optimizer.param_groups) == len(kernels):
+            for group, kept in zip(self.optimizer.param_groups, kernels, strict=True):
+                group.update(kept)
 
     def _save_requested(self) -> None:
         """Write the checkpoints callbacks asked for, then tell the callbacks."""

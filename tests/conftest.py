@@ -177,3 +177,46 @@ def count_host_reads() -> Callable[[Callable[[], object]], int]:
         return len(calls)
 
     return count
+
+
+@pytest.fixture
+def tiny_trainer():
+    """Build a Trainer (one layer, width 16, CPU) on ``tokens`` random char ids per split.
+
+    Called as ``tiny_trainer(folder, tokens)``; two fixed batches of four per evaluation.
+    """
+    import numpy as np
+
+    from nanogpt_core.callbacks import RunPaths
+    from nanogpt_core.config import ExperimentConfig, ModelConfig, PluginSpec, TrainConfig
+    from nanogpt_core.datasets import PreparedData
+    from nanogpt_core.run import make_accelerator
+    from nanogpt_core.trainer import Trainer
+
+    def build(folder: Path, tokens: int) -> Trainer:
+        folder.mkdir(parents=True)
+        for split in ("train", "val"):
+            np.random.default_rng(0).integers(0, 65, tokens, dtype=np.uint16).tofile(
+                folder / f"{split}.bin"
+            )
+        meta = {
+            "tokenizer": {
+                "kind": "char",
+                "vocab_size": 65,
+                "chars": [chr(32 + i) for i in range(65)],
+            },
+            "dtype": "uint16",
+            "splits": {s: {"tokens": tokens} for s in ("train", "val")},
+        }
+        train = TrainConfig(batch_size=4, steps_per_epoch=2, eval_batches=2, device="cpu")
+        config = ExperimentConfig(
+            name="tiny",
+            dataset=PluginSpec(plugin="none"),
+            model=ModelConfig(n_layer=1, n_head=1, n_embd=16, block_size=16),
+            train=train,
+        )
+        data = PreparedData(folder, meta)
+        paths = RunPaths(folder / "run")
+        return Trainer(config, data, [], paths, make_accelerator(train), progress=False)
+
+    return build

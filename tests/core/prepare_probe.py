@@ -18,7 +18,8 @@ from accelerate import PartialState
 
 from nanogpt_core import DataError, NanoGPTError
 from nanogpt_core.config import TrainConfig
-from nanogpt_core.run import main_process_prepares, make_accelerator
+from nanogpt_core.main_process import on_main_process
+from nanogpt_core.run import make_accelerator
 
 
 def main() -> None:
@@ -42,7 +43,7 @@ def main() -> None:
         return marker.read_text()
 
     try:
-        prepared = main_process_prepares(accelerator, prepare)
+        prepared = on_main_process(accelerator, prepare, others="repeat")
     except NanoGPTError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         (folder / f"exit{rank}.json").write_text(json.dumps(exc.exit_code))

@@ -320,3 +320,22 @@ def test_a_run_without_the_checkpoint_plugin_never_promises_a_resume(
     assert proc.returncode == 130
     assert "no checkpoint was saved (enable the checkpoint callback to resume)" in err
     assert "run the same command" not in err
+
+
+def test_resuming_keeps_this_machines_optimizer_kernel(tiny_trainer, tmp_path):
+    """A checkpoint from a CPU run (unfused AdamW) resumes fused where this run chose fused."""
+    saved_by_cpu = tiny_trainer(tmp_path / "cpu", 10_000)
+    saved_by_cpu.train_step()
+    state = saved_by_cpu.optimizer.state_dict()
+    assert [g.get("fused") for g in state["param_groups"]] in ([None, None], [False, False])
+    on_gpu = tiny_trainer(tmp_path / "gpu", 10_000)
+    for group in on_gpu.optimizer.param_groups:  # what the adamw plugin chooses on CUDA
+        group["fused"] = True
+        group["lr"] = 0.5
+    on_gpu._load_optimizer_state(state)
+    assert [g["fused"] for g in on_gpu.optimizer.param_groups] == [True, True]
+    # Everything else is the checkpoint's: the update continues exactly.
+    assert [g["lr"] for g in on_gpu.optimizer.param_groups] == [
+        g["lr"] for g in state["param_groups"]
+    ]
+    assert on_gpu.optimizer.state_dict()["state"].keys() == state["state"].keys()

@@ -106,38 +106,7 @@ class CountingMemmap(np.memmap):
         return out
 
 
-def tiny_trainer(folder, tokens: int):
-    """A Trainer on ``tokens`` random char ids per split, two fixed batches per evaluation."""
-    from nanogpt_core.callbacks import RunPaths
-    from nanogpt_core.config import ExperimentConfig, ModelConfig, PluginSpec, TrainConfig
-    from nanogpt_core.datasets import PreparedData
-    from nanogpt_core.run import make_accelerator
-    from nanogpt_core.trainer import Trainer
-
-    folder.mkdir()
-    for split in ("train", "val"):
-        np.random.default_rng(0).integers(0, 65, tokens, dtype=np.uint16).tofile(
-            folder / f"{split}.bin"
-        )
-    meta = {
-        "tokenizer": {"kind": "char", "vocab_size": 65, "chars": [chr(32 + i) for i in range(65)]},
-        "dtype": "uint16",
-        "splits": {s: {"tokens": tokens} for s in ("train", "val")},
-    }
-    train = TrainConfig(batch_size=4, steps_per_epoch=2, eval_batches=2, device="cpu")
-    config = ExperimentConfig(
-        name="evalcost",
-        dataset=PluginSpec(plugin="none"),
-        model=ModelConfig(n_layer=1, n_head=1, n_embd=16, block_size=16),
-        train=train,
-    )
-    data = PreparedData(folder, meta)
-    return Trainer(
-        config, data, [], RunPaths(folder / "run"), make_accelerator(train), progress=False
-    )
-
-
-def test_an_evaluation_reads_its_windows_not_the_whole_file(tmp_path, monkeypatch):
+def test_an_evaluation_reads_its_windows_not_the_whole_file(tmp_path, monkeypatch, tiny_trainer):
     """Token ids are checked once, when training starts; an evaluation reads only its batches."""
     monkeypatch.setattr(np, "memmap", CountingMemmap)
     read = {}
