@@ -1,4 +1,4 @@
-"""The README's "Writing a plugin" example, pip-installed as a separate distribution."""
+"""The plugin example of docs/plugins.md, pip-installed as a separate distribution."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def readme_example() -> dict[str, str]:
-    """The two files of the README's plugin example, exactly as written there."""
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## Writing a plugin", 1)[1].split("\n## ", 1)[0]
+def docs_example() -> dict[str, str]:
+    """The two files of the plugin example in docs/plugins.md, exactly as written there."""
+    page = (REPO / "docs" / "plugins.md").read_text()
+    section = page.split("## A complete example", 1)[1].split("\n## ", 1)[0]
     files = {}
     for name in ("pyproject.toml", "nanogpt_counting.py"):
         match = re.search(rf"`{re.escape(name)}`:\n\n```\w+\n(.*?)```", section, re.DOTALL)
-        assert match, f"README's plugin example lacks {name}"
+        assert match, f"the plugin example of docs/plugins.md lacks {name}"
         files[name] = match.group(1)
     return files
 
@@ -38,7 +38,7 @@ def pip(*args: str) -> None:
 def counting_plugin(tmp_path_factory):
     """Install the example into this environment for the module's tests, then remove it."""
     folder = tmp_path_factory.mktemp("nanogpt-counting")
-    for name, text in readme_example().items():
+    for name, text in docs_example().items():
         (folder / name).write_text(text)
     isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
     pip("install", "--no-deps", *isolation, str(folder))

@@ -12,7 +12,7 @@ from nanogpt_core.model import GPT, GPTConfig
 from nanogpt_plugins.optimizers.muon import Muon, MuonOptions
 
 TRAIN = TrainConfig(learning_rate=3e-3, weight_decay=0.1, beta1=0.8, beta2=0.99)
-# The README's split, for a 2-layer model: Muon for the 2-D weights of the blocks ...
+# The split docs/training.md gives, for a 2-layer model: Muon for the 2-D weights of the blocks ...
 MUON = [
     f"transformer.h.{i}.{name}.weight"
     for i in range(2)
@@ -39,7 +39,7 @@ def names_by_group(optimizer) -> list[tuple[str, float, float, list[str]]]:
     ]
 
 
-def test_the_split_is_the_readmes():
+def test_the_split_is_the_documented_one():
     model = tiny_gpt()
     options = MuonOptions(lr=0.05, weight_decay=0.01, embed_lr=0.3)
     optimizer = Muon(options).build(model, TRAIN, "cpu")
