@@ -24,7 +24,7 @@ def parameter_count(config: Any) -> int:
     vocabulary-by-width matrix. A tied output layer counts once, as in
     ``GPT.num_params``.
     """
-    from nanogpt_core.model import mlp_hidden_size
+    from nanogpt_core.model_config import mlp_hidden_size
 
     c, bias = config.n_embd, config.bias
     norm = 2 * c if config.norm == "layernorm" and bias else c

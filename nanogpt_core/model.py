@@ -1,9 +1,12 @@
 """The GPT language model: GPT-2 as nanoGPT has it, plus a few modern options.
 
-Read top to bottom: the config, the normalisation layers, rotary position
-embeddings, causal self-attention, the MLP variants, a transformer block, the KV
-cache, then the GPT that stacks the blocks, with GPT-2's initialisation, FLOP
-counting and text generation (the optimizer is a plugin). With the default options the model is
+Read top to bottom: the normalisation layers, rotary position embeddings,
+causal self-attention, the MLP variants, a transformer block, then the GPT that
+stacks the blocks, with GPT-2's initialisation, FLOP counting and text
+generation (the optimizer is a plugin). The shape of the model is
+``GPTConfig`` (``model_config.py``); the KV cache that generation fills is in
+``kv_cache.py``, and how the next token is chosen from the logits in
+``next_token.py``. With the default options the model is
 GPT-2 exactly, and parameter names match Hugging Face's ``GPT2LMHeadModel`` one
 to one (see ``hf_gpt2.py``); ``rope`` + ``rmsnorm`` + ``swiglu`` without biases is
 Llama's architecture (see ``hf_llama.py``).
@@ -16,72 +19,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-POSITIONS = ("learned", "rope")
-NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "swiglu", "relu2")
-# Llama's (and transformers' LlamaConfig's) default; exported as rms_norm_eps.
-RMS_NORM_EPS = 1e-6
-
-
-@dataclass
-class GPTConfig:
-    """The architecture. Defaults are GPT-2 small (124M parameters)."""
-
-    block_size: int = 1024
-    # GPT-2's 50,257 padded up to the nearest multiple of 64: the extra rows are
-    # never predicted, but matrix shapes that are multiples of 64 run faster.
-    vocab_size: int = 50304
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
-    # GPT-2 has biases in Linear and LayerNorm layers; without them is a bit better and faster.
-    bias: bool = True
-    # "learned": a learned vector per position is added to the tokens (GPT-2).
-    # "rope": queries and keys are rotated by their position (RoFormer, Su et al.
-    # 2021; Llama), so attention depends on relative positions only.
-    position: str = "learned"
-    # RoPE's base: pair i of a head rotates at rope_theta ** (-2i / hs) radians per position.
-    rope_theta: float = 10000.0
-    # "layernorm" (GPT-2) or "rmsnorm": scale only, no centring, no bias (Zhang & Sennrich 2019).
-    norm: str = "layernorm"
-    # "gelu" (GPT-2), "swiglu" (Shazeer 2020; Llama) or "relu2", ReLU squared (So et al. 2021).
-    mlp: str = "gelu"
-    # RMSNorm of each head's queries and keys before attention, which keeps the
-    # attention logits from growing large (Dehghani et al. 2023; modded-nanogpt).
-    qk_norm: bool = False
-    # The output layer reuses the token embedding (Press & Wolf 2017), as GPT-2 does.
-    tie_embeddings: bool = True
-    # Squash the output logits smoothly into (-cap, cap): cap * tanh(logits / cap) (Gemma 2).
-    logit_softcap: float | None = None
-
-    def __post_init__(self) -> None:
-        for name, choices in (("position", POSITIONS), ("norm", NORMS), ("mlp", MLPS)):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} = {getattr(self, name)!r}: expected one of {choices}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd = {self.n_embd} is not divisible by n_head = {self.n_head}")
-        if self.position == "rope" and (self.n_embd // self.n_head) % 2:
-            raise ValueError("RoPE rotates pairs of channels: the head size must be even")
-
-
-def mlp_hidden_size(config: GPTConfig) -> int:
-    """H, the MLP's hidden width: 4 C, as GPT-2.
-
-    SwiGLU has three matrices instead of two, so it gets 2/3 of that, rounded up
-    to a multiple of 64 for fast matrix shapes: about the same parameter count
-    (2048 for C = 768, exactly; Llama does the same).
-    """
-    if config.mlp != "swiglu":
-        return 4 * config.n_embd
-    return -(-(8 * config.n_embd) // (3 * 64)) * 64
+from nanogpt_core.kv_cache import KVCache, LayerCache
+from nanogpt_core.model_config import RMS_NORM_EPS, GPTConfig, mlp_hidden_size
+from nanogpt_core.next_token import pick_next_token
 
 
 class LayerNorm(nn.Module):
@@ -235,54 +181,6 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), cache, rope, mask)
         return x + self.mlp(self.ln_2(x))
-
-
-class LayerCache:
-    """One layer's keys and values of the last ``capacity`` tokens (incremental decoding).
-
-    Sampling a token needs the keys and values of every earlier token; keeping
-    them turns each step from a forward pass over the whole context into one
-    over a single token. Once full, each new token overwrites the oldest (a
-    ring buffer): attention of one query over a set of keys does not depend on
-    their order, and RoPE keys carry their positions with them.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.length = 0  # tokens seen, which may exceed the capacity
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store new keys and values (B, nh, T, hs); return all those cached."""
-        B, nh, T, hs = k.shape
-        if self.keys is None:
-            self.keys = k.new_empty(B, nh, self.capacity, hs)
-            self.values = v.new_empty(B, nh, self.capacity, hs)
-        if self.length + T <= self.capacity:
-            self.keys[:, :, self.length : self.length + T] = k
-            self.values[:, :, self.length : self.length + T] = v
-            self.length += T
-            return self.keys[:, :, : self.length], self.values[:, :, : self.length]
-        if T != 1:
-            raise ValueError("a full KV cache takes one token at a time")
-        slot = self.length % self.capacity  # the oldest token's place
-        self.keys[:, :, slot : slot + 1] = k
-        self.values[:, :, slot : slot + 1] = v
-        self.length += 1
-        return self.keys, self.values
-
-
-class KVCache:
-    """A :class:`LayerCache` per block, each of ``block_size`` tokens."""
-
-    def __init__(self, config: GPTConfig) -> None:
-        self.layers = [LayerCache(config.block_size) for _ in range(config.n_layer)]
-
-    @property
-    def length(self) -> int:
-        """Tokens seen so far (with RoPE this goes on past ``block_size``)."""
-        return self.layers[0].length
 
 
 class GPT(nn.Module):
@@ -466,7 +364,7 @@ class GPT(nn.Module):
         cache = KVCache(self.config) if use_cache else None
         logits, _ = self(idx, cache=cache)
         for step in range(max_new_tokens):
-            idx_next = self._pick(
+            idx_next = pick_next_token(
                 logits[:, -1, :], temperature, top_k, top_p, generator, vocab_limit
             )
             yield idx_next
@@ -501,34 +399,6 @@ class GPT(nn.Module):
             return self(idx[:, -1:], cache=cache)[0], cache
         cache = KVCache(self.config)
         return self(idx[:, -(block_size // 2) :], cache=cache)[0], cache
-
-    @staticmethod
-    def _pick(
-        logits: torch.Tensor,
-        temperature: float,
-        top_k: int | None,
-        top_p: float | None,
-        generator: torch.Generator | None,
-        vocab_limit: int | None,
-    ) -> torch.Tensor:
-        """Choose the next token (B, 1) from the last position's logits (B, V)."""
-        logits = logits.float()
-        if vocab_limit is not None:
-            logits[:, vocab_limit:] = -float("inf")
-        if temperature == 0:
-            return torch.argmax(logits, dim=-1, keepdim=True)
-        logits = logits / temperature
-        if top_k is not None:
-            v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-            logits[logits < v[:, [-1]]] = -float("inf")
-        probs = F.softmax(logits, dim=-1)
-        if top_p is not None and top_p < 1.0:
-            # Keep the smallest set of likeliest tokens whose probability reaches top_p.
-            sorted_probs, order = torch.sort(probs, descending=True)
-            outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p
-            sorted_probs[outside] = 0.0
-            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-        return torch.multinomial(probs, num_samples=1, generator=generator)
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **options: Any) -> torch.Tensor:
         """The context ``idx`` (B, T) followed by ``max_new_tokens`` new tokens.

@@ -185,7 +185,8 @@ def generate_batch(loaded: LoadedModel, jobs: list[Job]) -> None:
     """
     import torch
 
-    from nanogpt_core.model import GPT, KVCache
+    from nanogpt_core.kv_cache import KVCache
+    from nanogpt_core.next_token import pick_next_token
 
     model, rows = loaded.model, make_rows(loaded, jobs)
     config, limit = model.config, loaded.tokenizer.vocab_size
@@ -202,7 +203,7 @@ def generate_batch(loaded: LoadedModel, jobs: list[Job]) -> None:
                     chosen.append(filler)
                     continue
                 s = row.job.sampling
-                token = GPT._pick(
+                token = pick_next_token(
                     logits[b : b + 1, -1, :], s.temperature, s.top_k, s.top_p, row.generator, limit
                 )
                 chosen.append(int(token))

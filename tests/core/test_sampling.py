@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from nanogpt_core.cli import make_cli
 from nanogpt_core.model import GPT, GPTConfig
+from nanogpt_core.next_token import pick_next_token
 from nanogpt_core.plugins import load_plugins
 from nanogpt_core.sampling import load_model
 
@@ -58,7 +59,7 @@ def test_generation_past_the_block_size_keeps_going():
 def test_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     picks = {
-        int(GPT._pick(logits.clone(), 1.0, None, 0.7, torch.Generator().manual_seed(s), None))
+        int(pick_next_token(logits.clone(), 1.0, None, 0.7, torch.Generator().manual_seed(s), None))
         for s in range(200)
     }
     assert picks == {0, 1}
