@@ -29,8 +29,9 @@ from typing import Any
 import attrs
 
 from nanogpt_core.callbacks import RunPaths
-from nanogpt_core.config import ExperimentConfig, load_experiment, read_toml
 from nanogpt_core.errors import ConfigError, NanoGPTError
+from nanogpt_core.experiment_config import ExperimentConfig
+from nanogpt_core.experiment_file import load_experiment, read_toml
 from nanogpt_core.run import finished_summary, read_done
 
 LIST_FILE = "experiment_list.conf"

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 if TYPE_CHECKING:
-    from nanogpt_core.config import ExperimentConfig
+    from nanogpt_core.experiment_config import ExperimentConfig
 
 CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\.pth$")
 LAST_CHECKPOINT = "last.pth"

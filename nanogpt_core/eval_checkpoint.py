@@ -23,7 +23,7 @@ from nanogpt_core.eval_suite import EvalSuite, TaskReport, eval_metrics
 from nanogpt_core.evaluation import Evaluator
 
 if TYPE_CHECKING:
-    from nanogpt_core.config import ExperimentConfig
+    from nanogpt_core.experiment_config import ExperimentConfig
     from nanogpt_core.plugins import Plugins
 
 
@@ -79,7 +79,7 @@ def evaluate_checkpoint(
     options: Mapping[str, Any] | None = None,
 ) -> CheckpointEval:
     """Load the checkpoint, prepare the experiment's data if given, and run the tasks."""
-    from nanogpt_core.config import TrainConfig
+    from nanogpt_core.experiment_config import TrainConfig
     from nanogpt_core.run import make_accelerator
     from nanogpt_core.sampling import load_model, pick_device
 
@@ -178,9 +178,9 @@ def task_options(
     ``--option TASK.KEY=VALUE`` sets any option (the value a TOML literal).
     The result is still to be checked against each task's options class.
     """
-    from nanogpt_core.config import parse_value
     from nanogpt_core.eval_suite import check_task_names
     from nanogpt_core.options import path_fields, unstructure
+    from nanogpt_core.overrides import parse_value
 
     check_task_names(tasks, plugins, "--task")
     registry = plugins.eval_tasks()

@@ -29,7 +29,7 @@ from nanogpt_core.options import OptionProblems, structure
 if TYPE_CHECKING:
     import torch
 
-    from nanogpt_core.config import TrainConfig
+    from nanogpt_core.experiment_config import TrainConfig
     from nanogpt_core.plugins import Plugins, Registration
 
 

@@ -18,8 +18,8 @@ from typing import Any
 import attrs
 
 from nanogpt_core.callbacks import RunPaths
-from nanogpt_core.config import ExperimentConfig, ModelConfig, TrainConfig
 from nanogpt_core.errors import ConfigError, NanoGPTError
+from nanogpt_core.experiment_config import ExperimentConfig, ModelConfig, TrainConfig
 from nanogpt_core.files import atomic_write_text, remove_stale_temporaries
 from nanogpt_core.main_process import on_main_process
 from nanogpt_core.plugins import Plugins, check_callback

@@ -91,7 +91,7 @@ def tiny_char_experiment(shared_data: Path, tmp_path: Path) -> Callable[..., Pat
 
 
 def _train_tiny(experiment_text: str, folder: Path, data_dir: Path) -> Path:
-    from nanogpt_core.config import load_experiment
+    from nanogpt_core.experiment_file import load_experiment
     from nanogpt_core.run import run_experiment
 
     path = folder / "exp.toml"
@@ -188,8 +188,13 @@ def tiny_trainer():
     import numpy as np
 
     from nanogpt_core.callbacks import RunPaths
-    from nanogpt_core.config import ExperimentConfig, ModelConfig, PluginSpec, TrainConfig
     from nanogpt_core.datasets import PreparedData
+    from nanogpt_core.experiment_config import (
+        ExperimentConfig,
+        ModelConfig,
+        PluginSpec,
+        TrainConfig,
+    )
     from nanogpt_core.run import make_accelerator
     from nanogpt_core.trainer import Trainer
 

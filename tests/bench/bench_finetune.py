@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from benchtable import print_table
 
-from nanogpt_core.config import load_experiment
+from nanogpt_core.experiment_file import load_experiment
 from nanogpt_core.plugins import load_plugins
 from nanogpt_core.run import run_experiment
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from benchtable import print_table
 
-from nanogpt_core.config import load_experiment
 from nanogpt_core.datasets import prepare_dataset
+from nanogpt_core.experiment_file import load_experiment
 from nanogpt_core.plugins import load_plugins
 from nanogpt_core.tokenizers import gpt2_encoding
 from nanogpt_plugins.datasets.shakespeare import complete_plays
@@ -32,7 +32,7 @@ ROWS: list[tuple[str, str, str, str, str]] = []
 
 MEASURE_PEAK = """
 import resource, sys
-from nanogpt_core.config import load_experiment
+from nanogpt_core.experiment_file import load_experiment
 from nanogpt_core.datasets import prepare_dataset
 from nanogpt_core.plugins import load_plugins
 plugins = load_plugins()

@@ -16,7 +16,7 @@ import subprocess
 import torch
 from accelerate.utils import gather_object
 
-from nanogpt_core.config import TrainConfig
+from nanogpt_core.experiment_config import TrainConfig
 from nanogpt_core.run import make_accelerator
 
 

@@ -12,8 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from nanogpt_core.config import load_experiment
 from nanogpt_core.example_batches import ExampleBatches
+from nanogpt_core.experiment_file import load_experiment
 from nanogpt_core.plugins import load_plugins
 from nanogpt_core.run import run_experiment
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from accelerate import PartialState
 
 from nanogpt_core import DataError, NanoGPTError
-from nanogpt_core.config import TrainConfig
+from nanogpt_core.experiment_config import TrainConfig
 from nanogpt_core.main_process import on_main_process
 from nanogpt_core.run import make_accelerator
 

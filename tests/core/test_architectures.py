@@ -20,8 +20,8 @@ from click.testing import CliRunner
 
 from nanogpt_core.checkpoints import load_checkpoint, save_checkpoint
 from nanogpt_core.cli import make_cli
-from nanogpt_core.config import load_experiment
 from nanogpt_core.errors import NanoGPTError
+from nanogpt_core.experiment_file import load_experiment
 from nanogpt_core.model import GPT, GPTConfig, KVCache, mlp_hidden_size
 from nanogpt_core.plugins import load_plugins
 from nanogpt_core.resume import mismatches

@@ -14,7 +14,7 @@ from conftest import SHARED_DATA, TINY_CHAR_EXPERIMENT
 
 from nanogpt_core import Callback, hookimpl
 from nanogpt_core.compare import plot_runs, read_runs
-from nanogpt_core.config import load_experiment
+from nanogpt_core.experiment_file import load_experiment
 from nanogpt_core.metrics import read_metrics
 from nanogpt_core.plugins import load_plugins
 from nanogpt_core.run import run_experiment

@@ -8,9 +8,11 @@ import attrs
 import pytest
 
 from nanogpt_core import hookimpl, option
-from nanogpt_core.config import MAX_NAME_LENGTH, load_experiment, parse_value
 from nanogpt_core.errors import ConfigError
+from nanogpt_core.experiment_config import MAX_NAME_LENGTH
+from nanogpt_core.experiment_file import load_experiment
 from nanogpt_core.options import OptionValueError, path_fields, positive
+from nanogpt_core.overrides import parse_value
 from nanogpt_core.plugins import load_plugins
 from nanogpt_plugins.optimizers import adamw
 from nanogpt_plugins.schedules import standard

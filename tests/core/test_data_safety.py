@@ -15,9 +15,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from nanogpt_core.config import load_experiment
 from nanogpt_core.datasets import open_prepared, prepare_dataset
 from nanogpt_core.errors import DataError
+from nanogpt_core.experiment_file import load_experiment
 from nanogpt_core.plugins import load_plugins
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nanogpt_core.config import load_experiment
 from nanogpt_core.datasets import open_prepared, prepare_dataset, token_dtype
 from nanogpt_core.errors import DataError
+from nanogpt_core.experiment_file import load_experiment
 from nanogpt_core.plugins import load_plugins
 from nanogpt_core.tokenizers import UnknownCharacterError, gpt2_encoding
 from nanogpt_plugins.tokenizers.char import CharTokenizer

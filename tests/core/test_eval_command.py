@@ -159,8 +159,8 @@ def test_hellaswag_offline_points_at_data(char_run, monkeypatch, tmp_path):
 
 
 def test_experiment_eval_tables_are_checked_and_paths_resolved(write_toml, installed_plugins):
-    from nanogpt_core.config import load_experiment
     from nanogpt_core.errors import ConfigError
+    from nanogpt_core.experiment_file import load_experiment
 
     base = '[dataset]\nplugin = "shakespeare"\n'
     good = write_toml("sub/good.toml", base + '[eval.hellaswag]\ndata = "hs.jsonl"\n')

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from nanogpt_core import DataError, hookimpl, option
-from nanogpt_core.config import load_experiment
 from nanogpt_core.datasets import open_prepared, prepare_dataset
 from nanogpt_core.examples import fit
+from nanogpt_core.experiment_file import load_experiment
 from nanogpt_core.plugins import load_plugins
 
 RECORDS = [

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nanogpt_core.config import load_experiment
+from nanogpt_core.experiment_file import load_experiment
 from nanogpt_core.plugins import load_plugins
 from nanogpt_core.run import run_experiment
 

@@ -241,8 +241,8 @@ def test_compile_compiles_a_few_graphs_for_batches_of_many_widths(
     import torch
     from torch._dynamo.utils import counters
 
-    from nanogpt_core.config import load_experiment
     from nanogpt_core.example_batches import ExampleBatches
+    from nanogpt_core.experiment_file import load_experiment
     from nanogpt_core.run import run_experiment
 
     shapes: list[tuple[int, int]] = []

@@ -10,8 +10,8 @@ import pytest
 
 from nanogpt_core import Callback, RunPaths, TrainerState, hookimpl
 from nanogpt_core.checkpoints import load_checkpoint
-from nanogpt_core.config import load_experiment
 from nanogpt_core.errors import PluginFault
+from nanogpt_core.experiment_file import load_experiment
 from nanogpt_core.metrics import read_metrics
 from nanogpt_core.plugins import load_plugins
 from nanogpt_core.run import run_experiment

@@ -7,8 +7,8 @@ import itertools
 import pytest
 import torch
 
-from nanogpt_core.config import ExperimentConfig, PluginSpec, TrainConfig
 from nanogpt_core.errors import ConfigError
+from nanogpt_core.experiment_config import ExperimentConfig, PluginSpec, TrainConfig
 from nanogpt_core.memory import parameter_count
 from nanogpt_core.model import GPT, GPTConfig
 from nanogpt_core.run import check_memory

@@ -17,8 +17,8 @@ import torch
 from nanogpt_core import Callback, hookimpl, option, positive
 from nanogpt_core.checkpoints import load_checkpoint
 from nanogpt_core.cli import plugin_listing
-from nanogpt_core.config import load_experiment
 from nanogpt_core.errors import NanoGPTError, PluginFault
+from nanogpt_core.experiment_file import load_experiment
 from nanogpt_core.metrics import read_metrics
 from nanogpt_core.plugins import load_plugins
 from nanogpt_core.run import config_differences, run_experiment
@@ -249,7 +249,7 @@ class NaNSchedule(NotAnOptimizer):
 
 
 def test_what_a_plugin_returns_is_checked_in_one_line():
-    from nanogpt_core.config import TrainConfig
+    from nanogpt_core.experiment_config import TrainConfig
     from nanogpt_core.model import GPT, GPTConfig
     from nanogpt_core.optimization import LearningRates, make_optimizer, make_schedule
 

@@ -240,7 +240,7 @@ def test_every_state_field_run_path_and_callback_hook_is_documented():
 
 
 def test_every_core_option_is_in_the_docs_tables():
-    from nanogpt_core.config import ModelConfig, TrainConfig
+    from nanogpt_core.experiment_config import ModelConfig, TrainConfig
     from nanogpt_core.options import internal_fields
 
     page = (REPO / "docs" / "experiments.md").read_text()

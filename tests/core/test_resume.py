@@ -16,7 +16,7 @@ import torch
 
 from nanogpt_core import Callback, TrainerState, hookimpl
 from nanogpt_core.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
-from nanogpt_core.config import load_experiment
+from nanogpt_core.experiment_file import load_experiment
 from nanogpt_core.plugins import load_plugins
 from nanogpt_core.run import run_experiment
 

@@ -139,7 +139,7 @@ def test_a_model_too_big_for_memory_is_refused_with_the_estimate(
 
 
 def test_a_config_json_from_before_an_option_existed_still_matches(write_toml, installed_plugins):
-    from nanogpt_core.config import load_experiment
+    from nanogpt_core.experiment_file import load_experiment
     from nanogpt_core.run import config_differences
 
     path = write_toml("x.toml", '[dataset]\nplugin = "shakespeare"\n')

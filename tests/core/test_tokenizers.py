@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from nanogpt_core import NanoGPTError, Tokenizer, hookimpl
-from nanogpt_core.config import load_experiment
 from nanogpt_core.datasets import prepare_dataset
 from nanogpt_core.errors import DataError
+from nanogpt_core.experiment_file import load_experiment
 from nanogpt_core.plugins import load_plugins
 from nanogpt_core.tokenizers import tokenizer_from_description
 

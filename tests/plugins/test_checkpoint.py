@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from nanogpt_core.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
-from nanogpt_core.config import load_experiment
 from nanogpt_core.errors import NanoGPTError
+from nanogpt_core.experiment_file import load_experiment
 from nanogpt_core.plugins import load_plugins
 from nanogpt_core.run import run_experiment
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from nanogpt_core.config import load_experiment
 from nanogpt_core.errors import NanoGPTError
+from nanogpt_core.experiment_file import load_experiment
 from nanogpt_core.plugins import load_plugins
 from nanogpt_core.run import run_experiment
 

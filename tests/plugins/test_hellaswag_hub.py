@@ -143,7 +143,7 @@ def test_a_damaged_cache_names_the_file_and_the_fix(hub, shared_data):
 
 @pytest.mark.slow
 def test_the_eval_callback_reads_the_hub_once_per_run(hub, shared_data, session_data_dir, tmp_path):
-    from nanogpt_core.config import load_experiment
+    from nanogpt_core.experiment_file import load_experiment
     from nanogpt_core.metrics import read_metrics
     from nanogpt_core.plugins import load_plugins
     from nanogpt_core.run import run_experiment

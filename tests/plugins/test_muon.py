@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from nanogpt_core.config import TrainConfig
+from nanogpt_core.experiment_config import TrainConfig
 from nanogpt_core.model import GPT, GPTConfig
 from nanogpt_plugins.optimizers.muon import Muon, MuonOptions
 

@@ -7,10 +7,10 @@ import re
 
 import pytest
 
-from nanogpt_core.config import load_experiment
 from nanogpt_core.datasets import prepare_dataset
 from nanogpt_core.documents import read_texts
 from nanogpt_core.errors import DataError
+from nanogpt_core.experiment_file import load_experiment
 from nanogpt_core.plugins import load_plugins
 from nanogpt_plugins.datasets import tinystories
 from nanogpt_plugins.datasets.tinystories import TinyStoriesOptions, TinyStoriesSource, held_out

@@ -13,8 +13,8 @@ import pytest
 
 from nanogpt_core import metric_scalars
 from nanogpt_core.checkpoints import load_checkpoint
-from nanogpt_core.config import load_experiment
 from nanogpt_core.errors import ConfigError
+from nanogpt_core.experiment_file import load_experiment
 from nanogpt_core.metrics import read_metrics
 
 pytest.importorskip("wandb")
