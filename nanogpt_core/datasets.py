@@ -55,7 +55,7 @@ from nanogpt_core.options import OptionProblems, path_fields, structure, suggest
 from nanogpt_core.tokenizers import Tokenizer, encode_documents, learn_if_needed
 
 if TYPE_CHECKING:
-    from nanogpt_core.config import ExperimentConfig
+    from nanogpt_core.experiment_config import ExperimentConfig
     from nanogpt_core.plugins import Plugins, Registration
 
 SPLITS = ("train", "val")

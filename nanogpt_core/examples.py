@@ -54,7 +54,7 @@ from nanogpt_core.options import unstructure
 from nanogpt_core.tokenizers import learn_if_needed
 
 if TYPE_CHECKING:
-    from nanogpt_core.config import ExperimentConfig
+    from nanogpt_core.experiment_config import ExperimentConfig
     from nanogpt_core.plugins import Plugins
     from nanogpt_core.templates import Template
 

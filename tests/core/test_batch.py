@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nanogpt_core.batch import experiments_in
+from nanogpt_core.cli.batch_runs import experiments_in
 from nanogpt_core.errors import NanoGPTError
 
 TINY = """

@@ -16,7 +16,7 @@ import torch
 
 from nanogpt_core import Callback, hookimpl, option, positive
 from nanogpt_core.checkpoints import load_checkpoint
-from nanogpt_core.cli import plugin_listing
+from nanogpt_core.cli.plugins_command import plugin_listing
 from nanogpt_core.errors import NanoGPTError, PluginFault
 from nanogpt_core.experiment_file import load_experiment
 from nanogpt_core.metrics import read_metrics
