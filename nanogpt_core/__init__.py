@@ -10,7 +10,7 @@ may change. Importing this package never imports torch.
 """
 
 from nanogpt_core.callbacks import Callback, RunPaths, TrainerState
-from nanogpt_core.datasets import DatasetSource, PreparedData
+from nanogpt_core.data_plugins import DatasetSource
 from nanogpt_core.documents import expand_files, hub_rows, read_rows, read_texts
 from nanogpt_core.errors import ConfigError, DataError, NanoGPTError, PluginError, PluginFault
 from nanogpt_core.eval_suite import EvalSuite, TaskReport, eval_metrics
@@ -26,6 +26,7 @@ from nanogpt_core.options import (
     option,
     positive,
 )
+from nanogpt_core.prepared_data import PreparedData
 from nanogpt_core.templates import Template, template_from_description
 from nanogpt_core.tokenizers import (
     GPT2_EOT,

@@ -148,8 +148,11 @@ class EvalSuite:
 
     @staticmethod
     def check_names(names: Sequence[str], where: str, plugins: Plugins | None = None) -> None:
-        """Refuse names no installed plugin registered, one line each naming ``where``."""
-        check_task_names(names, _plugins(plugins), where)
+        """Refuse names no installed plugin registered, one line each naming ``where``.
+
+        :param plugins: where the names are looked up; the installed plugins when None.
+        """
+        check_task_names(names, _or_installed(plugins), where)
 
     @classmethod
     def build(
@@ -162,14 +165,21 @@ class EvalSuite:
 
         :param plugins: where the names are looked up; the installed plugins when None.
         """
-        return cls(tuple(make_tasks(names, _plugins(plugins), options)))
+        return cls(tuple(make_tasks(names, _or_installed(plugins), options)))
 
     def run(self, evaluator: Evaluator) -> list[TaskReport]:
         """Evaluate every task (every process must call it); one report each."""
         return run_tasks(self.tasks, evaluator)
 
 
-def _plugins(plugins: Plugins | None) -> Plugins:
+def _or_installed(plugins: Plugins | None) -> Plugins:
+    """``plugins``, or the installed plugins when None.
+
+    Only :class:`EvalSuite`'s public methods accept None: the built-in ``eval``
+    callback is a plugin and has no plugin manager to pass. The core's own
+    callers (``gpt eval``, config checks) pass theirs to :func:`make_tasks` and
+    :func:`check_task_names`, which take no None.
+    """
     from nanogpt_core.plugins import load_plugins
 
     return plugins if plugins is not None else load_plugins()

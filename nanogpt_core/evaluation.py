@@ -31,8 +31,8 @@ from nanogpt_core.errors import NanoGPTError
 if TYPE_CHECKING:
     import torch
 
-    from nanogpt_core.datasets import PreparedData
     from nanogpt_core.experiment_config import ExperimentConfig
+    from nanogpt_core.prepared_data import PreparedData
     from nanogpt_core.tokenizers import Tokenizer
 
 # Evaluation draws fixed batches that never touch the training stream: the

@@ -22,7 +22,7 @@ def register_datasets(register: Any) -> None:
     :param register: call ``register(name, factory, options=OptionsClass)`` once per
         dataset. ``options`` is a frozen attrs class whose fields are the keys the
         experiment's ``[dataset]`` table may set; ``factory(options)`` returns a
-        :class:`nanogpt_core.datasets.DatasetSource`.
+        :class:`nanogpt_core.DatasetSource`.
     """
 
 

@@ -30,7 +30,6 @@ from nanogpt_core.callbacks import LAST_CHECKPOINT, Callback, Requests, RunPaths
 from nanogpt_core.checkpoints import FORMAT as CHECKPOINT_FORMAT
 from nanogpt_core.checkpoints import LATER_MODEL_ARGS, load_checkpoint, save_checkpoint
 from nanogpt_core.config import ExperimentConfig, TrainConfig
-from nanogpt_core.datasets import PreparedData
 from nanogpt_core.errors import NanoGPTError, PluginFault, TrainingError
 from nanogpt_core.evaluation import EVAL_SEED_OFFSET, fixed_loss_batches
 from nanogpt_core.example_batches import ExampleBatches
@@ -40,6 +39,7 @@ from nanogpt_core.model import GPT, GPTConfig
 from nanogpt_core.optimization import LearningRates, make_optimizer, make_schedule
 from nanogpt_core.options import show
 from nanogpt_core.plugins import Plugins, load_plugins
+from nanogpt_core.prepared_data import PreparedData
 from nanogpt_core.resume import callback_states, check_belongs, tokenizer_difference
 from nanogpt_core.sampler import BatchSource, MemmapSampler
 

@@ -42,9 +42,9 @@ from benchtable import print_table
 from tqdm import tqdm
 
 from nanogpt_core.callbacks import RunPaths
-from nanogpt_core.datasets import PreparedData
 from nanogpt_core.experiment_config import ExperimentConfig, ModelConfig, PluginSpec, TrainConfig
 from nanogpt_core.gpus import auto_precision, capability
+from nanogpt_core.prepared_data import PreparedData
 from nanogpt_core.run import make_accelerator
 from nanogpt_core.trainer import StopRequest, Trainer
 

@@ -24,8 +24,8 @@ import torch
 from benchtable import print_table
 
 from nanogpt_core.callbacks import RunPaths
-from nanogpt_core.datasets import PreparedData
 from nanogpt_core.experiment_config import ExperimentConfig, ModelConfig, PluginSpec, TrainConfig
+from nanogpt_core.prepared_data import PreparedData
 from nanogpt_core.run import make_accelerator
 from nanogpt_core.sampler import MemmapSampler
 from nanogpt_core.trainer import Trainer

@@ -15,10 +15,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from nanogpt_core.datasets import open_prepared, prepare_dataset
+from nanogpt_core.datasets import prepare_dataset
 from nanogpt_core.errors import DataError
 from nanogpt_core.experiment_file import load_experiment
 from nanogpt_core.plugins import load_plugins
+from nanogpt_core.prepared_data import open_prepared
 
 
 def gpt(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nanogpt_core.datasets import open_prepared, prepare_dataset, token_dtype
+from nanogpt_core.datasets import prepare_dataset
 from nanogpt_core.errors import DataError
 from nanogpt_core.experiment_file import load_experiment
 from nanogpt_core.plugins import load_plugins
+from nanogpt_core.prepared_data import open_prepared, token_dtype
 from nanogpt_core.tokenizers import UnknownCharacterError, gpt2_encoding
 from nanogpt_plugins.tokenizers.char import CharTokenizer
 from nanogpt_plugins.tokenizers.gpt2 import GPT2Tokenizer

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from nanogpt_core import DataError, hookimpl, option
-from nanogpt_core.datasets import open_prepared, prepare_dataset
-from nanogpt_core.examples import fit
+from nanogpt_core.datasets import prepare_dataset
+from nanogpt_core.example_preparation import fit
 from nanogpt_core.experiment_file import load_experiment
 from nanogpt_core.plugins import load_plugins
+from nanogpt_core.prepared_data import open_prepared
 
 RECORDS = [
     {"instruction": f"Count to {n}.", "input": "slowly" if n % 2 else "", "output": f"{n} done."}

@@ -23,14 +23,15 @@ token is dropped. Prepared in ``<data_dir>/<plugin>/<variant>/``:
   ``response_tokens`` (response plus end-of-text: the tokens a loss is taken
   on), ``truncated`` and ``dropped`` besides the usual counts.
 
-Locking, the fingerprint and atomic publishing are those of :mod:`nanogpt_core.datasets`.
+The template is chosen and made by :mod:`nanogpt_core.data_plugins`; the files
+are checked and published by :mod:`nanogpt_core.prepared_data`; the folder is
+locked and fingerprinted by :func:`nanogpt_core.datasets.prepare_dataset`, as
+for documents.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import shutil
 import sys
@@ -41,74 +42,43 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import attrs
 import numpy as np
 
-from nanogpt_core import datasets
-from nanogpt_core.errors import DataError, PluginError, PluginFault
-from nanogpt_core.files import (
-    atomic_write_text,
-    fsync_dir,
-    remove_stale_temporaries,
-    storage_errors,
+from nanogpt_core.data_plugins import (
+    TemplateChoice,
+    TokenizerChoice,
+    check_tokenizer,
+    make_template,
+    make_tokenizer,
+    plugin_call,
+    plugin_who,
+    tagged_folder,
+    template_choice,
 )
+from nanogpt_core.errors import DataError, PluginFault
+from nanogpt_core.files import remove_stale_temporaries, storage_errors
 from nanogpt_core.files import temporary_path as temp
 from nanogpt_core.options import unstructure
+from nanogpt_core.prepared_data import (
+    FORMAT_VERSION,
+    ROW_DTYPE,
+    SPLIT_COUNTS,
+    SPLITS,
+    PreparedData,
+    discard,
+    examples_name,
+    publish,
+    token_dtype,
+)
 from nanogpt_core.tokenizers import learn_if_needed
 
 if TYPE_CHECKING:
     from nanogpt_core.experiment_config import ExperimentConfig
     from nanogpt_core.plugins import Plugins
-    from nanogpt_core.templates import Template
 
 FIELDS = ("instruction", "input", "output")
-COLUMNS = ("start", "length", "response_start")
-SPLIT_COUNTS = ("examples", "response_tokens", "truncated", "dropped")
-ROW_DTYPE = np.dtype("<i8")
-
-
-def examples_name(split: str) -> str:
-    """``train.examples.npy`` or ``val.examples.npy``."""
-    return f"{split}.examples.npy"
-
-
-def is_example_source(source: Any) -> bool:
-    """Whether a dataset source yields examples (it names a template) rather than documents."""
-    return hasattr(source, "template")
-
-
-def check_example_source(source: Any) -> list[str]:
-    """What an example source lacks: a ``template`` name and an ``examples`` method."""
-    missing = []
-    if not isinstance(getattr(source, "template", None), str):
-        missing.append("template (a string)")
-    if not any(callable(getattr(source, m, None)) for m in ("examples", "split_examples")):
-        missing.append("examples (a method)")
-    return missing
-
-
-# The template.
-
-
-TemplateChoice = datasets.PluginChoice
-
-
-def template_choice(config: ExperimentConfig, source: Any, plugins: Plugins) -> TemplateChoice:
-    """The experiment's ``[template]`` table, else the source's template with default options."""
-    return datasets.plugin_choice("template", config, source, plugins)
-
-
-def make_template(choice: TemplateChoice) -> tuple[Template, dict[str, Any]]:
-    """A template from its registration and options, and its checked description."""
-    who = datasets._who("template", choice.name, choice.registration.plugin)
-    with datasets.plugin_call(who, "its factory"):
-        template = choice.registration.factory(choice.options)
-    with datasets.plugin_call(who, "description"):
-        description = template.description()
-    if not isinstance(description, dict) or description.get("kind") != choice.name:
-        kind = description.get("kind") if isinstance(description, dict) else description
-        raise PluginError(
-            f"{who}: description() must return a dict whose 'kind' is {choice.name!r} "
-            f"(the registered name), got {kind!r}"
-        )
-    return template, description
+# The files an example preparation publishes (meta.json aside), and the
+# temporaries its writers use besides them.
+EXAMPLE_FILES = (*(f"{s}.bin" for s in SPLITS), *(examples_name(s) for s in SPLITS))
+ROWS_FILES = tuple(f"{split}.examples.rows" for split in SPLITS)
 
 
 @attrs.frozen
@@ -126,25 +96,11 @@ class ExamplePlan:
 
         As with a ``[tokenizer]`` table, the tag keeps the default preparation intact.
         """
-        options = unstructure(self.choice.options)
-        default = _defaults(self.choice.registration.options)
-        if not self.choice.from_table or (
-            self.choice.name == self.default_name and options == default
-        ):
-            return folder
-        digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:8]
-        return folder.with_name(f"{folder.name}.{self.choice.name}-{digest}")
+        return tagged_folder(folder, self.choice, self.default_name)
 
     def fingerprint_extra(self) -> dict[str, Any]:
         """What the fingerprint covers beyond a token dataset's."""
         return {"template": self.description, "block_size": self.block_size}
-
-
-def _defaults(options_class: type) -> Any:
-    try:
-        return unstructure(options_class())
-    except Exception:  # required options: nothing to compare with
-        return None
 
 
 def plan_examples(config: ExperimentConfig, plugins: Plugins, source: Any) -> ExamplePlan:
@@ -160,17 +116,17 @@ def plan_examples(config: ExperimentConfig, plugins: Plugins, source: Any) -> Ex
 def example_stream(source: Any, downloads: Path, who: str) -> Iterator[tuple[str, dict[str, str]]]:
     """``(split, record)`` pairs, checked: one pass when the source offers it, else train then val."""
     one_pass = getattr(source, "split_examples", None)
-    numbers = dict.fromkeys(datasets.SPLITS, 0)
+    numbers = dict.fromkeys(SPLITS, 0)
     if one_pass is not None:
         pairs: Any = _guarded(lambda: one_pass(downloads), who, "split_examples")
     else:
         pairs = (
             (split, record)
-            for split in datasets.SPLITS
+            for split in SPLITS
             for record in _guarded(lambda s=split: source.examples(s, downloads), who, "examples")
         )
     for pair in pairs:
-        if not (isinstance(pair, tuple) and len(pair) == 2 and pair[0] in datasets.SPLITS):
+        if not (isinstance(pair, tuple) and len(pair) == 2 and pair[0] in SPLITS):
             raise PluginFault(
                 f"{who} yielded {pair!r:.60}; split_examples must yield (split, record) with "
                 'split "train" or "val"'
@@ -181,7 +137,7 @@ def example_stream(source: Any, downloads: Path, who: str) -> Iterator[tuple[str
 
 def _guarded(make: Any, who: str, method: str) -> Iterator[Any]:
     """Iterate what a source method returns, reporting its exceptions as one line."""
-    with datasets.plugin_call(who, method):
+    with plugin_call(who, method):
         yield from make()
 
 
@@ -263,19 +219,9 @@ class ExampleWriter:
         self.rows_path.unlink()
 
 
-def _temporary_names() -> list[str]:
-    names = [f"{split}.bin" for split in datasets.SPLITS]
-    names += [examples_name(split) for split in datasets.SPLITS]
-    return names + [f"{split}.examples.rows" for split in datasets.SPLITS]
-
-
-def _published_names() -> list[str]:
-    return [f"{s}.bin" for s in datasets.SPLITS] + [examples_name(s) for s in datasets.SPLITS]
-
-
 def _new_counts() -> dict[str, dict[str, int]]:
     keys = ("documents", "characters", "tokens", *SPLIT_COUNTS)
-    return {split: dict.fromkeys(keys, 0) for split in datasets.SPLITS}
+    return {split: dict.fromkeys(keys, 0) for split in SPLITS}
 
 
 def write_examples(
@@ -287,21 +233,21 @@ def write_examples(
     fingerprint_: str,
     options: dict[str, Any],
     downloads: Path,
-    tokenizer: datasets.TokenizerChoice,
+    tokenizer: TokenizerChoice,
     who: str | None = None,
     inputs: list[dict[str, Any]] | None = None,
-) -> datasets.PreparedData:
+) -> PreparedData:
     """Render, tokenize and cut ``source``'s examples into ``folder``, published atomically."""
-    who = who or datasets._who("dataset", plugin, plugin)
-    tokenizer_who = datasets._who("tokenizer", tokenizer.name, tokenizer.registration.plugin)
+    who = who or plugin_who("dataset", plugin, plugin)
+    tokenizer_who = plugin_who("tokenizer", tokenizer.name, tokenizer.registration.plugin)
     with storage_errors(folder):
         folder.mkdir(parents=True, exist_ok=True)
         downloads.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(folder)
-    encoder = datasets.make_tokenizer(tokenizer)
-    with datasets.plugin_call(tokenizer_who, "learn"):
+    encoder = make_tokenizer(tokenizer)
+    with plugin_call(tokenizer_who, "learn"):
         learn_if_needed(encoder, _texts(plan, example_stream(source, downloads, who)))
-    description = datasets._check_tokenizer(encoder, tokenizer)
+    description = check_tokenizer(encoder, tokenizer)
     eot = getattr(encoder, "eot_id", None)
     if eot is None:
         raise DataError(
@@ -309,19 +255,18 @@ def write_examples(
             'to end each response: use tokenizer = "gpt2", or a [tokenizer] whose eos_token is set'
         )
     counts = _new_counts()
-    dtype = np.dtype(datasets.token_dtype(encoder.vocab_size))
+    dtype = np.dtype(token_dtype(encoder.vocab_size))
     stream = example_stream(source, downloads, who)
     try:
         with storage_errors(folder):
             _write_splits(folder, stream, counts, plan, encoder, dtype, tokenizer_who)
         _check_not_empty(plugin, counts, plan.block_size)
     except BaseException:
-        _discard(folder)
+        discard(folder, EXAMPLE_FILES + ROWS_FILES)
         raise
     _report_cuts(who, counts, plan.block_size)
-    _publish(folder)
     meta = {
-        "format": datasets.FORMAT_VERSION,
+        "format": FORMAT_VERSION,
         "kind": "examples",
         "plugin": plugin,
         "variant": source.variant,
@@ -337,8 +282,7 @@ def write_examples(
         "dtype": dtype.name,
         "splits": counts,
     }
-    atomic_write_text(folder / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-    return datasets.PreparedData(folder, meta)
+    return publish(folder, EXAMPLE_FILES, meta)
 
 
 def _texts(plan: ExamplePlan, stream: Iterator[tuple[str, dict[str, str]]]) -> Iterator[str]:
@@ -361,14 +305,14 @@ def _write_splits(
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(contextlib.closing(stream))
-        # The bar before the files, as in datasets._write_splits.
+        # The bar before the files, as in token_preparation._write_splits.
         bar = stack.enter_context(
             tqdm(desc="preparing", unit=" examples", delay=2, leave=False, disable=None)
         )
-        writers = {s: ExampleWriter(folder, s, dtype, stack) for s in datasets.SPLITS}
+        writers = {s: ExampleWriter(folder, s, dtype, stack) for s in SPLITS}
         for split, record in stream:
             prompt = plan.template.prompt(record["instruction"], record["input"])
-            with datasets.plugin_call(tokenizer_who, "encode"):
+            with plugin_call(tokenizer_who, "encode"):
                 prompt_ids = list(encoder.encode(prompt))
                 response_ids = [*encoder.encode(record["output"]), encoder.eot_id]
             _check_ids(prompt_ids + response_ids, encoder.vocab_size, tokenizer_who)
@@ -406,7 +350,7 @@ def _check_ids(ids: list[int], vocab_size: int, who: str) -> None:
 
 
 def _check_not_empty(plugin: str, counts: dict[str, dict[str, int]], block_size: int) -> None:
-    for split in datasets.SPLITS:
+    for split in SPLITS:
         split_counts = counts[split]
         if split_counts["examples"]:
             continue
@@ -421,84 +365,15 @@ def _check_not_empty(plugin: str, counts: dict[str, dict[str, int]], block_size:
 
 def _report_cuts(who: str, counts: dict[str, dict[str, int]], block_size: int) -> None:
     """One line when examples were truncated or dropped to fit the block size."""
-    if not any(counts[s]["truncated"] or counts[s]["dropped"] for s in datasets.SPLITS):
+    if not any(counts[s]["truncated"] or counts[s]["dropped"] for s in SPLITS):
         return
     parts = "; ".join(
         f"{s} {counts[s]['truncated']:,} truncated, {counts[s]['dropped']:,} dropped"
-        for s in datasets.SPLITS
+        for s in SPLITS
     )
     print(
         f"{who}: cut to model.block_size = {block_size}: {parts} (prompts lose their first "
         "tokens; an example whose response does not fit is dropped)",
         file=sys.stderr,
         flush=True,
-    )
-
-
-def _discard(folder: Path) -> None:
-    for name in _temporary_names():
-        temp(folder / name).unlink(missing_ok=True)
-
-
-def _publish(folder: Path) -> None:
-    """Rename the finished temporaries into place; ``meta.json`` (written next) seals it."""
-    try:
-        with storage_errors(folder):
-            (folder / "meta.json").unlink(missing_ok=True)
-            for name in _published_names():
-                os.replace(temp(folder / name), folder / name)
-            fsync_dir(folder)
-    finally:
-        _discard(folder)
-
-
-# Checking a prepared folder.
-
-
-def check_examples_meta(data: datasets.PreparedData, problem: Any) -> None:
-    """The keys an examples ``meta.json`` adds, and the ``.npy`` files against its counts.
-
-    :param problem: ``problem(key, text)`` makes the :class:`DataError` to raise.
-    """
-    meta = data.meta
-    template = meta.get("template")
-    if not isinstance(template, dict) or not isinstance(template.get("kind"), str):
-        raise problem("template", "expected a template description with a 'kind'")
-    block_size = meta.get("block_size")
-    if type(block_size) is not int or block_size <= 0:
-        raise problem("block_size", f"expected a positive integer, got {block_size!r}")
-    for split in datasets.SPLITS:
-        counts = meta["splits"][split]
-        for key in SPLIT_COUNTS:
-            if not datasets._is_count(counts.get(key)):
-                raise problem(f"splits.{split}.{key}", "expected a count (an integer, 0 or more)")
-        _check_rows(data, split, problem)
-
-
-def _check_rows(data: datasets.PreparedData, split: str, problem: Any) -> None:
-    path = data.folder / examples_name(split)
-    key = f"splits.{split}.examples"
-    expected = data.meta["splits"][split]["examples"]
-    try:
-        rows = np.load(path, mmap_mode="r")
-    except FileNotFoundError:
-        raise problem(key, f"says {expected:,} examples but {path} is missing") from None
-    except ValueError as exc:
-        raise problem(key, f"{path} is not a readable .npy file ({exc})") from None
-    if rows.dtype != ROW_DTYPE or rows.shape != (expected, 3):
-        raise problem(
-            key,
-            f"expected {expected:,} int64 rows of 3 in {path}, got {rows.dtype} {rows.shape}",
-        )
-    if expected and not _rows_fit(rows, data.tokens(split)):
-        raise problem(key, f"{path} has rows outside {data.split_path(split).name}'s tokens")
-
-
-def _rows_fit(rows: np.ndarray, tokens: int) -> bool:
-    start, length, response = rows[:, 0], rows[:, 1], rows[:, 2]
-    return bool(
-        (start >= 0).all()
-        and (response >= 1).all()
-        and (response < length).all()
-        and (start + length <= tokens).all()
     )
