@@ -164,7 +164,9 @@ def check_record(record: Any, who: str, where: str) -> dict[str, str]:
 # Cutting to the block size.
 
 
-def fit(prompt: list[int], response: list[int], block_size: int) -> tuple[list[int], int] | None:
+def cut_to_block(
+    prompt: list[int], response: list[int], block_size: int
+) -> tuple[list[int], int] | None:
     """The example's ids and response start, cut to ``block_size + 1`` tokens; None to drop it.
 
     ``response`` already ends with the end-of-text id. A window of ``block_size``
@@ -331,7 +333,7 @@ def _add(
     block_size: int,
 ) -> None:
     counts["documents"] += 1
-    fitted = fit(prompt_ids, response_ids, block_size)
+    fitted = cut_to_block(prompt_ids, response_ids, block_size)
     if fitted is None:
         counts["dropped"] += 1
         return

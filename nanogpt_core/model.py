@@ -239,7 +239,7 @@ class GPT(nn.Module):
         return n
 
     @property
-    def reach(self) -> int:
+    def receptive_field(self) -> int:
         """How many tokens back the last position's output can depend on.
 
         Within ``block_size`` that is the context. With RoPE a longer sequence is
@@ -390,11 +390,11 @@ class GPT(nn.Module):
           slides one token at a time (the oldest key leaves as a new one comes)
           and every layer attends to the ``block_size`` latest tokens; without a
           cache the same sliding-window attention is recomputed over the last
-          :attr:`reach` tokens, all that the output depends on.
+          :attr:`receptive_field` tokens, all that the output depends on.
         """
         block_size = self.config.block_size
         if cache is None:
-            return self(idx[:, -self.reach :])[0], None
+            return self(idx[:, -self.receptive_field :])[0], None
         if self.config.position == "rope" or cache.length < block_size:
             return self(idx[:, -1:], cache=cache)[0], cache
         cache = KVCache(self.config)

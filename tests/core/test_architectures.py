@@ -171,7 +171,7 @@ def test_rope_cache_equals_recomputation_within_and_past_block_size(options):
         for t in range(3, 40):
             step, _ = model(tokens[:, t : t + 1], cache=cache)
             # Recomputed from scratch: sliding windows of block_size in every layer.
-            full, _ = model(tokens[:, max(0, t + 1 - model.reach) : t + 1])
+            full, _ = model(tokens[:, max(0, t + 1 - model.receptive_field) : t + 1])
             assert torch.allclose(step, full, atol=1e-5), t
         # Past block_size that is not nanoGPT's crop to the last block_size tokens,
         # which would give each token a shorter context in the deeper layers.
@@ -226,11 +226,11 @@ def test_qk_norm_keeps_keys_in_the_compute_dtype_under_autocast(cuda_autocast_rm
 
 def test_rope_output_reaches_back_exactly_reach_tokens():
     model = rope_model()
-    assert model.reach == 2 * 7 + 1
+    assert model.receptive_field == 2 * 7 + 1
     tokens = torch.randint(0, 64, (1, 30))
     with torch.no_grad():
         base, _ = model(tokens)
-        for back, changes in ((model.reach, True), (model.reach + 1, False)):
+        for back, changes in ((model.receptive_field, True), (model.receptive_field + 1, False)):
             edited = tokens.clone()
             edited[0, -back] = (edited[0, -back] + 1) % 64
             assert (not torch.allclose(model(edited)[0], base)) == changes, back

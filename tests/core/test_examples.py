@@ -10,7 +10,7 @@ import pytest
 
 from nanogpt_core import DataError, hookimpl, option
 from nanogpt_core.datasets import prepare_dataset
-from nanogpt_core.example_preparation import fit
+from nanogpt_core.example_preparation import cut_to_block
 from nanogpt_core.experiment_file import load_experiment
 from nanogpt_core.plugins import load_plugins
 from nanogpt_core.prepared_data import open_prepared
@@ -105,10 +105,10 @@ def texts(prepared, split):
 
 def test_fit_cuts_the_prompt_from_the_front_and_drops_what_cannot_fit():
     prompt, response = [1, 2, 3, 4], [7, 8, 0]
-    assert fit(prompt, response, 6) == ([1, 2, 3, 4, 7, 8, 0], 4)  # 7 = block_size + 1
-    assert fit(prompt, response, 5) == ([2, 3, 4, 7, 8, 0], 3)
-    assert fit(prompt, response, 3) == ([4, 7, 8, 0], 1)  # one prompt token is enough
-    assert fit(prompt, response, 2) is None  # the response alone fills the window
+    assert cut_to_block(prompt, response, 6) == ([1, 2, 3, 4, 7, 8, 0], 4)  # 7 = block_size + 1
+    assert cut_to_block(prompt, response, 5) == ([2, 3, 4, 7, 8, 0], 3)
+    assert cut_to_block(prompt, response, 3) == ([4, 7, 8, 0], 1)  # one prompt token is enough
+    assert cut_to_block(prompt, response, 2) is None  # the response alone fills the window
 
 
 def test_an_example_source_prepares_with_its_default_template(tmp_path, plugins):
