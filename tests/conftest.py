@@ -222,6 +222,8 @@ def tiny_trainer():
         )
         data = PreparedData(folder, meta)
         paths = RunPaths(folder / "run")
-        return Trainer(config, data, [], paths, make_accelerator(train), progress=False)
+        return Trainer(
+            config, data, [], paths, make_accelerator(train), progress=False, plugins=load_plugins()
+        )
 
     return build

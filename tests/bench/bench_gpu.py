@@ -44,6 +44,7 @@ from tqdm import tqdm
 from nanogpt_core.callbacks import RunPaths
 from nanogpt_core.experiment_config import ExperimentConfig, ModelConfig, PluginSpec, TrainConfig
 from nanogpt_core.gpus import auto_precision, capability
+from nanogpt_core.plugins import load_plugins
 from nanogpt_core.prepared_data import PreparedData
 from nanogpt_core.run import make_accelerator
 from nanogpt_core.trainer import StopRequest, Trainer
@@ -93,7 +94,8 @@ def make_trainer(
         train=train_cfg,
     )
     paths = RunPaths(root / ("compiled" if compile_ else "eager"))
-    return Trainer(config, data, [], paths, make_accelerator(train_cfg), progress=False)
+    accelerator = make_accelerator(train_cfg)
+    return Trainer(config, data, [], paths, accelerator, progress=False, plugins=load_plugins())
 
 
 def speed(trainer: Trainer) -> dict[str, Any]:

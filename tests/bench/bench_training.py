@@ -25,6 +25,7 @@ from benchtable import print_table
 
 from nanogpt_core.callbacks import RunPaths
 from nanogpt_core.experiment_config import ExperimentConfig, ModelConfig, PluginSpec, TrainConfig
+from nanogpt_core.plugins import load_plugins
 from nanogpt_core.prepared_data import PreparedData
 from nanogpt_core.run import make_accelerator
 from nanogpt_core.sampler import MemmapSampler
@@ -77,7 +78,10 @@ def experiment(
 
 
 def trainer_for(config: ExperimentConfig, data: PreparedData, root: Path) -> Trainer:
-    return Trainer(config, data, [], RunPaths(root), make_accelerator(config.train), progress=False)
+    accelerator = make_accelerator(config.train)
+    return Trainer(
+        config, data, [], RunPaths(root), accelerator, progress=False, plugins=load_plugins()
+    )
 
 
 def time_our_steps(trainer: Trainer, steps: int, warmup: int) -> float:
@@ -211,7 +215,13 @@ def bench_callback_overhead(root: Path, quick: bool) -> None:
         trainer.train_step()
     bare = (time.perf_counter() - start) / steps
     full_trainer = Trainer(
-        config, data, [], RunPaths(root / "full"), make_accelerator(config.train), progress=True
+        config,
+        data,
+        [],
+        RunPaths(root / "full"),
+        make_accelerator(config.train),
+        progress=True,
+        plugins=load_plugins(),
     )
     full_trainer.fit()
     loop_and_final_eval = full_trainer.elapsed()  # counted from the start of fit()

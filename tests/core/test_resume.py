@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from nanogpt_core import Callback, TrainerState, hookimpl
+from nanogpt_core.checkpointing import load_optimizer_state
 from nanogpt_core.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from nanogpt_core.experiment_file import load_experiment
 from nanogpt_core.plugins import load_plugins
@@ -332,7 +333,7 @@ def test_resuming_keeps_this_machines_optimizer_kernel(tiny_trainer, tmp_path):
     for group in on_gpu.optimizer.param_groups:  # what the adamw plugin chooses on CUDA
         group["fused"] = True
         group["lr"] = 0.5
-    on_gpu._load_optimizer_state(state)
+    load_optimizer_state(on_gpu.optimizer, state)
     assert [g["fused"] for g in on_gpu.optimizer.param_groups] == [True, True]
     # Everything else is the checkpoint's: the update continues exactly.
     assert [g["lr"] for g in on_gpu.optimizer.param_groups] == [

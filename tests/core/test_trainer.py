@@ -11,9 +11,9 @@ import torch
 from nanogpt_core import Callback, hookimpl
 from nanogpt_core.errors import NanoGPTError, TrainingError
 from nanogpt_core.experiment_file import load_experiment
+from nanogpt_core.model_setup import padded_vocab_size
 from nanogpt_core.plugins import load_plugins
 from nanogpt_core.run import run_experiment
-from nanogpt_core.trainer import padded_vocab_size
 
 METRIC_KEYS = {
     "step",
