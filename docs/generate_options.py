@@ -42,9 +42,9 @@ def core_tables() -> dict[str, list[dict[str, Any]]]:
     The only imports from the toolkit are here: when its modules move, fix them here.
     """
     from nanogpt_core.cli.plugins_command import plugin_listing
-    from nanogpt_core.experiment_config import ModelConfig, TrainConfig
-    from nanogpt_core.options import describe_fields, internal_fields
-    from nanogpt_core.plugins import load_plugins
+    from nanogpt_core.config.experiment import ModelConfig, TrainConfig
+    from nanogpt_core.plugins.options import describe_fields, internal_fields
+    from nanogpt_core.plugins.registry import load_plugins
 
     tables: dict[str, list[dict[str, Any]]] = {}
     for key, cls in (("model", ModelConfig), ("train", TrainConfig)):

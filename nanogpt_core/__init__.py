@@ -9,26 +9,11 @@ Plugins import from here only; everything else is the core's own business and
 may change. Importing this package never imports torch.
 """
 
-from nanogpt_core.callbacks import Callback, RunPaths, TrainerState
-from nanogpt_core.data_plugins import DatasetSource
-from nanogpt_core.documents import expand_files, hub_rows, read_rows, read_texts
-from nanogpt_core.errors import ConfigError, DataError, NanoGPTError, PluginError, PluginFault
-from nanogpt_core.eval_suite import EvalSuite, TaskReport, eval_metrics
-from nanogpt_core.evaluation import Continuation, EvalResult, Evaluator, SplitLoss
-from nanogpt_core.files import atomic_write, atomic_write_text
-from nanogpt_core.hookspecs import hookimpl
-from nanogpt_core.metrics import metric_scalars
-from nanogpt_core.options import (
-    OptionValueError,
-    fraction,
-    non_negative,
-    one_of,
-    option,
-    positive,
-)
-from nanogpt_core.prepared_data import PreparedData
-from nanogpt_core.templates import Template, template_from_description
-from nanogpt_core.tokenizers import (
+from nanogpt_core.data.documents import expand_files, hub_rows, read_rows, read_texts
+from nanogpt_core.data.plugins import DatasetSource
+from nanogpt_core.data.prepared import PreparedData
+from nanogpt_core.data.templates import Template, template_from_description
+from nanogpt_core.data.tokenizers import (
     GPT2_EOT,
     GPT2_VOCAB_SIZE,
     Tokenizer,
@@ -37,6 +22,21 @@ from nanogpt_core.tokenizers import (
     gpt2_files,
     tokenizer_from_description,
 )
+from nanogpt_core.errors import ConfigError, DataError, NanoGPTError, PluginError, PluginFault
+from nanogpt_core.eval.evaluator import Continuation, EvalResult, Evaluator, SplitLoss
+from nanogpt_core.eval.suite import EvalSuite, TaskReport, eval_metrics
+from nanogpt_core.files import atomic_write, atomic_write_text
+from nanogpt_core.plugins.hookspecs import hookimpl
+from nanogpt_core.plugins.options import (
+    OptionValueError,
+    fraction,
+    non_negative,
+    one_of,
+    option,
+    positive,
+)
+from nanogpt_core.train.callbacks import Callback, RunPaths, TrainerState
+from nanogpt_core.train.metrics import metric_scalars
 
 __version__ = "0.1.0"
 

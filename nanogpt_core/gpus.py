@@ -6,7 +6,7 @@ on a V100 too (bf16 is *emulated* there, without tensor cores), which would send
 our first user's fp16 hardware down a path ten times slower with no loss scaling.
 
 Nothing here touches a CUDA device before the caller has set its process's
-device (see :func:`nanogpt_core.run.make_accelerator`): every query names the
+device (see :func:`nanogpt_core.train.run.make_accelerator`): every query names the
 device it asks about.
 """
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nanogpt_core.plugins import Plugins, load_plugins
+from nanogpt_core.plugins.registry import Plugins, load_plugins
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -91,8 +91,8 @@ def tiny_char_experiment(shared_data: Path, tmp_path: Path) -> Callable[..., Pat
 
 
 def _train_tiny(experiment_text: str, folder: Path, data_dir: Path) -> Path:
-    from nanogpt_core.experiment_file import load_experiment
-    from nanogpt_core.run import run_experiment
+    from nanogpt_core.config.experiment_file import load_experiment
+    from nanogpt_core.train.run import run_experiment
 
     path = folder / "exp.toml"
     path.write_text(experiment_text + '\n[[callbacks]]\nplugin = "checkpoint"\n')
@@ -187,16 +187,16 @@ def tiny_trainer():
     """
     import numpy as np
 
-    from nanogpt_core.callbacks import RunPaths
-    from nanogpt_core.experiment_config import (
+    from nanogpt_core.config.experiment import (
         ExperimentConfig,
         ModelConfig,
         PluginSpec,
         TrainConfig,
     )
-    from nanogpt_core.prepared_data import PreparedData
-    from nanogpt_core.run import make_accelerator
-    from nanogpt_core.trainer import Trainer
+    from nanogpt_core.data.prepared import PreparedData
+    from nanogpt_core.train.callbacks import RunPaths
+    from nanogpt_core.train.run import make_accelerator
+    from nanogpt_core.train.trainer import Trainer
 
     def build(folder: Path, tokens: int) -> Trainer:
         folder.mkdir(parents=True)

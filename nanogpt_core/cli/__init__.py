@@ -24,7 +24,7 @@ from nanogpt_core.cli.gpt_group import INTERRUPTED, debug_enabled, new_group, re
 from nanogpt_core.cli.plugins_command import plugins_command
 from nanogpt_core.cli.train_commands import batch, prepare, run
 from nanogpt_core.errors import NanoGPTError
-from nanogpt_core.plugins import Plugins, load_plugins
+from nanogpt_core.plugins.registry import Plugins, load_plugins
 
 __all__ = ["main", "make_cli"]
 

@@ -28,11 +28,11 @@ from typing import Any
 
 import attrs
 
-from nanogpt_core.callbacks import RunPaths
+from nanogpt_core.config.experiment import ExperimentConfig
+from nanogpt_core.config.experiment_file import load_experiment, read_toml
 from nanogpt_core.errors import ConfigError, NanoGPTError
-from nanogpt_core.experiment_config import ExperimentConfig
-from nanogpt_core.experiment_file import load_experiment, read_toml
-from nanogpt_core.run import finished_summary, read_done
+from nanogpt_core.train.callbacks import RunPaths
+from nanogpt_core.train.run import finished_summary, read_done
 
 LIST_FILE = "experiment_list.conf"
 PLOT_FILE = "batch-summary.png"
@@ -313,7 +313,7 @@ def write_batch_plot(results: Sequence[BatchResult], results_dir: Path) -> Path 
     Never fails the batch: without matplotlib it says how to get it, and any
     other problem is one warning line. Returns the file, or None if none was written.
     """
-    from nanogpt_core.compare import PLOT_EXTRA, read_runs, write_plot
+    from nanogpt_core.eval.compare import PLOT_EXTRA, read_runs, write_plot
 
     folders = [
         results_dir / r.name for r in results if (results_dir / r.name / "metrics.jsonl").is_file()

@@ -23,8 +23,8 @@ from nanogpt_core.cli.shared_options import (
 from nanogpt_core.errors import NanoGPTError
 
 if TYPE_CHECKING:
-    from nanogpt_core.callbacks import RunPaths
-    from nanogpt_core.eval_checkpoint import CheckpointEval
+    from nanogpt_core.eval.checkpoint_eval import CheckpointEval
+    from nanogpt_core.train.callbacks import RunPaths
 
 
 @click.command()
@@ -57,7 +57,12 @@ def compare(runs: tuple[Path, ...], plot: Path | None, x_axis: str, as_json: boo
       gpt compare results/* --plot compare.png --x tokens
       gpt compare results/small --json
     """
-    from nanogpt_core.compare import comparison_table, read_runs, require_matplotlib, write_plot
+    from nanogpt_core.eval.compare import (
+        comparison_table,
+        read_runs,
+        require_matplotlib,
+        write_plot,
+    )
 
     if plot is not None:
         require_matplotlib("gpt compare --plot")
@@ -139,8 +144,8 @@ def eval_command(
       gpt eval --ckpt last.pth --task val_loss --experiment experiments/fineweb.toml --json
       gpt eval --ckpt last.pth --task hellaswag --limit 500 --log
     """
-    from nanogpt_core.eval_checkpoint import check_loggable, evaluate_checkpoint, task_options
-    from nanogpt_core.eval_suite import eval_task_names
+    from nanogpt_core.eval.checkpoint_eval import check_loggable, evaluate_checkpoint, task_options
+    from nanogpt_core.eval.suite import eval_task_names
 
     plugins = plugins_of(ctx)
     config = load_runnable(ctx, experiment, overrides) if experiment else None
@@ -172,8 +177,8 @@ def _report_eval(
     ckpt: Path, result: CheckpointEval, run_paths: RunPaths | None, as_json: bool
 ) -> None:
     """Log ``gpt eval``'s result to the run if ``--log`` asked, and print it."""
-    from nanogpt_core.eval_checkpoint import append_to_run, print_json
-    from nanogpt_core.eval_suite import format_table
+    from nanogpt_core.eval.checkpoint_eval import append_to_run, print_json
+    from nanogpt_core.eval.suite import format_table
 
     if run_paths is not None:
         append_to_run(run_paths, result)

@@ -53,7 +53,7 @@ def sample(
     """
     import torch
 
-    from nanogpt_core.sampling import encode_prompt, load_model, stream_sample
+    from nanogpt_core.generate.sampling import encode_prompt, load_model, stream_sample
 
     prompt = _prompt_text(prompt, prompt_file)
     loaded = load_model(ckpt, device)
@@ -136,7 +136,7 @@ def chat(
       gpt chat --ckpt last.pth --once "Summarize this." --input "A long text..."
       gpt chat --ckpt last.pth < questions.txt > answers.txt
     """
-    from nanogpt_core.chat import ChatSettings, start_chat
+    from nanogpt_core.generate.chat import ChatSettings, start_chat
 
     if input_text is not None and question is None:
         raise click.UsageError("--input goes with --once")
@@ -211,7 +211,7 @@ def serve(
 
     if any(importlib.util.find_spec(name) is None for name in ("fastapi", "uvicorn")):
         raise NanoGPTError("gpt serve needs the serve extra: pip install 'nanogpt[serve]'")
-    from nanogpt_core.serve import serve as run_server
+    from nanogpt_core.generate.serve import serve as run_server
 
     run_server(
         ckpt,
@@ -242,7 +242,7 @@ def export(ctx: click.Context, ckpt: Path, out: Path) -> None:
     Examples:
       gpt export --ckpt results/fineweb_gpt2/checkpoints/last.pth --out exports/fineweb_gpt2
     """
-    from nanogpt_core.export import export_hf
+    from nanogpt_core.model.hf_export import export_hf
 
     written = export_hf(ckpt, out, plugins_of(ctx))
     click.echo(f"exported {ckpt} to {out}/: {', '.join(written)}")

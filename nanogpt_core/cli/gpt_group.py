@@ -16,7 +16,7 @@ import click
 from nanogpt_core import __version__
 from nanogpt_core.errors import NanoGPTError
 from nanogpt_core.main_process import end_process_group
-from nanogpt_core.plugins import Plugins, load_plugins
+from nanogpt_core.plugins.registry import Plugins, load_plugins
 
 DEBUG_ENV = "GPT_DEBUG"
 INTERRUPTED = 130

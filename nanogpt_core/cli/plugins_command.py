@@ -12,8 +12,8 @@ from typing import Any
 import click
 
 from nanogpt_core.cli.gpt_group import plugins_of
-from nanogpt_core.options import describe_fields
-from nanogpt_core.plugins import Plugins
+from nanogpt_core.plugins.options import describe_fields
+from nanogpt_core.plugins.registry import Plugins
 
 
 def plugin_listing(plugins: Plugins) -> list[dict[str, Any]]:

@@ -13,9 +13,9 @@ from typing import Any
 import click
 
 from nanogpt_core.cli.gpt_group import plugins_of
+from nanogpt_core.config.experiment import ExperimentConfig
+from nanogpt_core.config.experiment_file import load_experiment
 from nanogpt_core.errors import ConfigError
-from nanogpt_core.experiment_config import ExperimentConfig
-from nanogpt_core.experiment_file import load_experiment
 
 EXPERIMENT = click.argument("experiment", type=click.Path(path_type=Path, dir_okay=False))
 RESULTS_DIR = click.option(

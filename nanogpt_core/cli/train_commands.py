@@ -54,7 +54,7 @@ def run(
     if dry_run:
         click.echo(json.dumps(config.to_dict(), indent=2))
         return
-    from nanogpt_core.run import run_experiment
+    from nanogpt_core.train.run import run_experiment
 
     run_experiment(
         config,
@@ -84,7 +84,7 @@ def prepare(
       gpt prepare experiments/fineweb.toml --force --data-dir /scratch/data
     """
     config = load_runnable(ctx, experiment, overrides)
-    from nanogpt_core.datasets import prepare_dataset
+    from nanogpt_core.data.preparation import prepare_dataset
 
     prepared = prepare_dataset(config, plugins_of(ctx), data_dir=data_dir, force=force)
     click.echo(f"prepared {prepared.folder}")

@@ -23,10 +23,10 @@ from accelerate import Accelerator
 from benchtable import print_table
 from torch.nn import functional as F
 
-from nanogpt_core.evaluation import Evaluator
-from nanogpt_core.hf_gpt2 import to_hf_state_dict
-from nanogpt_core.model import GPT, GPTConfig
-from nanogpt_core.tokenizers import gpt2_encoding
+from nanogpt_core.data.tokenizers import gpt2_encoding
+from nanogpt_core.eval.evaluator import Evaluator
+from nanogpt_core.model.gpt import GPT, GPTConfig
+from nanogpt_core.model.hf_gpt2 import to_hf_state_dict
 
 SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "hellaswag"
 

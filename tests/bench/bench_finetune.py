@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from benchtable import print_table
 
-from nanogpt_core.experiment_file import load_experiment
-from nanogpt_core.plugins import load_plugins
-from nanogpt_core.run import run_experiment
+from nanogpt_core.config.experiment_file import load_experiment
+from nanogpt_core.plugins.registry import load_plugins
+from nanogpt_core.train.run import run_experiment
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "alpaca"
 

@@ -41,13 +41,13 @@ import torch
 from benchtable import print_table
 from tqdm import tqdm
 
-from nanogpt_core.callbacks import RunPaths
-from nanogpt_core.experiment_config import ExperimentConfig, ModelConfig, PluginSpec, TrainConfig
+from nanogpt_core.config.experiment import ExperimentConfig, ModelConfig, PluginSpec, TrainConfig
+from nanogpt_core.data.prepared import PreparedData
 from nanogpt_core.gpus import auto_precision, capability
-from nanogpt_core.plugins import load_plugins
-from nanogpt_core.prepared_data import PreparedData
-from nanogpt_core.run import make_accelerator
-from nanogpt_core.trainer import StopRequest, Trainer
+from nanogpt_core.plugins.registry import load_plugins
+from nanogpt_core.train.callbacks import RunPaths
+from nanogpt_core.train.run import make_accelerator
+from nanogpt_core.train.trainer import StopRequest, Trainer
 
 GPT2_SMALL = ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024)
 SMOKE = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)

@@ -29,7 +29,7 @@ def measure(variant: str, batch: int, layers: int) -> float:
     import torch
     from accelerate import Accelerator
 
-    from nanogpt_core.model import GPT, GPTConfig
+    from nanogpt_core.model.gpt import GPT, GPTConfig
 
     class LogitsToo(GPT):
         """The reference: forward returns the full logits with the loss."""

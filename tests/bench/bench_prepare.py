@@ -22,19 +22,19 @@ from pathlib import Path
 
 from benchtable import print_table
 
-from nanogpt_core.datasets import prepare_dataset
-from nanogpt_core.experiment_file import load_experiment
-from nanogpt_core.plugins import load_plugins
-from nanogpt_core.tokenizers import gpt2_encoding
+from nanogpt_core.config.experiment_file import load_experiment
+from nanogpt_core.data.preparation import prepare_dataset
+from nanogpt_core.data.tokenizers import gpt2_encoding
+from nanogpt_core.plugins.registry import load_plugins
 from nanogpt_plugins.datasets.shakespeare import complete_plays
 
 ROWS: list[tuple[str, str, str, str, str]] = []
 
 MEASURE_PEAK = """
 import resource, sys
-from nanogpt_core.experiment_file import load_experiment
-from nanogpt_core.datasets import prepare_dataset
-from nanogpt_core.plugins import load_plugins
+from nanogpt_core.config.experiment_file import load_experiment
+from nanogpt_core.data.preparation import prepare_dataset
+from nanogpt_core.plugins.registry import load_plugins
 plugins = load_plugins()
 prepare_dataset(load_experiment(sys.argv[1], (), plugins), plugins, data_dir=sys.argv[2], force=True)
 self_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -16,7 +16,7 @@ import time
 import torch
 from benchtable import print_table
 
-from nanogpt_core.model import GPT, GPTConfig
+from nanogpt_core.model.gpt import GPT, GPTConfig
 
 
 def tokens_per_second(model: GPT, new_tokens: int, use_cache: bool) -> float:

@@ -29,9 +29,9 @@ import httpx
 import torch
 from benchtable import print_table
 
-from nanogpt_core.checkpoints import save_checkpoint
-from nanogpt_core.model import GPT, GPTConfig
-from nanogpt_core.sampling import encode_prompt, load_model, stream_pieces
+from nanogpt_core.generate.sampling import encode_prompt, load_model, stream_pieces
+from nanogpt_core.model.gpt import GPT, GPTConfig
+from nanogpt_core.train.checkpoints import save_checkpoint
 
 GPT2 = {"kind": "gpt2", "name": "gpt2", "vocab_size": 50257, "eot_id": 50256}
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 4

@@ -23,13 +23,13 @@ import psutil
 import torch
 from benchtable import print_table
 
-from nanogpt_core.callbacks import RunPaths
-from nanogpt_core.experiment_config import ExperimentConfig, ModelConfig, PluginSpec, TrainConfig
-from nanogpt_core.plugins import load_plugins
-from nanogpt_core.prepared_data import PreparedData
-from nanogpt_core.run import make_accelerator
-from nanogpt_core.sampler import MemmapSampler
-from nanogpt_core.trainer import Trainer
+from nanogpt_core.config.experiment import ExperimentConfig, ModelConfig, PluginSpec, TrainConfig
+from nanogpt_core.data.prepared import PreparedData
+from nanogpt_core.data.token_windows import MemmapSampler
+from nanogpt_core.plugins.registry import load_plugins
+from nanogpt_core.train.callbacks import RunPaths
+from nanogpt_core.train.run import make_accelerator
+from nanogpt_core.train.trainer import Trainer
 
 ROWS: list[tuple[str, str, str, str, str]] = []
 

@@ -16,8 +16,8 @@ import subprocess
 import torch
 from accelerate.utils import gather_object
 
-from nanogpt_core.experiment_config import TrainConfig
-from nanogpt_core.run import make_accelerator
+from nanogpt_core.config.experiment import TrainConfig
+from nanogpt_core.train.run import make_accelerator
 
 
 def query(fields: str, what: str) -> list[list[str]]:

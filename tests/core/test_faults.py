@@ -15,8 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from nanogpt_core.checkpoints import load_checkpoint
-from nanogpt_core.metrics import read_metrics
+from nanogpt_core.train.checkpoints import load_checkpoint
+from nanogpt_core.train.metrics import read_metrics
 
 TEMP_MARK = ".tmp-"
 
@@ -208,7 +208,7 @@ def test_ctrl_c_during_preparation_exits_130(shared_data, tmp_path, write_toml):
 
 
 def test_a_full_disk_while_preparing_is_one_line_and_the_old_data_stays(shared_data, tmp_path):
-    from nanogpt_core.prepared_data import open_prepared
+    from nanogpt_core.data.prepared import open_prepared
 
     text = shared_data / "tinyshakespeare" / "input.txt"
     exp = tmp_path / "exp.toml"

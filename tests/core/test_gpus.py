@@ -99,8 +99,8 @@ def test_make_accelerator_asks_the_device_only_after_accelerate_set_it(
 ):
     from accelerate import PartialState
 
-    from nanogpt_core.experiment_config import TrainConfig
-    from nanogpt_core.run import make_accelerator
+    from nanogpt_core.config.experiment import TrainConfig
+    from nanogpt_core.train.run import make_accelerator
 
     made: dict[str, object] = {}
     asked = fake_gpu(V100)
@@ -122,9 +122,9 @@ def test_make_accelerator_asks_the_device_only_after_accelerate_set_it(
 def test_bf16_on_a_v100_is_refused_even_though_torch_emulates_it(
     fake_gpu, fresh_accelerate_state, monkeypatch
 ):
+    from nanogpt_core.config.experiment import TrainConfig
     from nanogpt_core.errors import NanoGPTError
-    from nanogpt_core.experiment_config import TrainConfig
-    from nanogpt_core.run import make_accelerator
+    from nanogpt_core.train.run import make_accelerator
 
     fake_gpu(V100)
     monkeypatch.setattr("accelerate.Accelerator", lambda **kwargs: None)

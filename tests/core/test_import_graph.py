@@ -108,11 +108,11 @@ def test_imports_inside_functions_count_and_type_checking_ones_do_not(tmp_path):
     module = tmp_path / "m.py"
     module.write_text(
         "from typing import TYPE_CHECKING\n"
-        "if TYPE_CHECKING:\n    from nanogpt_core.trainer import Trainer\n"
-        "def f():\n    from nanogpt_core.model import GPT\n"
+        "if TYPE_CHECKING:\n    from nanogpt_core.train.trainer import Trainer\n"
+        "def f():\n    from nanogpt_core.model.gpt import GPT\n"
     )
-    found = imported_modules(module, {"nanogpt_core.trainer", "nanogpt_core.model"})
-    assert found == {"nanogpt_core.model"}
+    found = imported_modules(module, {"nanogpt_core.train.trainer", "nanogpt_core.model.gpt"})
+    assert found == {"nanogpt_core.model.gpt"}
 
 
 def test_no_module_is_much_over_400_lines():

@@ -10,11 +10,11 @@ import sys
 import numpy as np
 import pytest
 
-from nanogpt_core.datasets import prepare_dataset
+from nanogpt_core.config.experiment_file import load_experiment
+from nanogpt_core.data.preparation import prepare_dataset
+from nanogpt_core.data.prepared import open_prepared
 from nanogpt_core.errors import DataError
-from nanogpt_core.experiment_file import load_experiment
-from nanogpt_core.plugins import load_plugins
-from nanogpt_core.prepared_data import open_prepared
+from nanogpt_core.plugins.registry import load_plugins
 from nanogpt_plugins.datasets import alpaca
 from nanogpt_plugins.datasets.alpaca import AlpacaOptions, AlpacaSource, held_out
 from nanogpt_plugins.templates.alpaca import AlpacaTemplate

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanogpt_core.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from nanogpt_core.config.experiment_file import load_experiment
 from nanogpt_core.errors import NanoGPTError
-from nanogpt_core.experiment_file import load_experiment
-from nanogpt_core.plugins import load_plugins
-from nanogpt_core.run import run_experiment
+from nanogpt_core.plugins.registry import load_plugins
+from nanogpt_core.train.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from nanogpt_core.train.run import run_experiment
 
 ALL_CALLBACKS = """
 [[callbacks]]

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from nanogpt_core.metrics import read_metrics
+from nanogpt_core.train.metrics import read_metrics
 
 EVAL = """
 [[callbacks]]

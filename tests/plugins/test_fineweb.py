@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
-from nanogpt_core.documents import read_rows
+from nanogpt_core.data.documents import read_rows
 from nanogpt_core.errors import DataError
 from nanogpt_plugins.datasets import fineweb
 from nanogpt_plugins.datasets.fineweb import FineWebOptions, FineWebSource

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
+from nanogpt_core.config.experiment_file import load_experiment
 from nanogpt_core.errors import NanoGPTError
-from nanogpt_core.experiment_file import load_experiment
-from nanogpt_core.plugins import load_plugins
-from nanogpt_core.run import run_experiment
+from nanogpt_core.plugins.registry import load_plugins
+from nanogpt_core.train.run import run_experiment
 
 PROMPTS = (
     '[[callbacks]]\nplugin = "fixed_prompts"\nprompts = ["ROMEO:", "To be"]\nmax_new_tokens = 20\n'
@@ -106,9 +106,9 @@ temperature = 0
 def test_template_asks_instructions_and_shows_the_answers_only(
     shared_data, session_data_dir, tmp_path
 ):
-    from nanogpt_core.chat import ChatSettings, Conversation
-    from nanogpt_core.sampling import load_model
-    from nanogpt_core.templates import template_from_description
+    from nanogpt_core.data.templates import template_from_description
+    from nanogpt_core.generate.chat import ChatSettings, Conversation
+    from nanogpt_core.generate.sampling import load_model
 
     path = tmp_path / "ft.toml"
     path.write_text(ALPACA_RUN.format(path=shared_data / "alpaca" / "alpaca_sample.jsonl"))

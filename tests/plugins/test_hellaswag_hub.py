@@ -58,7 +58,7 @@ def tiny_evaluator(shared_data: Path):
     from accelerate import Accelerator
 
     from nanogpt_core import Evaluator
-    from nanogpt_core.model import GPT, GPTConfig
+    from nanogpt_core.model.gpt import GPT, GPTConfig
     from nanogpt_plugins.tokenizers.char import CharTokenizer
 
     tokenizer = CharTokenizer()
@@ -143,10 +143,10 @@ def test_a_damaged_cache_names_the_file_and_the_fix(hub, shared_data):
 
 @pytest.mark.slow
 def test_the_eval_callback_reads_the_hub_once_per_run(hub, shared_data, session_data_dir, tmp_path):
-    from nanogpt_core.experiment_file import load_experiment
-    from nanogpt_core.metrics import read_metrics
-    from nanogpt_core.plugins import load_plugins
-    from nanogpt_core.run import run_experiment
+    from nanogpt_core.config.experiment_file import load_experiment
+    from nanogpt_core.plugins.registry import load_plugins
+    from nanogpt_core.train.metrics import read_metrics
+    from nanogpt_core.train.run import run_experiment
 
     calls, _ = hub
     stories = shared_data / "tinystories"

@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from nanogpt_core.experiment_config import TrainConfig
-from nanogpt_core.model import GPT, GPTConfig
+from nanogpt_core.config.experiment import TrainConfig
+from nanogpt_core.model.gpt import GPT, GPTConfig
 from nanogpt_plugins.optimizers.muon import Muon, MuonOptions
 
 TRAIN = TrainConfig(learning_rate=3e-3, weight_decay=0.1, beta1=0.8, beta2=0.99)

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from nanogpt_core import Callback, hookimpl
-from nanogpt_core.experiment_file import load_experiment
-from nanogpt_core.plugins import load_plugins
-from nanogpt_core.run import run_experiment
+from nanogpt_core.config.experiment_file import load_experiment
+from nanogpt_core.plugins.registry import load_plugins
+from nanogpt_core.train.run import run_experiment
 
 CALLBACKS = """
 [[callbacks]]

@@ -7,11 +7,11 @@ import re
 
 import pytest
 
-from nanogpt_core.datasets import prepare_dataset
-from nanogpt_core.documents import read_texts
+from nanogpt_core.config.experiment_file import load_experiment
+from nanogpt_core.data.documents import read_texts
+from nanogpt_core.data.preparation import prepare_dataset
 from nanogpt_core.errors import DataError
-from nanogpt_core.experiment_file import load_experiment
-from nanogpt_core.plugins import load_plugins
+from nanogpt_core.plugins.registry import load_plugins
 from nanogpt_plugins.datasets import tinystories
 from nanogpt_plugins.datasets.tinystories import TinyStoriesOptions, TinyStoriesSource, held_out
 from nanogpt_plugins.tokenizers.gpt2 import GPT2Tokenizer

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from nanogpt_core import metric_scalars
-from nanogpt_core.checkpoints import load_checkpoint
+from nanogpt_core.config.experiment_file import load_experiment
 from nanogpt_core.errors import ConfigError
-from nanogpt_core.experiment_file import load_experiment
-from nanogpt_core.metrics import read_metrics
+from nanogpt_core.train.checkpoints import load_checkpoint
+from nanogpt_core.train.metrics import read_metrics
 
 pytest.importorskip("wandb")
 

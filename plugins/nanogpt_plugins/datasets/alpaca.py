@@ -9,7 +9,7 @@ record whose seeded hash falls under ``val_fraction`` is held out, so the split
 does not depend on file order.
 
 The source yields records; the core renders each through the template,
-tokenizes it and cuts it to the block size (:mod:`nanogpt_core.example_preparation`). A bad
+tokenizes it and cuts it to the block size (:mod:`nanogpt_core.data.example_preparation`). A bad
 record (a field missing or not text, an empty output) stops preparation with
 one line naming the file and the record, counted from 1 (JSON Lines: the line).
 """

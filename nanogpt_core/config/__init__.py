@@ -1,0 +1,1 @@
+"""Experiment files: the option tables, reading TOML, --set overrides, plugin options."""

@@ -1,0 +1,291 @@
+"""The plugins a preparation uses: the dataset source, its tokenizer and its template.
+
+A dataset plugin's factory returns a :class:`DatasetSource`, which names its
+tokenizer (and, for instruction-tuning examples, its template); an experiment's
+``[tokenizer]`` or ``[template]`` table may choose another. This module makes
+the source and checks what it returned, chooses the tokenizer and template
+(:func:`plugin_choice`), makes them and checks their descriptions, and turns
+whatever a plugin raises into one line naming it (:func:`plugin_call`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import attrs
+
+from nanogpt_core.errors import ConfigError, DataError, NanoGPTError, PluginError, PluginFault
+from nanogpt_core.plugins.options import OptionProblems, structure, suggest, unstructure
+
+if TYPE_CHECKING:
+    from nanogpt_core.config.experiment import ExperimentConfig
+    from nanogpt_core.data.templates import Template
+    from nanogpt_core.data.tokenizers import Tokenizer
+    from nanogpt_core.plugins.registry import Plugins, Registration
+
+VARIANT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+
+
+class DatasetSource(Protocol):
+    """What a dataset plugin's factory returns.
+
+    Attributes:
+        variant: the folder under ``<data_dir>/<plugin>/`` (e.g. ``"tiny-char"``);
+            letters, digits, ``.``, ``_``, ``-`` and ``+``. Options that change the
+            tokens but not the variant are caught by the fingerprint.
+        tokenizer: the name of a registered tokenizer (``"char"``, ``"gpt2"``, ...);
+            an experiment's ``[tokenizer]`` table overrides it.
+        description: one line about the source, recorded in ``meta.json``.
+    """
+
+    variant: str
+    tokenizer: str
+    description: str
+
+    def documents(self, split: str, downloads: Path) -> Iterable[str]:
+        """Yield the documents of ``split`` (``"train"`` or ``"val"``), in order.
+
+        :param downloads: a folder the plugin may cache downloads in.
+
+        A source that decides the split while reading (holding out documents by
+        hash, say) may also define ``split_documents(downloads)`` yielding
+        ``(split, document)`` pairs in one pass; it is then used instead.
+        Raise :class:`~nanogpt_core.errors.DataError` for bad input; any other
+        exception is reported as a fault of the plugin (exit status 1).
+        """
+
+
+@attrs.frozen
+class PluginChoice:
+    """The tokenizer or template a preparation uses: registered name, registration, options.
+
+    ``from_table`` is true when the experiment's ``[tokenizer]`` or ``[template]``
+    table chose it rather than the dataset source.
+    """
+
+    name: str
+    registration: Registration
+    options: Any
+    from_table: bool = False
+
+
+TokenizerChoice = PluginChoice
+TemplateChoice = PluginChoice
+
+
+# Naming a plugin in messages, and reporting what it raises.
+
+
+def plugin_who(kind: str, name: str, plugin: str) -> str:
+    """``dataset 'x' (plugin 'y')``, or ``dataset plugin 'x'`` when the names agree."""
+    return f"{kind} plugin {name!r}" if name == plugin else f"{kind} {name!r} (plugin {plugin!r})"
+
+
+@contextlib.contextmanager
+def plugin_call(who: str, method: str) -> Iterator[None]:
+    """Report an exception a plugin raises inside the block as one :class:`PluginFault` line.
+
+    A :class:`NanoGPTError` (bad input the plugin reported well) passes unchanged;
+    the original exception is chained, so ``--debug`` shows its traceback.
+    """
+    try:
+        yield
+    except NanoGPTError:
+        raise
+    except Exception as exc:
+        raise PluginFault(f"{who} failed in {method}: {type(exc).__name__}: {exc}") from exc
+
+
+# The dataset source.
+
+
+def dataset_who(config: ExperimentConfig, plugins: Plugins) -> str:
+    """How messages name the experiment's dataset plugin."""
+    name = config.dataset.plugin
+    return plugin_who("dataset", name, plugins.datasets()[name].plugin)
+
+
+def source_for(config: ExperimentConfig, plugins: Plugins) -> DatasetSource:
+    """Instantiate the experiment's dataset plugin and check what its factory returned."""
+    registration = plugins.datasets()[config.dataset.plugin]
+    who = dataset_who(config, plugins)
+    with plugin_call(who, "its factory"):
+        source = registration.factory(config.dataset.options)
+    check_source(source, who)
+    return source
+
+
+def is_example_source(source: Any) -> bool:
+    """Whether a dataset source yields examples (it names a template) rather than documents."""
+    return hasattr(source, "template")
+
+
+def check_source(source: Any, who: str) -> None:
+    """A dataset source has a usable ``variant``, ``tokenizer``, ``description`` and ``documents``.
+
+    An example source (one with a ``template``) has ``examples`` instead of ``documents``.
+    """
+    missing = [
+        f"{attr} (a string)"
+        for attr in ("variant", "tokenizer", "description")
+        if not isinstance(getattr(source, attr, None), str)
+    ]
+    if is_example_source(source):
+        missing += _missing_from_example_source(source)
+    elif not callable(getattr(source, "documents", None)):
+        missing.append("documents (a method)")
+    if missing:
+        raise PluginError(
+            f"{who}: its factory returned {type(source).__name__}, which lacks "
+            f"{', '.join(missing)}; see nanogpt_core.DatasetSource"
+        )
+    if not VARIANT_PATTERN.fullmatch(source.variant) or ".." in source.variant:
+        raise PluginError(
+            f"{who}: variant {source.variant!r} is not usable as a folder name "
+            "(use letters, digits, '.', '_', '-' and '+')"
+        )
+
+
+def _missing_from_example_source(source: Any) -> list[str]:
+    """What an example source lacks: a ``template`` name and an ``examples`` method."""
+    missing = []
+    if not isinstance(getattr(source, "template", None), str):
+        missing.append("template (a string)")
+    if not any(callable(getattr(source, m, None)) for m in ("examples", "split_examples")):
+        missing.append("examples (a method)")
+    return missing
+
+
+# Choosing the tokenizer and the template.
+
+
+def plugin_choice(
+    kind: str, config: ExperimentConfig, source: DatasetSource, plugins: Plugins
+) -> PluginChoice:
+    """The ``kind`` (``"tokenizer"`` or ``"template"``) to prepare with.
+
+    The experiment's ``[kind]`` table when it has one, else the name the source
+    gives in its attribute of that name, with that plugin's default options.
+    """
+    registry = plugins.registry(kind)
+    spec = getattr(config, kind, None)
+    if spec is not None:
+        name, where = spec.plugin, f"{kind}.plugin"
+    else:
+        name = getattr(source, kind)
+        has_option = hasattr(config.dataset.options, kind)
+        where = f"dataset.{kind}" if has_option else f"dataset {config.dataset.plugin!r}"
+    registration = registry.get(name)
+    if registration is None:
+        installed = ", ".join(sorted(registry)) or "none"
+        raise DataError(
+            f"{where}: no {kind} named {name!r}{suggest(name, list(registry))}; "
+            f"installed: {installed}"
+        )
+    if spec is not None:
+        return PluginChoice(name, registration, _table_options(kind, spec, registration), True)
+    return PluginChoice(name, registration, _default_options(kind, registration, name, where))
+
+
+def tokenizer_choice(
+    config: ExperimentConfig, source: DatasetSource, plugins: Plugins
+) -> TokenizerChoice:
+    """The tokenizer to prepare with: the ``[tokenizer]`` table's, else the source's."""
+    return plugin_choice("tokenizer", config, source, plugins)
+
+
+def template_choice(config: ExperimentConfig, source: Any, plugins: Plugins) -> TemplateChoice:
+    """The experiment's ``[template]`` table, else the source's template with default options."""
+    return plugin_choice("template", config, source, plugins)
+
+
+def _table_options(kind: str, spec: Any, registration: Registration) -> Any:
+    """The ``[kind]`` table's options (structured here if config loading did not)."""
+    if not isinstance(spec.options, dict):
+        return spec.options
+    try:
+        return structure(spec.options, registration.options, kind)
+    except OptionProblems as exc:
+        raise ConfigError(exc.problems) from None
+
+
+def _default_options(kind: str, registration: Registration, name: str, where: str) -> Any:
+    """The plugin's default options; one that requires some asks for a ``[kind]`` table."""
+    required = [f.name for f in attrs.fields(registration.options) if f.default is attrs.NOTHING]
+    if required:
+        raise DataError(
+            f"{where}: {kind} {name!r} needs {', '.join(required)}: add a [{kind}] table "
+            f'with plugin = "{name}" and {required[0]} = ...'
+        )
+    return registration.options()
+
+
+def tagged_folder(folder: Path, choice: PluginChoice, default_name: str) -> Path:
+    """``folder``, or ``<folder>.<name>-<hash of its options>`` for a table's non-default choice.
+
+    A ``[tokenizer]`` or ``[template]`` table that chooses other than the source's
+    default (``default_name`` with its default options) gets a folder of its own,
+    so data prepared with, say, a Korean tokenizer.json leaves the default
+    preparation intact.
+    """
+    if not choice.from_table:
+        return folder
+    options = unstructure(choice.options)
+    try:
+        defaults = unstructure(choice.registration.options())
+    except Exception:  # required options: there is no default to compare with
+        defaults = None
+    if choice.name == default_name and options == defaults:
+        return folder
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:8]
+    return folder.with_name(f"{folder.name}.{choice.name}-{digest}")
+
+
+# Making the tokenizer and the template.
+
+
+def make_tokenizer(choice: TokenizerChoice) -> Tokenizer:
+    """A fresh tokenizer from its registration and options."""
+    with plugin_call(
+        plugin_who("tokenizer", choice.name, choice.registration.plugin), "its factory"
+    ):
+        return choice.registration.factory(choice.options)
+
+
+def check_tokenizer(tokenizer: Any, choice: TokenizerChoice) -> dict[str, Any]:
+    """The tokenizer's description, after checking it names this tokenizer and a vocabulary."""
+    who = plugin_who("tokenizer", choice.name, choice.registration.plugin)
+    description = _checked_description(tokenizer, choice, who)
+    vocab = getattr(tokenizer, "vocab_size", None)
+    if type(vocab) is not int or vocab <= 0 or description.get("vocab_size") != vocab:
+        raise PluginError(
+            f"{who}: vocab_size must be a positive integer, also in its description; got {vocab!r}"
+        )
+    return description
+
+
+def make_template(choice: TemplateChoice) -> tuple[Template, dict[str, Any]]:
+    """A template from its registration and options, and its checked description."""
+    who = plugin_who("template", choice.name, choice.registration.plugin)
+    with plugin_call(who, "its factory"):
+        template = choice.registration.factory(choice.options)
+    return template, _checked_description(template, choice, who)
+
+
+def _checked_description(made: Any, choice: PluginChoice, who: str) -> dict[str, Any]:
+    """``made.description()``, refused unless it is a dict whose ``kind`` is the registered name."""
+    with plugin_call(who, "description"):
+        description = made.description()
+    if not isinstance(description, dict) or description.get("kind") != choice.name:
+        kind = description.get("kind") if isinstance(description, dict) else description
+        raise PluginError(
+            f"{who}: description() must return a dict whose 'kind' is {choice.name!r} "
+            f"(the registered name), got {kind!r}"
+        )
+    return description

@@ -1,0 +1,143 @@
+"""Preparing an experiment's dataset: ``train.bin``, ``val.bin`` and ``meta.json``.
+
+:func:`prepare_dataset` is the one entry point (``gpt prepare``, ``gpt run``,
+``gpt eval``). A dataset plugin only says *what* the documents or examples are
+(:class:`~nanogpt_core.data.plugins.DatasetSource`) and names its tokenizer;
+this module picks the folder, ``<data_dir>/<plugin>/<variant>/``, returns a
+preparation already there whose fingerprint (:mod:`nanogpt_core.data.fingerprints`)
+matches, and otherwise has the source prepared: documents by
+:mod:`nanogpt_core.data.token_preparation`, instruction-tuning examples by
+:mod:`nanogpt_core.data.example_preparation`. ``meta.json`` is written last and
+carries the fingerprint, so a folder is either a complete, matching preparation
+or is prepared again.
+
+One process prepares a folder at a time: an OS lock beside it
+(``.<variant>.lock``) makes a second ``gpt prepare``, or a run sharing the
+dataset, wait and then use the result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from nanogpt_core.data.example_preparation import plan_examples, write_examples
+from nanogpt_core.data.fingerprints import fingerprint, input_files
+from nanogpt_core.data.plugins import (
+    DatasetSource,
+    TokenizerChoice,
+    dataset_who,
+    is_example_source,
+    source_for,
+    tagged_folder,
+    tokenizer_choice,
+)
+from nanogpt_core.data.prepared import PreparedData, open_prepared
+from nanogpt_core.data.token_preparation import write_tokens
+from nanogpt_core.errors import DataError
+from nanogpt_core.files import storage_errors
+from nanogpt_core.locks import locked
+from nanogpt_core.plugins.options import unstructure
+
+if TYPE_CHECKING:
+    from nanogpt_core.config.experiment import ExperimentConfig
+    from nanogpt_core.plugins.registry import Plugins
+
+
+def prepare_dataset(
+    config: ExperimentConfig, plugins: Plugins, *, data_dir: Path, force: bool = False
+) -> PreparedData:
+    """Prepare the experiment's dataset unless an up-to-date preparation exists.
+
+    Another process preparing the same folder is waited for (one line on stderr
+    says so) and its result used. With ``force`` the folder is prepared again
+    whatever its state, unless it was just prepared by the process waited for.
+    An example source (:mod:`nanogpt_core.data.example_preparation`) is cut for
+    ``config.model.block_size``.
+    """
+    plugin = config.dataset.plugin
+    source = source_for(config, plugins)
+    choice = tokenizer_choice(config, source, plugins)
+    folder = data_folder(Path(data_dir), plugin, source, choice)
+    write: Any = write_tokens
+    extra = None
+    if is_example_source(source):
+        plan = plan_examples(config, plugins, source)
+        folder, extra = plan.folder(folder), plan.fingerprint_extra()
+        write = functools.partial(write_examples, plan=plan)
+    elif getattr(config, "template", None) is not None:
+        raise DataError(
+            f"template.plugin: dataset {plugin!r} yields documents, not examples, so a "
+            "[template] table does not apply to it; remove the table"
+        )
+    wanted = fingerprint(plugin, config.dataset.options, choice, extra)
+    if not force:
+        # Without the lock first, so a finished folder on read-only storage works; a
+        # folder some writer is publishing right now is checked again under the lock.
+        with contextlib.suppress(DataError):
+            ready = _matching(folder, wanted)
+            if ready is not None:
+                return ready
+    with storage_errors(folder), data_lock(folder) as waited:
+        if not force or waited:
+            ready = _matching(folder, wanted, strict=not force)
+            if ready is not None:
+                return ready
+        return write(
+            source,
+            folder,
+            plugin=plugin,
+            fingerprint_=wanted,
+            options=unstructure(config.dataset.options),
+            downloads=Path(data_dir) / plugin / "downloads",
+            tokenizer=choice,
+            who=dataset_who(config, plugins),
+            inputs=input_files(config.dataset.options) + input_files(choice.options),
+        )
+
+
+def data_folder(
+    data_dir: Path, plugin: str, source: DatasetSource, choice: TokenizerChoice
+) -> Path:
+    """``<data_dir>/<plugin>/<variant>``; a tokenizer other than the source's own adds a tag.
+
+    The tag (``.<tokenizer>-<hash of its options>``) keeps data prepared with,
+    say, a Korean tokenizer.json apart from the default preparation.
+    """
+    return tagged_folder(Path(data_dir) / plugin / source.variant, choice, source.tokenizer)
+
+
+@contextlib.contextmanager
+def data_lock(folder: Path) -> Iterator[bool]:
+    """Hold the lock of a data folder (``.<name>.lock`` beside it); yields whether it waited.
+
+    Waiting is announced once on stderr, naming the holder's pid.
+    """
+    waited = False
+
+    def on_wait(pid: int | None) -> None:
+        nonlocal waited
+        waited = True
+        holder = f"pid {pid}" if pid else "another process"
+        print(f"waiting for {holder}, which is preparing {folder}", file=sys.stderr, flush=True)
+
+    lock = folder.with_name(f".{folder.name}.lock")
+    with locked(lock, wait=True, purpose=str(folder), on_wait=on_wait):
+        yield waited
+
+
+def _matching(folder: Path, wanted: str, *, strict: bool = True) -> PreparedData | None:
+    """The folder's preparation if its fingerprint is ``wanted``; damage raises when ``strict``."""
+    try:
+        existing = open_prepared(folder)
+    except DataError:
+        if strict:
+            raise
+        return None
+    if existing is not None and existing.meta["fingerprint"] == wanted:
+        return existing
+    return None

@@ -1,0 +1,1 @@
+"""Evaluation: the Evaluator, eval suites, scoring checkpoints, comparing runs."""

@@ -1,0 +1,1 @@
+"""Generation: sampling from checkpoints, chat, the OpenAI-compatible server."""

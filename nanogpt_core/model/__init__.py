@@ -1,0 +1,1 @@
+"""The GPT model: its shape, layers, KV cache, Hugging Face conversion."""

@@ -1,0 +1,1 @@
+"""The plugin machinery: hook specifications, options, the registry and its loader."""

@@ -1,0 +1,1 @@
+"""Training: running an experiment, the trainer, checkpoints and resume, optimization, metrics."""

@@ -1,0 +1,260 @@
+"""A run's own checkpoints: what one holds, writing those callbacks ask for, resuming.
+
+The core, not a callback, decides what a checkpoint holds (the file format is
+``checkpoints.py``'s): weights, optimizer and loss-scaler states, every process's
+sampler and random states, every callback's state, and what the run has
+measured. Callbacks only ask for files by name (:meth:`TrainerState.request_save`);
+:class:`RunCheckpoints` builds the checkpoint once, writes each file on the
+main process, and continues a run from ``last.pth`` when its folder has one.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from nanogpt_core import __version__
+from nanogpt_core.errors import TrainingError
+from nanogpt_core.train.callbacks import LAST_CHECKPOINT, RunPaths
+from nanogpt_core.train.checkpoints import FORMAT as CHECKPOINT_FORMAT
+from nanogpt_core.train.checkpoints import load_checkpoint, save_checkpoint
+from nanogpt_core.train.hook_dispatch import HookDispatch
+from nanogpt_core.train.resume import callback_states, check_belongs
+from nanogpt_core.train.throughput import Throughput
+
+if TYPE_CHECKING:
+    from nanogpt_core.config.experiment import ExperimentConfig
+    from nanogpt_core.data.prepared import PreparedData
+    from nanogpt_core.data.token_windows import BatchSource
+    from nanogpt_core.model.gpt import GPT
+
+# Param-group keys that choose an optimizer's kernel rather than its update.
+IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")
+
+
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """This process's random states (and its CUDA ``device``'s), as tensors and plain containers."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if device is not None and device.type == "cuda":
+        # This process's device only: asking for every GPU's state would make each
+        # rank initialise every GPU of the node.
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore what :func:`rng_state` returned (the CUDA state onto ``device``)."""
+    random.setstate(state["python"])
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    saved = state.get("cuda")
+    if saved is None or device is None or device.type != "cuda":
+        return
+    if isinstance(saved, (list, tuple)):  # a checkpoint from before: every GPU's state
+        index = device.index or 0
+        if index >= len(saved):
+            return
+        saved = saved[index]
+    torch.cuda.set_rng_state(saved, device)
+
+
+def load_optimizer_state(optimizer: Any, state: dict[str, Any]) -> None:
+    """The saved optimizer state, keeping how this machine runs the update.
+
+    torch restores every key of the saved param groups, ``fused`` and
+    ``foreach`` too: a checkpoint written on a CPU would resume unfused on a
+    GPU. Those say how the update is computed, not what it is, so this
+    run's own choice stays.
+    """
+    groups = optimizer.param_groups
+    kernels = [{k: g[k] for k in IMPLEMENTATION_KEYS if k in g} for g in groups]
+    optimizer.load_state_dict(state)
+    if len(optimizer.param_groups) == len(kernels):
+        for group, kept in zip(optimizer.param_groups, kernels, strict=True):
+            group.update(kept)
+
+
+class RunCheckpoints:
+    """Snapshots the run, writes the checkpoints callbacks request, resumes from ``last.pth``.
+
+    :param config: the resolved experiment.
+    :param data: the prepared data (its tokenizer and fingerprint go in every checkpoint).
+    :param model: the unwrapped model.
+    :param optimizer: the optimizer (as the accelerator prepared it).
+    :param accelerator: the run's ``accelerate.Accelerator``.
+    :param sampler: this process's training batches.
+    :param hooks: the callbacks and the state they see.
+    :param throughput: the run's clock and token counts.
+    :param paths: the run's results folder.
+    :param echo: prints a line on the main process.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: ExperimentConfig,
+        data: PreparedData,
+        model: GPT,
+        optimizer: Any,
+        accelerator: Any,
+        sampler: BatchSource,
+        hooks: HookDispatch,
+        throughput: Throughput,
+        paths: RunPaths,
+        echo: Callable[[str], None],
+    ) -> None:
+        self.config = config
+        self.data = data
+        self.model = model
+        self.optimizer = optimizer
+        self.accelerator = accelerator
+        self.sampler = sampler
+        self.hooks = hooks
+        self.throughput = throughput
+        self.paths = paths
+        self.echo = echo
+
+    # -- writing -------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything a resumed run needs (see ``checkpoints.py``), gathered from every process.
+
+        Every process must call it (it communicates); only tensors and plain
+        containers, so ``torch.load(weights_only=True)`` reads it back.
+        """
+        from accelerate.utils import gather_object
+
+        state = self.hooks.state
+        per_rank = {"sampler": self.sampler.state_dict(), "rng": rng_state(self.accelerator.device)}
+        ranks = gather_object([per_rank]) if self.accelerator.num_processes > 1 else [per_rank]
+        scaler = self.accelerator.scaler
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": __version__,
+            "model_args": asdict(self.model.config),
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler else None,
+            "step": state.step,
+            "epoch": state.epoch,
+            "elapsed_s": self.throughput.elapsed(),
+            "metrics": dict(state.metrics),
+            "ranks": ranks,
+            "callbacks": self.hooks.callback_states(),
+            "config": self.config.to_dict(),
+            "tokenizer": dict(self.data.tokenizer),
+            "template": self.data.meta.get("template"),
+            "data": {key: self.data.meta.get(key) for key in ("plugin", "variant", "fingerprint")},
+        }
+
+    def save_requested(self) -> None:
+        """Write the checkpoints callbacks asked for, then tell the callbacks (``on_checkpoint``)."""
+        names, self.hooks.requests.saves = self.hooks.requests.saves, []
+        if not names:
+            return
+        self.check_weights_finite()
+        checkpoint = self.snapshot()
+        written = []
+        for name in names:
+            path = self.paths.checkpoints / name
+            if self.accelerator.is_main_process:
+                save_checkpoint(path, checkpoint)
+            written.append(path)
+        if LAST_CHECKPOINT in names:
+            self.hooks.update(last_saved_step=self.hooks.state.step)
+        for path in written:
+            self.hooks.call("on_checkpoint", path)
+
+    def check_weights_finite(self) -> None:
+        """Refuse to save weights that are already NaN or infinite."""
+        named = list(self.model.named_parameters())
+        finite = torch.stack([torch.isfinite(param).all() for _, param in named])
+        if bool(finite.all()):  # one read from the device, not one per tensor
+            return
+        for (name, _), ok in zip(named, finite.tolist(), strict=True):
+            if not ok:
+                raise TrainingError(
+                    f"weights became non-finite at step {self.hooks.state.step} ({name}); "
+                    f"nothing was saved. {self.last_good()}"
+                )
+
+    def last_good(self) -> str:
+        """A sentence naming the checkpoint a failed run can go back to, if any."""
+        saved = self.hooks.state.last_saved_step
+        if saved is None:
+            return "No checkpoint was saved before."
+        return f"The last good checkpoint is step {saved} ({self.paths.last_checkpoint})."
+
+    # -- resuming ------------------------------------------------------------
+
+    def resume(self) -> bool:
+        """Continue from ``last.pth`` when the results folder has one; returns whether it did.
+
+        :raises CheckpointError: the file is damaged or incomplete.
+        :raises ResumeMismatch: it was made by another experiment.
+        """
+        path = self.paths.last_checkpoint
+        if not path.exists():
+            return False
+        checkpoint = load_checkpoint(path, resume=True)
+        check_belongs(
+            path,
+            checkpoint,
+            model_args=asdict(self.model.config),
+            tokenizer=dict(self.data.tokenizer),
+            data_meta=self.data.meta,
+        )
+        states = callback_states(path, checkpoint["callbacks"], self.hooks.plugins)
+        self._restore(checkpoint, states)
+        state = self.hooks.state
+        self.echo(f"resuming from step {state.step} (epoch {state.epoch}) of {path}")
+        return True
+
+    def _restore(self, checkpoint: dict[str, Any], states: dict[int, dict[str, Any]]) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        load_optimizer_state(self.optimizer, checkpoint["optimizer"])
+        if self.accelerator.scaler and checkpoint.get("scaler"):
+            self.accelerator.scaler.load_state_dict(checkpoint["scaler"])
+        ranks = checkpoint["ranks"]
+        rank = self.accelerator.process_index
+        if rank < len(ranks):
+            self.sampler.load_state_dict(ranks[rank]["sampler"])
+            set_rng_state(ranks[rank]["rng"], self.accelerator.device)
+        self.hooks.load_callback_states(states)
+        step = int(checkpoint["step"])
+        metrics = dict(checkpoint["metrics"])
+        if "tokens" not in metrics and not self.throughput.fine_tuning:
+            # A checkpoint from before `tokens`: pre-training steps all count the same.
+            metrics["tokens"] = step * self.throughput.tokens_per_step
+        self.hooks.update(
+            step=step,
+            epoch=int(checkpoint["epoch"]),
+            metrics=metrics,
+            resumed_from=step,
+            last_saved_step=step,
+        )
+        self.throughput.resume(step, float(checkpoint["elapsed_s"]))

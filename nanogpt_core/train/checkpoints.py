@@ -1,0 +1,282 @@
+"""Checkpoint files: what they hold, how they are written, how they are checked.
+
+The core owns this format; the ``checkpoint`` plugin only decides when to save
+and which files to keep. A checkpoint is a dict of tensors and plain containers
+(so :func:`load_checkpoint` can insist on ``torch.load(weights_only=True)``: a
+file that would need pickled code is refused, never executed), written to a
+temporary file and renamed into place, with a checksum of its whole payload. On
+load the file is checked before anything uses it: readable, the checksum matches,
+and every key the purpose needs is there with the right type. Each failure is one
+:class:`CheckpointError` line naming the file.
+
+Keys (``FORMAT`` 2):
+
+======================  ======================================================
+``format``              this layout's version
+``version``             the toolkit's version that wrote it
+``model_args``          the architecture (``GPTConfig`` fields; later ones default on load)
+``model``               the weights, unwrapped, full precision, on the CPU
+``tokenizer``           the tokenizer's description (a char vocabulary in full)
+``step``, ``epoch``     optimizer steps done, current epoch
+``optimizer``           the optimizer's ``state_dict``
+``scaler``              fp16 loss scaler state, or None
+``elapsed_s``           training seconds so far, across resumes
+``metrics``             the latest metrics (so a run resumed at its end can report them)
+``ranks``               per process: its sampler state and RNG states
+``callbacks``           per enabled callback: ``{"position", "plugin", "state"}``
+``config``              the resolved experiment
+``data``                the prepared data's ``plugin``, ``variant`` and ``fingerprint``
+``checksum``            sha256 over every other key
+======================  ======================================================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from nanogpt_core.errors import NanoGPTError
+from nanogpt_core.files import atomic_write
+
+FORMAT = 2
+
+# What each use needs, with the types it needs them in (checked on load).
+MODEL_KEYS: dict[str, type | tuple[type, ...]] = {
+    "model": dict,
+    "model_args": dict,
+    "step": int,
+    "tokenizer": dict,
+}
+RESUME_KEYS: dict[str, type | tuple[type, ...]] = {
+    **MODEL_KEYS,
+    "format": int,
+    "epoch": int,
+    "optimizer": dict,
+    "elapsed_s": (int, float),
+    "metrics": dict,
+    "ranks": list,
+    "callbacks": list,
+    "config": dict,
+    "data": dict,
+}
+MODEL_ARGS: dict[str, type | tuple[type, ...]] = {
+    "block_size": int,
+    "vocab_size": int,
+    "n_layer": int,
+    "n_head": int,
+    "n_embd": int,
+    "dropout": (int, float),
+    "bias": bool,
+}
+# Architecture options added after the first checkpoints were written. A
+# checkpoint without them was trained as GPT-2, which is what their defaults
+# (GPTConfig's) describe, so load_checkpoint fills them in.
+LATER_MODEL_ARGS: dict[str, type | tuple[type, ...]] = {
+    "position": str,
+    "rope_theta": (int, float),
+    "norm": str,
+    "mlp": str,
+    "qk_norm": bool,
+    "tie_embeddings": bool,
+    "logit_softcap": (int, float, type(None)),
+}
+
+
+class CheckpointError(NanoGPTError):
+    """A checkpoint that cannot or must not be loaded."""
+
+
+# -- checksum ------------------------------------------------------------------
+
+
+def _leaves(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """Every leaf of nested dicts/lists/tuples, with a stable path, in a stable order."""
+    if isinstance(value, dict):
+        for key in sorted(value, key=repr):
+            yield from _leaves(value[key], f"{path}/{key!r}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _leaves(item, f"{path}[{i}]")
+    else:
+        yield path, value
+
+
+def payload_checksum(checkpoint: dict[str, Any]) -> str:
+    """sha256 over every key but ``checksum``: tensors by dtype, shape and bytes, the rest by repr."""
+    import torch
+
+    digest = hashlib.sha256()
+    for path, leaf in _leaves({k: v for k, v in checkpoint.items() if k != "checksum"}):
+        digest.update(path.encode())
+        if isinstance(leaf, torch.Tensor):
+            tensor = leaf.detach().cpu().contiguous()
+            digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+            # Viewing the bytes as uint8 works for every dtype, bfloat16 included.
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+        else:
+            digest.update(repr(leaf).encode())
+    return digest.hexdigest()
+
+
+# -- writing -------------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
+    """Write ``checkpoint`` with its checksum, through a temporary file and a rename.
+
+    :raises StorageError: the disk is full or the folder read-only; the previous
+        file at ``path`` stays as it was.
+    """
+    import torch
+
+    payload = {**checkpoint, "checksum": payload_checksum(checkpoint)}
+    atomic_write(Path(path), lambda handle: torch.save(payload, handle))
+
+
+# -- reading -------------------------------------------------------------------
+
+
+def load_checkpoint(
+    path: Path, map_location: Any = "cpu", *, resume: bool = False
+) -> dict[str, Any]:
+    """Read and check a checkpoint, refusing every problem in one line.
+
+    :param resume: also require what resuming a run needs (optimizer, samplers,
+        RNG, callbacks' states, ...); without it, what sampling and export need.
+    :raises CheckpointError: missing, unreadable, damaged (checksum), unsafe
+        (pickled code), or lacking a key the purpose needs.
+    """
+    path = Path(path)
+    checkpoint = _read(path, map_location)
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path}: not a nanogpt checkpoint (not a dict of keys)")
+    _check_keys(path, checkpoint, RESUME_KEYS if resume else MODEL_KEYS)
+    _check_model_args(path, checkpoint["model_args"])
+    tokenizer = checkpoint["tokenizer"]
+    if not isinstance(tokenizer.get("kind"), str) or not isinstance(
+        tokenizer.get("vocab_size"), int
+    ):
+        raise CheckpointError(f"{path}: tokenizer: expected a table with 'kind' and 'vocab_size'")
+    _check_checksum(path, checkpoint, required=resume)
+    checkpoint["model_args"] = _complete_model_args(path, checkpoint["model_args"])
+    return checkpoint
+
+
+def _read(path: Path, map_location: Any) -> Any:
+    import torch
+
+    if not path.exists():
+        raise CheckpointError(f"{path}: file not found")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, expected a .pth checkpoint file")
+    # torch.save writes a zip archive; anything else is damaged or not ours.
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (truncated or corrupt: not a torch zip archive)"
+        )
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        detail = [line.strip() for line in str(exc).splitlines() if line.strip()] or ["?"]
+        culprit = next((line for line in detail if "global" in line.lower()), None)
+        if culprit is None:
+            raise CheckpointError(
+                f"{path}: not a readable checkpoint (truncated or corrupt: {detail[0]})"
+            ) from None
+        # weights_only refuses any global it does not know: that is pickled code.
+        raise CheckpointError(
+            f"{path}: refused: loading it would run pickled code ({culprit}); only checkpoints "
+            "of tensors and plain containers are loaded"
+        ) from None
+    except Exception as exc:  # torch raises RuntimeError, EOFError, ValueError, ... on damage
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (truncated or corrupt: {first})"
+        ) from None
+
+
+def _type_name(expected: type | tuple[type, ...]) -> str:
+    names = {
+        dict: "a table",
+        list: "a list",
+        int: "an integer",
+        float: "a number",
+        bool: "a boolean",
+        str: "a string",
+        type(None): "none",
+    }
+    types = expected if isinstance(expected, tuple) else (expected,)
+    return " or ".join(names.get(t, t.__name__) for t in types)
+
+
+def _has_type(value: Any, expected: type | tuple[type, ...]) -> bool:
+    types = expected if isinstance(expected, tuple) else (expected,)
+    # bool is an int subclass, but True is never a step count.
+    if isinstance(value, bool) and bool not in types:
+        return False
+    return isinstance(value, types)
+
+
+def _check_keys(path: Path, checkpoint: dict[str, Any], keys: dict[str, Any]) -> None:
+    missing = [key for key in keys if key not in checkpoint]
+    if missing:
+        raise CheckpointError(
+            f"{path}: not a usable nanogpt checkpoint: missing {', '.join(missing)}"
+            + ("" if "model" not in missing else " (is it a nanogpt checkpoint?)")
+        )
+    for key, expected in keys.items():
+        if not _has_type(checkpoint[key], expected):
+            raise CheckpointError(
+                f"{path}: {key} is {type(checkpoint[key]).__name__}, expected {_type_name(expected)}"
+            )
+
+
+def _check_model_args(path: Path, args: dict[str, Any]) -> None:
+    for key, expected in {**MODEL_ARGS, **LATER_MODEL_ARGS}.items():
+        if key not in args:
+            if key in LATER_MODEL_ARGS:
+                continue
+            raise CheckpointError(f"{path}: model_args lacks {key}")
+        if not _has_type(args[key], expected):
+            raise CheckpointError(
+                f"{path}: model_args.{key} is {type(args[key]).__name__}, "
+                f"expected {_type_name(expected)}"
+            )
+
+
+def _complete_model_args(path: Path, args: dict[str, Any]) -> dict[str, Any]:
+    """``args`` with the defaults of options it predates, checked as a whole."""
+    import dataclasses
+
+    from nanogpt_core.model.gpt import GPTConfig
+
+    unknown = sorted(set(args) - set(MODEL_ARGS) - set(LATER_MODEL_ARGS))
+    if unknown:
+        raise CheckpointError(
+            f"{path}: model_args.{unknown[0]} is unknown to this nanogpt "
+            "(written by a newer version?)"
+        )
+    defaults = {field.name: field.default for field in dataclasses.fields(GPTConfig)}
+    complete = {**{key: defaults[key] for key in LATER_MODEL_ARGS}, **args}
+    try:
+        GPTConfig(**complete)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: model_args: {exc}") from None
+    return complete
+
+
+def _check_checksum(path: Path, checkpoint: dict[str, Any], *, required: bool) -> None:
+    saved = checkpoint.get("checksum")
+    if saved is None:
+        if required:
+            raise CheckpointError(f"{path}: has no checksum (written by an older nanogpt)")
+        return  # an older checkpoint: usable for sampling and export, unverified
+    if payload_checksum(checkpoint) != saved:
+        raise CheckpointError(
+            f"{path}: damaged: its contents do not match the checksum written with it "
+            "(a flipped byte or a partial copy); use another checkpoint"
+        )

@@ -1,0 +1,363 @@
+"""The training loop: nanoGPT's recipe, driven by Hugging Face Accelerate.
+
+The same code runs on one CPU, one GPU, or many processes under
+``accelerate launch``: Accelerate owns devices, mixed precision, gradient
+accumulation and the gradient all-reduce; this module owns the recipe (the
+optimizer and schedule plugins the experiment names, clipping, evaluation), the
+metrics, and the moments at which callbacks are called. Only the main process
+writes files or prints.
+
+What the loop leans on lives beside it: the model and its first weights in
+``model_setup.py``, the batches in ``training_data.py``, calling callbacks in
+``hook_dispatch.py``, checkpoints and resume in ``checkpointing.py``, tokens/s
+and MFU in ``throughput.py``, and stopping on a signal in ``stopping.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from nanogpt_core.config.experiment import ExperimentConfig
+from nanogpt_core.data.prepared import PreparedData
+from nanogpt_core.errors import TrainingError
+from nanogpt_core.plugins.registry import Plugins
+from nanogpt_core.train.callbacks import Callback, Requests, RunPaths, TrainerState
+from nanogpt_core.train.checkpointing import RunCheckpoints
+from nanogpt_core.train.hook_dispatch import HookDispatch
+from nanogpt_core.train.loss_estimate import estimate_loss
+from nanogpt_core.train.metrics import MetricsLog
+from nanogpt_core.train.model_setup import build_model, model_config_for
+from nanogpt_core.train.optimization import LearningRates, make_optimizer, make_schedule
+from nanogpt_core.train.stopping import StopRequest, TrainingInterrupted
+from nanogpt_core.train.throughput import Throughput
+from nanogpt_core.train.training_data import steps_per_epoch, to_device, training_batches
+
+
+def agree(
+    accelerator: Any, loss: torch.Tensor, grad_norm: torch.Tensor, *, stop: bool
+) -> tuple[float, float, bool]:
+    """The step's figures as every process sees them, in one gather and one host read.
+
+    The loss is averaged over processes (so the finiteness check is the same
+    everywhere); a stop requested on any process stops every process after
+    this step. Packing the three into one small tensor keeps the step at one
+    device-to-host synchronisation.
+    """
+    flag = torch.ones((), device=loss.device) if stop else torch.zeros((), device=loss.device)
+    packed = torch.stack([loss.float(), grad_norm.detach().float().to(loss.device), flag])
+    gathered = accelerator.gather(packed[None, :])  # (processes, 3)
+    agreed = torch.stack(
+        [gathered[:, 0].mean(), gathered[:, 1].max(), gathered[:, 2].max()]
+    ).tolist()
+    return agreed[0], agreed[1], agreed[2] > 0
+
+
+class Trainer:
+    """Trains a GPT on prepared data, calls the experiment's callbacks, owns resume.
+
+    Everything is built in the constructor (model, optimizer, samplers, state), so
+    a ``Trainer`` is whole before :meth:`fit` runs. The trainer, not a callback,
+    decides what a checkpoint holds, writes the files callbacks request through
+    :meth:`TrainerState.request_save`, and continues from ``last.pth`` when the
+    results folder has one (see :class:`RunCheckpoints`).
+
+    :param config: the resolved experiment.
+    :param data: the prepared dataset.
+    :param callbacks: the enabled callbacks, in the experiment's order.
+    :param paths: the run's results folder.
+    :param accelerator: an ``accelerate.Accelerator`` built for ``config.train``.
+    :param progress: show a progress bar on the main process.
+    :param plugins: where the optimizer and schedule are looked up.
+    """
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        data: PreparedData,
+        callbacks: list[Callback],
+        paths: RunPaths,
+        accelerator: Any,
+        *,
+        progress: bool = True,
+        plugins: Plugins,
+    ) -> None:
+        from accelerate.utils import set_seed
+
+        self.config = config
+        self.data = data
+        self.paths = paths
+        self.accelerator = accelerator
+        self.progress = progress
+        self.plugins = plugins
+        self.train_cfg = train = config.train
+        self.fine_tuning = data.meta.get("kind", "tokens") == "examples"
+        self.is_main = accelerator.is_main_process
+        self.metrics_log = MetricsLog(paths.metrics, enabled=self.is_main)
+        # Same seed on every rank: identical initial weights everywhere.
+        set_seed(config.seed)
+        self.model_config = model_config_for(config, data)
+        self.raw_model = self._build_model()
+        self.model, self.optimizer = self._prepare_for_training()
+        if accelerator.num_processes > 1:
+            # The same weights came from the same seed; from here on each process
+            # draws its own dropout masks (one process keeps its stream as it was).
+            torch.manual_seed(config.seed + accelerator.process_index)
+        self.sampler = training_batches(
+            config, data, self.model_config, accelerator, fine_tuning=self.fine_tuning
+        )
+        self.steps_per_epoch = steps_per_epoch(train, self.sampler)
+        self.total_steps = train.epochs * self.steps_per_epoch
+        self.learning_rates = LearningRates.for_run(
+            *make_schedule(plugins, train), self.optimizer, train, self.total_steps
+        )
+        self.throughput = Throughput.for_run(
+            train, self.raw_model, accelerator, self.sampler, fine_tuning=self.fine_tuning
+        )
+        self.peak_flops = self.throughput.peak_flops  # None: no MFU
+        requests = Requests()
+        state = TrainerState(
+            config=config,
+            paths=paths,
+            total_steps=self.total_steps,
+            steps_per_epoch=self.steps_per_epoch,
+            model=self.raw_model,
+            optimizer=self.optimizer,
+            accelerator=accelerator,
+            tokenizer=dict(data.tokenizer),
+            template=data.meta.get("template"),
+            data=data,
+            is_main_process=self.is_main,
+            requests=requests,
+        )
+        plugin_names = [spec.plugin for spec in config.callbacks]
+        self.hooks = HookDispatch(
+            state, requests, callbacks, plugin_names, self.metrics_log, self.elapsed, self.echo
+        )
+        self.checkpoints = RunCheckpoints(
+            config=config,
+            data=data,
+            model=self.raw_model,
+            optimizer=self.optimizer,
+            accelerator=accelerator,
+            sampler=self.sampler,
+            hooks=self.hooks,
+            throughput=self.throughput,
+            paths=paths,
+            echo=self.echo,
+        )
+
+    @property
+    def state(self) -> TrainerState:
+        """What callbacks see now (steps done, metrics, status, ...)."""
+        return self.hooks.state
+
+    def echo(self, message: str) -> None:
+        """Print a line on the main process without breaking the progress bar."""
+        if self.is_main:
+            from tqdm import tqdm
+
+            tqdm.write(message)
+
+    def elapsed(self) -> float:
+        """Seconds of training so far, across resumes."""
+        return self.throughput.elapsed()
+
+    # -- set-up --------------------------------------------------------------
+
+    def _build_model(self) -> torch.nn.Module:
+        # A run that resumes takes its weights from its own last.pth, never init_from again.
+        resuming = self.paths.last_checkpoint.exists()
+        init_from = None if resuming else self.config.model.init_from
+        model = build_model(self.model_config, init_from, self.data.tokenizer, self.echo)
+        return model.to(self.accelerator.device)
+
+    def _prepare_for_training(self) -> tuple[Any, Any]:
+        optimizer = make_optimizer(
+            self.plugins, self.train_cfg, self.raw_model, self.accelerator.device.type
+        )
+        model: torch.nn.Module = self.raw_model
+        if self.train_cfg.compile:
+            model = torch.compile(model)
+        return self.accelerator.prepare(model, optimizer)
+
+    # -- the loop ------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        """Train to the end (or to a stop request) and return the last metrics.
+
+        :raises TrainingInterrupted: SIGTERM or Ctrl-C stopped the run (exit 130).
+        """
+        from tqdm import tqdm
+
+        stop = StopRequest()
+        processes = self.accelerator.num_processes
+        status = "failed"
+        self.throughput.start()
+        try:
+            with stop.installed():
+                self._start()
+                bar = tqdm(
+                    total=self.total_steps,
+                    initial=self.state.step,
+                    unit="step",
+                    disable=not (self.is_main and self.progress),
+                    dynamic_ncols=True,
+                )
+                with bar:
+                    while self.state.step < self.total_steps and not stop.stopping(processes):
+                        self._step(bar, stop)
+            status = "interrupted" if stop.stopping(processes) else "completed"
+        finally:
+            self._finish(status)
+        if status == "interrupted":
+            state = self.state
+            raise TrainingInterrupted(
+                stop.message(state.step, state.last_saved_step, self.paths.last_checkpoint)
+            )
+        return dict(self.state.metrics)
+
+    def _start(self) -> None:
+        """Resume if the folder has a ``last.pth``, then ``on_train_start``."""
+        self.checkpoints.resume()
+        # Before any callback may log: a line appended after a torn one would be lost.
+        torn = self.metrics_log.truncate_after(self.state.step)
+        if torn:
+            self.echo(f"{self.paths.metrics}: dropped {torn} unreadable line(s) (a torn write)")
+        self.hooks.call("on_train_start")
+        self._end_round()
+        self.model.train()
+
+    def _step(self, bar: Any, stop: StopRequest) -> None:
+        """One optimizer step, its metrics, and the callbacks that follow it."""
+        train = self.train_cfg
+        lr = self.set_learning_rates(self.state.step)
+        loss, grad_norm = self._forward_backward()
+        loss, grad_norm, stop.agreed = agree(
+            self.accelerator, loss, grad_norm, stop=stop.requested is not None
+        )
+        step = self.state.step + 1
+        epoch = (step - 1) // self.steps_per_epoch + 1
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"loss is {loss} at step {step}: training diverged; lower train.learning_rate "
+                f"or check the data. Nothing was saved from this step. "
+                f"{self.checkpoints.last_good()}"
+            )
+        metrics = {
+            **self.state.metrics,
+            "train_loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": self.state.metrics.get("tokens", 0) + self.throughput.tokens_of_step(),
+        }
+        evaluate = step % train.eval_every == 0 or step == self.total_steps
+        record = None
+        if evaluate or step % train.log_every == 0:
+            record = self._log(step, epoch, metrics, evaluate)
+            metrics.update({k: v for k, v in record.items() if k not in ("step", "epoch")})
+            bar.set_postfix(
+                epoch=epoch, loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_sec']:,.0f}"
+            )
+        self.hooks.update(
+            step=step,
+            epoch=epoch,
+            metrics=metrics,
+            record=MappingProxyType(record) if record else None,
+        )
+        bar.update(1)
+        self.hooks.step_ended(evaluated=evaluate, epoch_ended=step % self.steps_per_epoch == 0)
+        self._end_round()
+
+    def set_learning_rates(self, step: int) -> float:
+        """Each param group's ``lr`` for the 0-based ``step``, from the schedule.
+
+        :returns: the learning rate of ``train.learning_rate`` at this step (the
+            ``lr`` metric).
+        """
+        return self.learning_rates.apply(self.optimizer.param_groups, step)
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches.
+
+        The learning rates are the param groups' as they are: see :meth:`set_learning_rates`.
+
+        :returns: the loss (averaged over micro-batches and processes) and the
+            gradient norm before clipping.
+        """
+        loss, grad_norm, _ = agree(self.accelerator, *self._forward_backward(), stop=False)
+        return loss, grad_norm
+
+    def _forward_backward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The micro-steps and the optimizer step, reading nothing back from the device.
+
+        :returns: this process's mean loss and the gradient norm, as device tensors.
+        """
+        train = self.config.train
+        acc = self.accelerator
+        loss_sum = torch.zeros((), device=acc.device)
+        grad_norm = torch.zeros((), device=acc.device)
+        for _ in range(train.gradient_accumulation_steps):
+            x, y = to_device(*self.sampler.next_batch(), acc.device)
+            with acc.accumulate(self.model):
+                with self.accelerator.autocast():
+                    _, loss = self.model(x, y)
+                loss_sum += loss.detach().float()
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    max_norm = train.grad_clip if train.grad_clip > 0 else float("inf")
+                    grad_norm = acc.clip_grad_norm_(self.raw_model.parameters(), max_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum / train.gradient_accumulation_steps, grad_norm
+
+    def _log(
+        self, step: int, epoch: int, metrics: dict[str, Any], evaluate: bool
+    ) -> dict[str, Any]:
+        """Build this step's metrics record once; it goes to metrics.jsonl and every callback."""
+        record: dict[str, Any] = {
+            "step": step,
+            "epoch": epoch,
+            "tokens": metrics["tokens"],
+            "train_loss": metrics["train_loss"],
+            "lr": metrics["lr"],
+            "grad_norm": metrics["grad_norm"],
+            **self.throughput.since_last_log(step),
+        }
+        if evaluate:
+            losses = self.estimate_loss()
+            record.update(losses)
+            self.echo(
+                f"step {step}/{self.total_steps} (epoch {epoch}): "
+                f"train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}"
+            )
+        record["elapsed_s"] = self.elapsed()
+        self.metrics_log.append(record)
+        return record
+
+    def estimate_loss(self) -> dict[str, float]:
+        """Mean loss over ``eval_batches`` fixed batches of each split, averaged over processes.
+
+        For fine-tuning data the batches are whole examples and the loss is on
+        their response tokens.
+        """
+        block_size = self.model_config.block_size
+        return estimate_loss(self.model, self.data, self.config, block_size, self.accelerator)
+
+    def _end_round(self) -> None:
+        """Do what callbacks asked in this round of hooks: their metrics line, then checkpoints."""
+        self.hooks.write_logged()
+        self.checkpoints.save_requested()
+        self.hooks.write_logged()  # what on_checkpoint asked
+
+    def _finish(self, status: str) -> None:
+        """``on_train_end`` for every callback; then save what they asked, unless the run failed."""
+        if status == "failed":
+            self.hooks.end_failed_run()
+            return
+        self.hooks.update(status=status)
+        self.hooks.call("on_train_end")
+        self._end_round()
