@@ -9,8 +9,13 @@ are one-line :class:`DataError` messages naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
+import logging
+import os
+import socket
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -177,15 +182,59 @@ def _parquet_rows(path: Path, columns: Sequence[str]) -> Iterator[dict[str, Any]
         yield from batch.to_pylist()
 
 
-def hub_rows(name: str, subset: str | None, split: str) -> Iterator[dict[str, Any]]:
-    """Rows of a Hugging Face hub dataset, streamed (nothing is downloaded whole)."""
+HUB_HINT = 'use source = "local" with downloaded files'
+
+
+def hub_rows(
+    name: str, subset: str | None, split: str, *, hint: str = HUB_HINT
+) -> Iterator[dict[str, Any]]:
+    """Rows of a Hugging Face hub dataset, streamed (nothing is downloaded whole).
+
+    Offline, this fails at once in one line ending with ``hint``: the hub's
+    host is looked up first, and the hub client's own retry warnings (five
+    "Name or service not known" lines over 20 seconds) are kept from the user.
+    """
+    problem = hub_unreachable()
+    if problem:
+        raise DataError(f"could not read {name} from the Hugging Face hub ({problem}); {hint}")
     import datasets
 
     try:
-        stream = datasets.load_dataset(name, subset, split=split, streaming=True)
-        yield from stream
+        with quiet_hub_retries():
+            stream = datasets.load_dataset(name, subset, split=split, streaming=True)
+            yield from stream
     except Exception as exc:  # offline, unknown name, gated: all end the same way
         raise DataError(
             f"could not read {name} from the Hugging Face hub ({type(exc).__name__}: "
-            f'{str(exc).splitlines()[0] if str(exc) else ""}); use source = "local" with downloaded files'
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); {hint}"
         ) from None
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached at all, or None when its host resolves.
+
+    ``HF_HUB_OFFLINE`` is left to the hub client (it may serve a cached copy).
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return None
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    host = urllib.parse.urlparse(endpoint).hostname
+    if not host:
+        return f"HF_ENDPOINT {endpoint!r} names no host"
+    try:
+        socket.getaddrinfo(host, None)
+    except OSError as exc:
+        return f"{host} cannot be resolved: {exc.strerror or exc}; offline?"
+    return None
+
+
+@contextlib.contextmanager
+def quiet_hub_retries() -> Iterator[None]:
+    """Keep the hub client's retry warnings from the user while inside; the failure is ours to say."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

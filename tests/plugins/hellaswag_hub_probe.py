@@ -35,6 +35,8 @@ def main() -> None:
     import datasets
 
     datasets.load_dataset = load_dataset
+    # The stand-in "is" at localhost, which resolves offline (the core looks the host up first).
+    os.environ["HF_ENDPOINT"] = "http://localhost"
 
     from nanogpt_core.cli import main as gpt
 

@@ -49,6 +49,8 @@ def hub(monkeypatch, tmp_path, shared_data):
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    # The stand-in "is" at localhost, which resolves offline (the core looks the host up first).
+    monkeypatch.setenv("HF_ENDPOINT", "http://localhost")
     return calls, state
 
 

@@ -30,6 +30,7 @@ from nanogpt_core import (
     NanoGPTError,
     atomic_write_text,
     hookimpl,
+    hub_rows,
     option,
     read_rows,
 )
@@ -164,28 +165,20 @@ def download(name: str, split: str) -> list[dict[str, Any]]:
     :raises DataError: the hub cannot be read (offline, an unknown name), in
         one line pointing at a local copy; or a row lacks a column.
     """
+    hint = "pass a local copy with --data hellaswag_val.jsonl (or data = ... in [eval.hellaswag])"
     rows = []
     try:
-        import datasets
-
-        stream = datasets.load_dataset(name, split=split, streaming=True)
+        stream = hub_rows(name, None, split, hint=hint)
         for number, row in enumerate(stream, start=1):
             missing = [column for column in COLUMNS if column not in row]
             if missing:
                 raise DataError(
-                    f"hellaswag: {name} row {number} has no {missing[0]!r} field "
+                    f"{name} row {number} has no {missing[0]!r} field "
                     f"(it has: {', '.join(sorted(row))}); is hub_name a HellaSwag copy?"
                 )
             rows.append({column: row[column] for column in COLUMNS})
-    except DataError:
-        raise
-    except Exception as exc:  # offline, unknown name, gated: all end the same way
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise DataError(
-            f"hellaswag: could not read {name} from the Hugging Face hub "
-            f"({type(exc).__name__}: {first}); pass a local copy with --data "
-            "hellaswag_val.jsonl (or data = ... in [eval.hellaswag])"
-        ) from None
+    except DataError as exc:
+        raise DataError(f"hellaswag: {exc}") from None
     return rows
 
 
