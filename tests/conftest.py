@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -227,3 +227,29 @@ def tiny_trainer():
         )
 
     return build
+
+
+@pytest.fixture
+def train_experiment() -> Callable[..., dict]:
+    """Train an experiment file in this process, as ``gpt run`` does; returns the final metrics.
+
+    Called as ``train_experiment(path, data_dir, results, overrides=(), plugins=None)``:
+    ``overrides`` are ``--set`` strings; ``plugins`` defaults to every installed plugin.
+    """
+    from nanogpt_core.config.experiment_file import load_experiment
+    from nanogpt_core.train.run import run_experiment
+
+    def train(
+        path: Path,
+        data_dir: Path,
+        results: Path,
+        overrides: Sequence[str] = (),
+        plugins: Plugins | None = None,
+    ) -> dict:
+        plugins = plugins or load_plugins(disabled=())
+        config = load_experiment(path, list(overrides), plugins)
+        return run_experiment(
+            config, plugins, results_dir=results, data_dir=data_dir, progress=False
+        )
+
+    return train

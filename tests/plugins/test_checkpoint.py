@@ -14,11 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanogpt_core.config.experiment_file import load_experiment
 from nanogpt_core.errors import NanoGPTError
-from nanogpt_core.plugins.registry import load_plugins
 from nanogpt_core.train.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
-from nanogpt_core.train.run import run_experiment
 
 ALL_CALLBACKS = """
 [[callbacks]]
@@ -33,12 +30,6 @@ max_new_tokens = 16
 [[callbacks]]
 plugin = "tensorboard"
 """
-
-
-def run(path, data_dir, results, overrides=()):
-    plugins = load_plugins(disabled=())
-    config = load_experiment(path, overrides, plugins)
-    return run_experiment(config, plugins, results_dir=results, data_dir=data_dir, progress=False)
 
 
 def losses(metrics_path: Path) -> list[tuple]:
@@ -60,10 +51,10 @@ SHORT = [
 
 
 def test_saves_last_and_epoch_checkpoints_with_everything_needed(
-    tiny_char_experiment, session_data_dir, tmp_path
+    tiny_char_experiment, session_data_dir, tmp_path, train_experiment
 ):
     path = tiny_char_experiment(extra=ALL_CALLBACKS.format(every=4))
-    run(path, session_data_dir, tmp_path / "r", SHORT)
+    train_experiment(path, session_data_dir, tmp_path / "r", SHORT)
     folder = tmp_path / "r" / "tiny" / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == [
         "ckpt_epoch_1.pth",
@@ -102,9 +93,11 @@ def test_saves_last_and_epoch_checkpoints_with_everything_needed(
     assert first_epoch["step"] == 6
 
 
-def test_keep_last_prunes_old_epoch_checkpoints(tiny_char_experiment, session_data_dir, tmp_path):
+def test_keep_last_prunes_old_epoch_checkpoints(
+    tiny_char_experiment, session_data_dir, tmp_path, train_experiment
+):
     path = tiny_char_experiment(extra='[[callbacks]]\nplugin = "checkpoint"\nkeep_last = 2\n')
-    run(
+    train_experiment(
         path,
         session_data_dir,
         tmp_path / "r",
@@ -118,22 +111,24 @@ def test_keep_last_prunes_old_epoch_checkpoints(tiny_char_experiment, session_da
     ]
 
 
-def test_a_run_continues_from_last_pth(tiny_char_experiment, session_data_dir, tmp_path, capfd):
+def test_a_run_continues_from_last_pth(
+    tiny_char_experiment, session_data_dir, tmp_path, capfd, train_experiment
+):
     path = tiny_char_experiment(extra='[[callbacks]]\nplugin = "checkpoint"\n')
-    run(path, session_data_dir, tmp_path / "r", ["train.epochs=1", *SHORT[1:]])
-    run(path, session_data_dir, tmp_path / "r", SHORT)
+    train_experiment(path, session_data_dir, tmp_path / "r", ["train.epochs=1", *SHORT[1:]])
+    train_experiment(path, session_data_dir, tmp_path / "r", SHORT)
     assert "resuming from step 6 (epoch 1)" in capfd.readouterr().out
     steps = [s for s, *_ in losses(tmp_path / "r" / "tiny" / "metrics.jsonl")]
     assert steps == list(range(1, 13))
 
 
 def test_resumed_losses_equal_an_uninterrupted_run_in_process(
-    tiny_char_experiment, session_data_dir, tmp_path
+    tiny_char_experiment, session_data_dir, tmp_path, train_experiment
 ):
     path = tiny_char_experiment(extra=ALL_CALLBACKS.format(every=3))
-    run(path, session_data_dir, tmp_path / "straight", SHORT)
-    run(path, session_data_dir, tmp_path / "resumed", ["train.epochs=1", *SHORT[1:]])
-    run(path, session_data_dir, tmp_path / "resumed", SHORT)
+    train_experiment(path, session_data_dir, tmp_path / "straight", SHORT)
+    train_experiment(path, session_data_dir, tmp_path / "resumed", ["train.epochs=1", *SHORT[1:]])
+    train_experiment(path, session_data_dir, tmp_path / "resumed", SHORT)
     assert losses(tmp_path / "resumed" / "tiny" / "metrics.jsonl") == losses(
         tmp_path / "straight" / "tiny" / "metrics.jsonl"
     )
@@ -213,15 +208,17 @@ def test_refuses_truncated_corrupt_foreign_and_unsafe_files(tmp_path):
 
 
 def test_refuses_a_checkpoint_of_another_model_shape(
-    tiny_char_experiment, session_data_dir, tmp_path
+    tiny_char_experiment, session_data_dir, tmp_path, train_experiment
 ):
     path = tiny_char_experiment(extra='[[callbacks]]\nplugin = "checkpoint"\n')
-    run(path, session_data_dir, tmp_path / "r", ["train.steps_per_epoch=2", "train.eval_batches=1"])
+    train_experiment(
+        path, session_data_dir, tmp_path / "r", ["train.steps_per_epoch=2", "train.eval_batches=1"]
+    )
     with pytest.raises(
         NanoGPTError,
         match=r"r/tiny holds a run of a different experiment \(model.n_embd: 32 there, 64 now\)",
     ):
-        run(
+        train_experiment(
             path,
             session_data_dir,
             tmp_path / "r",
@@ -230,7 +227,7 @@ def test_refuses_a_checkpoint_of_another_model_shape(
     # Without config.json to compare, the checkpoint itself says what differs.
     (tmp_path / "r" / "tiny" / "config.json").unlink()
     with pytest.raises(NanoGPTError, match=r"model\.n_embd = 64 now, 32 in the checkpoint"):
-        run(
+        train_experiment(
             path,
             session_data_dir,
             tmp_path / "r",
@@ -253,10 +250,10 @@ def gpt(*args, cwd, **kwargs):
 
 
 def test_cli_refuses_a_corrupt_last_pth_and_fresh_moves_old_results_aside(
-    tiny_char_experiment, session_data_dir, tmp_path
+    tiny_char_experiment, session_data_dir, tmp_path, train_experiment
 ):
     path = tiny_char_experiment(extra='[[callbacks]]\nplugin = "checkpoint"\n')
-    run(
+    train_experiment(
         path,
         session_data_dir,
         tmp_path / "results",

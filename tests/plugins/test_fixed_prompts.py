@@ -6,10 +6,7 @@ import json
 
 import pytest
 
-from nanogpt_core.config.experiment_file import load_experiment
 from nanogpt_core.errors import NanoGPTError
-from nanogpt_core.plugins.registry import load_plugins
-from nanogpt_core.train.run import run_experiment
 
 PROMPTS = (
     '[[callbacks]]\nplugin = "fixed_prompts"\nprompts = ["ROMEO:", "To be"]\nmax_new_tokens = 20\n'
@@ -23,14 +20,10 @@ SHORT = [
 ]
 
 
-def run(path, data_dir, results, overrides=SHORT):
-    plugins = load_plugins(disabled=())
-    config = load_experiment(path, overrides, plugins)
-    return run_experiment(config, plugins, results_dir=results, data_dir=data_dir, progress=False)
-
-
-def test_writes_one_sample_file_per_epoch(tiny_char_experiment, session_data_dir, tmp_path):
-    run(tiny_char_experiment(extra=PROMPTS), session_data_dir, tmp_path / "r")
+def test_writes_one_sample_file_per_epoch(
+    tiny_char_experiment, session_data_dir, tmp_path, train_experiment
+):
+    train_experiment(tiny_char_experiment(extra=PROMPTS), session_data_dir, tmp_path / "r", SHORT)
     folder = tmp_path / "r" / "tiny" / "samples"
     assert sorted(p.name for p in folder.iterdir()) == ["epoch_0001.txt", "epoch_0002.txt"]
     text = (folder / "epoch_0002.txt").read_text()
@@ -40,17 +33,23 @@ def test_writes_one_sample_file_per_epoch(tiny_char_experiment, session_data_dir
     assert len(completion) == len("ROMEO:") + 20  # one character per token
 
 
-def test_same_seed_gives_the_same_samples(tiny_char_experiment, session_data_dir, tmp_path):
+def test_same_seed_gives_the_same_samples(
+    tiny_char_experiment, session_data_dir, tmp_path, train_experiment
+):
     path = tiny_char_experiment(extra=PROMPTS)
-    run(path, session_data_dir, tmp_path / "a")
-    run(path, session_data_dir, tmp_path / "b")
+    train_experiment(path, session_data_dir, tmp_path / "a", SHORT)
+    train_experiment(path, session_data_dir, tmp_path / "b", SHORT)
     a = (tmp_path / "a" / "tiny" / "samples" / "epoch_0001.txt").read_text()
     assert a == (tmp_path / "b" / "tiny" / "samples" / "epoch_0001.txt").read_text()
 
 
-def test_sampling_does_not_disturb_training(tiny_char_experiment, session_data_dir, tmp_path):
-    run(tiny_char_experiment(extra=PROMPTS), session_data_dir, tmp_path / "with")
-    run(tiny_char_experiment(), session_data_dir, tmp_path / "without")
+def test_sampling_does_not_disturb_training(
+    tiny_char_experiment, session_data_dir, tmp_path, train_experiment
+):
+    train_experiment(
+        tiny_char_experiment(extra=PROMPTS), session_data_dir, tmp_path / "with", SHORT
+    )
+    train_experiment(tiny_char_experiment(), session_data_dir, tmp_path / "without", SHORT)
 
     def losses(root):
         lines = (root / "tiny" / "metrics.jsonl").read_text().splitlines()
@@ -60,7 +59,7 @@ def test_sampling_does_not_disturb_training(tiny_char_experiment, session_data_d
 
 
 def test_a_prompt_outside_the_vocabulary_is_refused_at_the_start(
-    tiny_char_experiment, session_data_dir, tmp_path
+    tiny_char_experiment, session_data_dir, tmp_path, train_experiment
 ):
     path = tiny_char_experiment(
         extra='[[callbacks]]\nplugin = "fixed_prompts"\n'
@@ -69,7 +68,7 @@ def test_a_prompt_outside_the_vocabulary_is_refused_at_the_start(
         NanoGPTError,
         match=r"prompts\[1\] = '1\+1 is': character '1' is not in this model's 65-character vocabulary",
     ):
-        run(path, session_data_dir, tmp_path / "r")
+        train_experiment(path, session_data_dir, tmp_path / "r", SHORT)
     assert not (tmp_path / "r" / "tiny" / "metrics.jsonl").exists()
 
 
@@ -104,7 +103,7 @@ temperature = 0
 
 
 def test_template_asks_instructions_and_shows_the_answers_only(
-    shared_data, session_data_dir, tmp_path
+    shared_data, session_data_dir, tmp_path, train_experiment
 ):
     from nanogpt_core.data.templates import template_from_description
     from nanogpt_core.generate.chat import ChatSettings, Conversation
@@ -112,7 +111,7 @@ def test_template_asks_instructions_and_shows_the_answers_only(
 
     path = tmp_path / "ft.toml"
     path.write_text(ALPACA_RUN.format(path=shared_data / "alpaca" / "alpaca_sample.jsonl"))
-    run(path, session_data_dir, tmp_path / "r", overrides=())
+    train_experiment(path, session_data_dir, tmp_path / "r", overrides=())
     text = (tmp_path / "r" / "ft" / "samples" / "epoch_0001.txt").read_text()
     # What gpt chat answers greedily with the final weights, asked the same way.
     loaded = load_model(tmp_path / "r" / "ft" / "checkpoints" / "last.pth", "cpu")
@@ -128,13 +127,13 @@ def test_template_asks_instructions_and_shows_the_answers_only(
 
 
 def test_template_without_a_data_template_is_refused_at_the_start(
-    tiny_char_experiment, session_data_dir, tmp_path
+    tiny_char_experiment, session_data_dir, tmp_path, train_experiment
 ):
     path = tiny_char_experiment(
         extra='[[callbacks]]\nplugin = "fixed_prompts"\nprompts = ["ROMEO:"]\ntemplate = true\n'
     )
     with pytest.raises(NanoGPTError) as raised:
-        run(path, session_data_dir, tmp_path / "r")
+        train_experiment(path, session_data_dir, tmp_path / "r", SHORT)
     assert str(raised.value) == (
         "fixed_prompts: template = true, but this run's data has no prompt template "
         "(it is not instruction data); set template = false"

@@ -9,12 +9,10 @@ import numpy as np
 import pytest
 
 from nanogpt_core import Callback, RunPaths, TrainerState, hookimpl
-from nanogpt_core.config.experiment_file import load_experiment
 from nanogpt_core.errors import PluginFault
 from nanogpt_core.plugins.registry import load_plugins
 from nanogpt_core.train.checkpoints import load_checkpoint
 from nanogpt_core.train.metrics import read_metrics
-from nanogpt_core.train.run import run_experiment
 
 TOKENS_PER_STEP = 8 * 32  # the tiny experiment: batch 8 x block 32, one process
 
@@ -80,18 +78,15 @@ SCHEDULE = [
 ]
 
 
-def run(path, data_dir, results, overrides, plugins):
-    config = load_experiment(path, overrides, plugins)
-    return run_experiment(config, plugins, results_dir=results, data_dir=data_dir, progress=False)
-
-
 def test_logged_metrics_are_lines_of_their_own_in_checkpoints_and_done_and_survive_resume(
-    tiny_char_experiment, session_data_dir, tmp_path
+    tiny_char_experiment, session_data_dir, tmp_path, train_experiment
 ):
     seen = []
     path = tiny_char_experiment(extra=CALLBACKS)
     results = tmp_path / "r"
-    run(path, session_data_dir, results, [*SCHEDULE, "train.epochs=2"], plugins_with(seen))
+    train_experiment(
+        path, session_data_dir, results, [*SCHEDULE, "train.epochs=2"], plugins_with(seen)
+    )
     paths = RunPaths(results / "tiny")
     lines, torn = read_metrics(paths.metrics)
     assert torn == 0
@@ -130,7 +125,9 @@ def test_logged_metrics_are_lines_of_their_own_in_checkpoints_and_done_and_survi
         handle.writelines(json.dumps(line) + "\n" for line in killed)
         handle.write('{"step": 9, "trai')
     seen.clear()
-    run(path, session_data_dir, results, [*SCHEDULE, "train.epochs=3"], plugins_with(seen))
+    train_experiment(
+        path, session_data_dir, results, [*SCHEDULE, "train.epochs=3"], plugins_with(seen)
+    )
     resumed, torn = read_metrics(paths.metrics)
     assert torn == 0
     assert resumed[: len(lines)] == lines  # up to the checkpoint, untouched
@@ -147,11 +144,11 @@ def test_logged_metrics_are_lines_of_their_own_in_checkpoints_and_done_and_survi
 
 
 def test_a_callback_that_logs_bad_metrics_is_named(
-    tiny_char_experiment, session_data_dir, tmp_path
+    tiny_char_experiment, session_data_dir, tmp_path, train_experiment
 ):
     path = tiny_char_experiment(extra='\n[[callbacks]]\nplugin = "bad"\n')
     with pytest.raises(PluginFault) as caught:
-        run(
+        train_experiment(
             path,
             session_data_dir,
             tmp_path / "r",

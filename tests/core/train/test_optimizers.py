@@ -21,7 +21,7 @@ from nanogpt_core.errors import NanoGPTError, PluginFault
 from nanogpt_core.plugins.registry import load_plugins
 from nanogpt_core.train.checkpoints import load_checkpoint
 from nanogpt_core.train.metrics import read_metrics
-from nanogpt_core.train.run import config_differences, run_experiment
+from nanogpt_core.train.run import config_differences
 
 DATASET = '[dataset]\nplugin = "shakespeare"\n'
 MUON = ["train.optimizer=muon", "train.warmup_steps=2", "train.eval_batches=1", "train.log_every=1"]
@@ -37,12 +37,6 @@ def gpt(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         timeout=300,
     )
-
-
-def run(path, data_dir, results, overrides=(), plugins=None):
-    plugins = plugins or load_plugins(disabled=())
-    config = load_experiment(path, overrides, plugins)
-    return run_experiment(config, plugins, results_dir=results, data_dir=data_dir, progress=False)
 
 
 def lines(results: Path, name: str = "tiny") -> list[tuple]:
@@ -143,13 +137,13 @@ FOUR_STEPS = [
 
 
 def test_register_optimizers_a_third_partys_optimizer_is_built_with_its_options(
-    tiny_char_experiment, session_data_dir, tmp_path
+    tiny_char_experiment, session_data_dir, tmp_path, train_experiment
 ):
     seen: list = []
     plugins = third_party(seen)
     path = tiny_char_experiment(extra=THIRD_PARTY)
     overrides = [*FOUR_STEPS, "train.optimizer=sgd", "train.schedule=halving"]
-    run(path, session_data_dir, tmp_path / "r", overrides, plugins)
+    train_experiment(path, session_data_dir, tmp_path / "r", overrides, plugins)
     names = {name for name, _ in seen}
     assert names == {"SGD"}
     # Each group follows the schedule from its own peak: 3e-3 and 2 x 3e-3, halved every step.
@@ -171,7 +165,7 @@ def test_register_optimizers_a_third_partys_optimizer_is_built_with_its_options(
 
 
 def test_register_schedules_a_third_partys_schedule_sets_every_groups_lr_and_the_metric(
-    tiny_char_experiment, session_data_dir, tmp_path
+    tiny_char_experiment, session_data_dir, tmp_path, train_experiment
 ):
     seen: list = []
     path = tiny_char_experiment(extra='[[callbacks]]\nplugin = "rates"\n')
@@ -181,7 +175,7 @@ def test_register_schedules_a_third_partys_schedule_sets_every_groups_lr_and_the
         "train.schedule=halving",
         "train.muon.lr=0.04",
     ]
-    run(path, session_data_dir, tmp_path / "r", overrides, third_party(seen))
+    train_experiment(path, session_data_dir, tmp_path / "r", overrides, third_party(seen))
     assert {name for name, _ in seen} == {"CombinedOptimizer"}
     # Muon's matrices from 0.04, AdamW's embeddings and vectors from learning_rate.
     assert [[lr for lr, _ in groups] for _, groups in seen] == [
@@ -317,14 +311,14 @@ def test_a_changed_optimizer_option_is_a_different_experiment(tmp_path):
 
 
 def test_muon_resumes_exactly_with_accumulation_and_bf16(
-    tiny_char_experiment, session_data_dir, tmp_path
+    tiny_char_experiment, session_data_dir, tmp_path, train_experiment
 ):
     # bf16 autocast and gradient accumulation on the CPU, Muon + AdamW, checkpoint and resume.
     path = tiny_char_experiment(extra='[[callbacks]]\nplugin = "checkpoint"\n')
     short = [*MUON, "train.steps_per_epoch=3", "train.eval_every=3", "train.gradient_accumulation_steps=2", "train.mixed_precision=bf16"]  # fmt: skip
-    run(path, session_data_dir, tmp_path / "straight", [*short, "train.epochs=2"])
-    run(path, session_data_dir, tmp_path / "resumed", short)
-    run(path, session_data_dir, tmp_path / "resumed", [*short, "train.epochs=2"])
+    train_experiment(path, session_data_dir, tmp_path / "straight", [*short, "train.epochs=2"])
+    train_experiment(path, session_data_dir, tmp_path / "resumed", short)
+    train_experiment(path, session_data_dir, tmp_path / "resumed", [*short, "train.epochs=2"])
     straight, resumed = lines(tmp_path / "straight"), lines(tmp_path / "resumed")
     assert [s for s, *_ in straight] == list(range(1, 7))
     assert resumed == straight

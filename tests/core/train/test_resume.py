@@ -19,16 +19,9 @@ from nanogpt_core.config.experiment_file import load_experiment
 from nanogpt_core.plugins.registry import load_plugins
 from nanogpt_core.train.checkpointing import load_optimizer_state
 from nanogpt_core.train.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
-from nanogpt_core.train.run import run_experiment
 
 SHORT = ["train.steps_per_epoch=4", "train.eval_every=4", "train.eval_batches=1"]
 CHECKPOINT = '[[callbacks]]\nplugin = "checkpoint"\n'
-
-
-def run(path, data_dir, results, overrides=(), plugins=None):
-    plugins = plugins or load_plugins(disabled=())
-    config = load_experiment(path, overrides, plugins)
-    return run_experiment(config, plugins, results_dir=results, data_dir=data_dir, progress=False)
 
 
 def gpt(*args, cwd, env=None, **kwargs):
@@ -113,12 +106,16 @@ def load_experiment_stub(tmp_path: Path):
     return load_experiment(path)
 
 
-def test_resume_does_not_depend_on_callback_order(tiny_char_experiment, session_data_dir, tmp_path):
+def test_resume_does_not_depend_on_callback_order(
+    tiny_char_experiment, session_data_dir, tmp_path, train_experiment
+):
     # The checkpoint plugin listed *last*: the core still restores before any hook runs.
     seen = []
     path = tiny_char_experiment(extra='[[callbacks]]\nplugin = "counter"\n' + CHECKPOINT)
-    run(path, session_data_dir, tmp_path / "r", SHORT, counting_plugins())
-    run(path, session_data_dir, tmp_path / "r", [*SHORT, "train.epochs=2"], counting_plugins(seen))
+    train_experiment(path, session_data_dir, tmp_path / "r", SHORT, counting_plugins())
+    train_experiment(
+        path, session_data_dir, tmp_path / "r", [*SHORT, "train.epochs=2"], counting_plugins(seen)
+    )
     assert seen == [4]  # the counter's state came back before its first hook
     saved = load_checkpoint(tmp_path / "r" / "tiny" / "checkpoints" / "last.pth", resume=True)
     assert saved["callbacks"] == [
@@ -128,10 +125,10 @@ def test_resume_does_not_depend_on_callback_order(tiny_char_experiment, session_
 
 
 def test_reordered_callbacks_with_state_are_refused_with_a_clear_message(
-    tiny_char_experiment, session_data_dir, tmp_path
+    tiny_char_experiment, session_data_dir, tmp_path, train_experiment
 ):
     path = tiny_char_experiment(extra='[[callbacks]]\nplugin = "counter"\n' + CHECKPOINT)
-    run(path, session_data_dir, tmp_path / "r", SHORT, counting_plugins())
+    train_experiment(path, session_data_dir, tmp_path / "r", SHORT, counting_plugins())
     checkpoint = tmp_path / "r" / "tiny" / "checkpoints" / "last.pth"
     # Same experiment otherwise: rewrite config.json so only the checkpoint can object.
     reordered = tiny_char_experiment(
@@ -140,7 +137,7 @@ def test_reordered_callbacks_with_state_are_refused_with_a_clear_message(
     config_json = tmp_path / "r" / "tiny" / "config.json"
     config_json.unlink()
     with pytest.raises(Exception) as info:
-        run(
+        train_experiment(
             reordered,
             session_data_dir,
             tmp_path / "r",
@@ -154,10 +151,10 @@ def test_reordered_callbacks_with_state_are_refused_with_a_clear_message(
 
 
 def test_a_checkpoint_of_another_tokenizer_or_data_is_refused(
-    tiny_char_experiment, session_data_dir, tmp_path, shared_data
+    tiny_char_experiment, session_data_dir, tmp_path, shared_data, train_experiment
 ):
     path = tiny_char_experiment(extra=CHECKPOINT)
-    run(path, session_data_dir, tmp_path / "r", SHORT)
+    train_experiment(path, session_data_dir, tmp_path / "r", SHORT)
     checkpoint = tmp_path / "r" / "tiny" / "checkpoints" / "last.pth"
     # The same padded vocabulary size (65 -> 128) from a text with one character swapped.
     text = (shared_data / "tinyshakespeare" / "input.txt").read_text()
@@ -229,20 +226,20 @@ def test_missing_or_mistyped_keys_are_one_line_for_every_use(
 
 
 def test_resuming_at_the_last_step_writes_done_with_the_final_metrics(
-    tiny_char_experiment, session_data_dir, tmp_path
+    tiny_char_experiment, session_data_dir, tmp_path, train_experiment
 ):
     path = tiny_char_experiment(extra=CHECKPOINT)
-    final = run(path, session_data_dir, tmp_path / "r", SHORT)
+    final = train_experiment(path, session_data_dir, tmp_path / "r", SHORT)
     done = tmp_path / "r" / "tiny" / "done"
     done.write_text('{"step": 4, "val_lo')  # damaged: treated as absent
-    again = run(path, session_data_dir, tmp_path / "r", SHORT)
+    again = train_experiment(path, session_data_dir, tmp_path / "r", SHORT)
     assert again["val_loss"] == final["val_loss"]
     summary = json.loads(done.read_text())
     assert summary["step"] == 4 and summary["val_loss"] == final["val_loss"]
 
 
 def test_stale_temporaries_of_dead_writers_go_and_live_ones_stay(
-    tiny_char_experiment, session_data_dir, tmp_path
+    tiny_char_experiment, session_data_dir, tmp_path, train_experiment
 ):
     path = tiny_char_experiment(extra=CHECKPOINT)
     folder = tmp_path / "r" / "tiny" / "checkpoints"
@@ -255,7 +252,7 @@ def test_stale_temporaries_of_dead_writers_go_and_live_ones_stay(
         live = folder / f".last.pth.tmp-{alive.pid}"
         stale.write_bytes(b"half a checkpoint")
         live.write_bytes(b"someone else's")
-        run(path, session_data_dir, tmp_path / "r", SHORT)
+        train_experiment(path, session_data_dir, tmp_path / "r", SHORT)
         assert not stale.exists() and live.exists()
     finally:
         alive.kill()
@@ -276,7 +273,7 @@ class PoisonAt(Callback):
 
 
 def test_non_finite_weights_are_never_saved_and_the_last_good_step_is_named(
-    tiny_char_experiment, session_data_dir, tmp_path
+    tiny_char_experiment, session_data_dir, tmp_path, train_experiment
 ):
     class Poisoning:
         @hookimpl
@@ -293,7 +290,9 @@ def test_non_finite_weights_are_never_saved_and_the_last_good_step_is_named(
     from nanogpt_core.errors import TrainingError
 
     with pytest.raises(TrainingError) as info:
-        run(path, session_data_dir, tmp_path / "r", ["train.steps_per_epoch=10"], plugins)
+        train_experiment(
+            path, session_data_dir, tmp_path / "r", ["train.steps_per_epoch=10"], plugins
+        )
     assert "weights became non-finite at step 6" in str(info.value)
     assert f"The last good checkpoint is step 4 ({last})" in str(info.value)
     saved = load_checkpoint(last, resume=True)

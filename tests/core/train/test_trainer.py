@@ -34,20 +34,16 @@ def test_vocab_is_padded_to_a_multiple_of_64():
     assert padded_vocab_size(128) == 128
 
 
-def run(path, data_dir, results_dir, overrides=(), plugins=None):
-    plugins = plugins or load_plugins(disabled=())
-    config = load_experiment(path, overrides, plugins)
-    return config, run_experiment(
-        config, plugins, results_dir=results_dir, data_dir=data_dir, progress=False
-    )
-
-
 def read_metrics(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_a_tiny_model_learns_and_logs_metrics(tiny_char_experiment, session_data_dir, tmp_path):
-    config, final = run(tiny_char_experiment(), session_data_dir, tmp_path / "results")
+def test_a_tiny_model_learns_and_logs_metrics(
+    tiny_char_experiment, session_data_dir, tmp_path, train_experiment
+):
+    path = tiny_char_experiment()
+    final = train_experiment(path, session_data_dir, tmp_path / "results")
+    config = load_experiment(path, (), load_plugins(disabled=()))
     root = tmp_path / "results" / "tiny"
     saved = json.loads((root / "config.json").read_text())
     assert saved == config.to_dict()
@@ -127,7 +123,7 @@ WITH_CHECKPOINT = CALLBACKS + '\n[[callbacks]]\nplugin = "checkpoint"\nevery_ste
 
 
 def test_callback_hooks_are_called_in_order_at_each_point(
-    tiny_char_experiment, session_data_dir, tmp_path
+    tiny_char_experiment, session_data_dir, tmp_path, train_experiment
 ):
     calls = []
     overrides = [
@@ -136,7 +132,7 @@ def test_callback_hooks_are_called_in_order_at_each_point(
         "train.eval_every=3",
         "train.eval_batches=1",
     ]
-    run(
+    train_experiment(
         tiny_char_experiment(extra=WITH_CHECKPOINT),
         session_data_dir,
         tmp_path / "r",
@@ -169,12 +165,12 @@ def test_callback_hooks_are_called_in_order_at_each_point(
 
 
 def test_nan_loss_stops_the_run_after_on_train_end(
-    tiny_char_experiment, session_data_dir, tmp_path
+    tiny_char_experiment, session_data_dir, tmp_path, train_experiment
 ):
     calls = []
     extra = CALLBACKS + '\n[[callbacks]]\nplugin = "poison"\n'
     with pytest.raises(TrainingError, match="loss is nan at step 4"):
-        run(
+        train_experiment(
             tiny_char_experiment(extra=extra),
             session_data_dir,
             tmp_path / "r",
@@ -189,7 +185,7 @@ def test_nan_loss_stops_the_run_after_on_train_end(
 
 
 def test_bf16_autocast_and_gradient_accumulation_on_cpu(
-    tiny_char_experiment, session_data_dir, tmp_path
+    tiny_char_experiment, session_data_dir, tmp_path, train_experiment
 ):
     overrides = [
         "train.mixed_precision=bf16",
@@ -199,7 +195,7 @@ def test_bf16_autocast_and_gradient_accumulation_on_cpu(
         "train.eval_batches=1",
         "train.log_every=2",
     ]
-    _, final = run(tiny_char_experiment(), session_data_dir, tmp_path / "r", overrides)
+    final = train_experiment(tiny_char_experiment(), session_data_dir, tmp_path / "r", overrides)
     assert math.isfinite(final["val_loss"])
     lines = read_metrics(tmp_path / "r" / "tiny" / "metrics.jsonl")
     assert [line["step"] for line in lines] == [2, 4]
@@ -220,12 +216,12 @@ def test_bf16_autocast_and_gradient_accumulation_on_cpu(
     ],
 )
 def test_impossible_settings_are_refused_before_training(
-    tiny_char_experiment, session_data_dir, tmp_path, override, message
+    tiny_char_experiment, session_data_dir, tmp_path, override, message, train_experiment
 ):
     if override.startswith("train.device") and torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
     with pytest.raises(NanoGPTError, match=message):
-        run(
+        train_experiment(
             tiny_char_experiment(),
             session_data_dir,
             tmp_path / "r",
@@ -233,7 +229,9 @@ def test_impossible_settings_are_refused_before_training(
         )
 
 
-def test_init_from_a_hugging_face_folder(tiny_char_experiment, session_data_dir, tmp_path):
+def test_init_from_a_hugging_face_folder(
+    tiny_char_experiment, session_data_dir, tmp_path, train_experiment
+):
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(
         vocab_size=128,
@@ -268,12 +266,14 @@ def test_init_from_a_hugging_face_folder(tiny_char_experiment, session_data_dir,
         "train.steps_per_epoch=1",
         "train.eval_batches=1",
     ]
-    run(path, session_data_dir, tmp_path / "r", overrides, plugins)
+    train_experiment(path, session_data_dir, tmp_path / "r", overrides, plugins)
     # block_size 32 keeps the first 32 of the 64 positions.
     assert torch.equal(seen["wpe"], hf.transformer.wpe.weight.detach()[:32])
 
     with pytest.raises(NanoGPTError, match=r"model\.n_layer = 3 but"):
-        run(path, session_data_dir, tmp_path / "r2", [*overrides, "model.n_layer=3"], plugins)
+        train_experiment(
+            path, session_data_dir, tmp_path / "r2", [*overrides, "model.n_layer=3"], plugins
+        )
 
 
 FASTER_RECIPE = [
@@ -291,7 +291,7 @@ FASTER_RECIPE = [
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", [[], FASTER_RECIPE], ids=["nanogpt", "faster"])
 def test_compile_wraps_the_model_and_trains(
-    recipe, tiny_char_experiment, session_data_dir, tmp_path
+    recipe, tiny_char_experiment, session_data_dir, tmp_path, train_experiment
 ):
     overrides = [
         "train.compile=true",
@@ -300,7 +300,7 @@ def test_compile_wraps_the_model_and_trains(
         "train.eval_batches=1",
         *recipe,
     ]
-    _, final = run(tiny_char_experiment(), session_data_dir, tmp_path / "r", overrides)
+    final = train_experiment(tiny_char_experiment(), session_data_dir, tmp_path / "r", overrides)
     assert math.isfinite(final["val_loss"])
 
 
