@@ -2,7 +2,8 @@
 
 ``ExperimentConfig`` is a whole experiment file: its name and seed, the
 ``[dataset]``, ``[tokenizer]`` and ``[template]`` plugins (``PluginSpec``), the
-``[model]`` table (``ModelConfig``), the ``[train]`` recipe (``TrainConfig``), the
+``[model]`` table (``ModelConfig``: the model's shape, :class:`GPTConfig`, and
+where its first weights come from), the ``[train]`` recipe (``TrainConfig``), the
 ``[[callbacks]]`` and the ``[eval.<task>]`` tables. Each field is declared with
 ``option``, so its default, doc and validator live here in one place;
 ``to_dict`` turns an experiment back into the shape of its TOML file
@@ -16,6 +17,7 @@ from typing import Any
 
 import attrs
 
+from nanogpt_core.model.config import GPTConfig
 from nanogpt_core.plugins.options import (
     INTERNAL_KEY,
     OptionValueError,
@@ -60,59 +62,10 @@ def _valid_seed(_instance: Any, attribute: attrs.Attribute, value: int) -> None:
 
 
 @attrs.frozen(kw_only=True)
-class ModelConfig:
-    """The GPT architecture: the ``[model]`` table."""
+class ModelConfig(GPTConfig):
+    """The ``[model]`` table: the model's shape (every :class:`GPTConfig` option) and
+    the weights to start from."""
 
-    n_layer: int = option(12, "Number of transformer blocks.", validator=positive)
-    n_head: int = option(12, "Attention heads per block; must divide n_embd.", validator=positive)
-    n_embd: int = option(768, "Width of the residual stream.", validator=positive)
-    block_size: int = option(1024, "Context length in tokens.", validator=positive)
-    dropout: float = option(
-        0.0, "Dropout probability; 0 for pre-training, 0.1+ for fine-tuning.", validator=fraction
-    )
-    bias: bool = option(
-        False,
-        "Bias in Linear and LayerNorm layers (GPT-2 has them; without is a bit better and faster).",
-    )
-    position: str = option(
-        "learned",
-        'Positions: "learned" (a learned vector per position, GPT-2) or "rope" (rotary '
-        "embeddings of queries and keys, Llama; no position weights).",
-        validator=one_of("learned", "rope"),
-    )
-    rope_theta: float | None = option(
-        None,
-        'RoPE base frequency; 10000.0 when left out. Only with position = "rope".',
-        validator=positive,
-    )
-    norm: str = option(
-        "layernorm",
-        '"layernorm" (GPT-2) or "rmsnorm" (scale only, never a bias; Llama).',
-        validator=one_of("layernorm", "rmsnorm"),
-    )
-    mlp: str = option(
-        "gelu",
-        '"gelu" (GPT-2, 4x wide), "swiglu" (Llama; 8/3x wide, rounded up to a multiple '
-        'of 64, for the same parameters) or "relu2" (ReLU squared, 4x wide).',
-        validator=one_of("gelu", "swiglu", "relu2"),
-    )
-    qk_norm: bool = option(
-        False, "RMSNorm of each head's queries and keys before attention (steadier training)."
-    )
-    tie_embeddings: bool = option(
-        True, "The output layer reuses the token embedding (GPT-2); false gives it its own."
-    )
-    logit_softcap: float | None = option(
-        None,
-        "Squash the output logits into (-cap, cap) with cap * tanh(logits / cap) (Gemma 2 "
-        "uses 30); none by default.",
-        validator=positive,
-    )
-    vocab_size: int | None = option(
-        None,
-        "Vocabulary size. Default: the prepared data's, padded up to a multiple of 64 for speed.",
-        validator=positive,
-    )
     init_from: str | None = option(
         None,
         "Weights to start from (fine-tuning): a toolkit checkpoint (.pth, weights only, "
@@ -120,24 +73,6 @@ class ModelConfig:
         "experiment file.",
         path=True,
     )
-
-    def __attrs_post_init__(self) -> None:
-        if self.n_embd % self.n_head:
-            raise OptionValueError(
-                "n_embd", f"{self.n_embd} is not divisible by n_head = {self.n_head}"
-            )
-        head_size = self.n_embd // self.n_head
-        if self.position == "rope" and head_size % 2:
-            raise OptionValueError(
-                "position",
-                f'"rope" rotates pairs of channels and needs an even head size, but n_embd / '
-                f"n_head = {self.n_embd} / {self.n_head} = {head_size}",
-            )
-        if self.rope_theta is not None and self.position != "rope":
-            raise OptionValueError(
-                "rope_theta",
-                'is only used with position = "rope"; remove it or set position = "rope"',
-            )
 
 
 @attrs.frozen(kw_only=True)

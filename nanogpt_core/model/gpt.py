@@ -4,9 +4,9 @@ Read top to bottom: the normalisation layers, rotary position embeddings,
 causal self-attention, the MLP variants, a transformer block, then the GPT that
 stacks the blocks, with GPT-2's initialisation, FLOP counting and text
 generation (the optimizer is a plugin). The shape of the model is
-``GPTConfig`` (``model_config.py``); the KV cache that generation fills is in
+``GPTConfig`` (``config.py``); the KV cache that generation fills is in
 ``kv_cache.py``, and how the next token is chosen from the logits in
-``next_token.py``. With the default options the model is
+``next_token.py``. With GPT-2's options (the defaults, with ``bias = true``) the model is
 GPT-2 exactly, and parameter names match Hugging Face's ``GPT2LMHeadModel`` one
 to one (see ``hf_gpt2.py``); ``rope`` + ``rmsnorm`` + ``swiglu`` without biases is
 Llama's architecture (see ``hf_llama.py``).
@@ -188,8 +188,9 @@ class GPT(nn.Module):
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        assert config.vocab_size is not None and config.block_size is not None
-        self.config = config
+        if config.vocab_size is None:
+            raise ValueError("vocab_size: a model needs its vocabulary size; set it in GPTConfig")
+        self.config = config.shape()
         modules: dict[str, nn.Module] = {
             "wte": nn.Embedding(config.vocab_size, config.n_embd)  # token embeddings
         }
@@ -208,7 +209,7 @@ class GPT(nn.Module):
             head_size = config.n_embd // config.n_head
             exponents = torch.arange(0, head_size, 2, dtype=torch.int64).float() / head_size
             self.register_buffer(
-                "rope_inv_freq", 1.0 / (config.rope_theta**exponents), persistent=False
+                "rope_inv_freq", 1.0 / (config.rope_base**exponents), persistent=False
             )
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer): each block

@@ -91,7 +91,7 @@ def llama_config_dict(config: GPTConfig) -> dict[str, Any]:
         # Llama's RoPE has no hard limit; this is the context the model was trained on.
         "max_position_embeddings": config.block_size,
         "rms_norm_eps": RMS_NORM_EPS,
-        "rope_theta": config.rope_theta,
+        "rope_theta": config.rope_base,
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import numpy as np
 import torch
 
@@ -155,7 +155,7 @@ class RunCheckpoints:
         return {
             "format": CHECKPOINT_FORMAT,
             "version": __version__,
-            "model_args": asdict(self.model.config),
+            "model_args": attrs.asdict(self.model.config),
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler else None,
@@ -224,7 +224,7 @@ class RunCheckpoints:
         check_belongs(
             path,
             checkpoint,
-            model_args=asdict(self.model.config),
+            model_args=attrs.asdict(self.model.config),
             tokenizer=dict(self.data.tokenizer),
             data_meta=self.data.meta,
         )

@@ -14,7 +14,7 @@ Keys (``FORMAT`` 2):
 ======================  ======================================================
 ``format``              this layout's version
 ``version``             the toolkit's version that wrote it
-``model_args``          the architecture (``GPTConfig`` fields; later ones default on load)
+``model_args``          the architecture (``GPTConfig``'s fields; later ones default on load)
 ``model``               the weights, unwrapped, full precision, on the CPU
 ``tokenizer``           the tokenizer's description (a char vocabulary in full)
 ``step``, ``epoch``     optimizer steps done, current epoch
@@ -38,6 +38,8 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import attrs
 
 from nanogpt_core.errors import NanoGPTError
 from nanogpt_core.files import atomic_write
@@ -63,27 +65,10 @@ RESUME_KEYS: dict[str, type | tuple[type, ...]] = {
     "config": dict,
     "data": dict,
 }
-MODEL_ARGS: dict[str, type | tuple[type, ...]] = {
-    "block_size": int,
-    "vocab_size": int,
-    "n_layer": int,
-    "n_head": int,
-    "n_embd": int,
-    "dropout": (int, float),
-    "bias": bool,
-}
-# Architecture options added after the first checkpoints were written. A
-# checkpoint without them was trained as GPT-2, which is what their defaults
-# (GPTConfig's) describe, so load_checkpoint fills them in.
-LATER_MODEL_ARGS: dict[str, type | tuple[type, ...]] = {
-    "position": str,
-    "rope_theta": (int, float),
-    "norm": str,
-    "mlp": str,
-    "qk_norm": bool,
-    "tie_embeddings": bool,
-    "logit_softcap": (int, float, type(None)),
-}
+# The architecture options every checkpoint has had since the first. Every other
+# GPTConfig field came later: a checkpoint without one was trained before that
+# option existed, with what its default describes, so load_checkpoint fills it in.
+FIRST_MODEL_ARGS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias")
 
 
 class CheckpointError(NanoGPTError):
@@ -235,10 +220,40 @@ def _check_keys(path: Path, checkpoint: dict[str, Any], keys: dict[str, Any]) ->
             )
 
 
+def _model_arg_types() -> dict[str, tuple[type, ...]]:
+    """Each ``GPTConfig`` field's accepted types, read from its annotation.
+
+    An integer is a number too (``dropout = 0`` is 0.0); only the first
+    options must be set (a vocabulary size, never none).
+    """
+    import types
+    import typing
+
+    from nanogpt_core.model.config import GPTConfig
+
+    accepted: dict[str, tuple[type, ...]] = {}
+    for field in attrs.fields(attrs.resolve_types(GPTConfig)):
+        kinds = field.type.__args__ if isinstance(field.type, types.UnionType) else (field.type,)
+        kinds = tuple(typing.cast(type, kind) for kind in kinds)
+        if float in kinds:
+            kinds = (int, *kinds)
+        if field.name in FIRST_MODEL_ARGS:
+            kinds = tuple(kind for kind in kinds if kind is not type(None))
+        accepted[field.name] = kinds
+    return accepted
+
+
 def _check_model_args(path: Path, args: dict[str, Any]) -> None:
-    for key, expected in {**MODEL_ARGS, **LATER_MODEL_ARGS}.items():
+    expected_types = _model_arg_types()
+    unknown = sorted(set(args) - set(expected_types))
+    if unknown:
+        raise CheckpointError(
+            f"{path}: model_args.{unknown[0]} is unknown to this nanogpt "
+            "(written by a newer version?)"
+        )
+    for key, expected in expected_types.items():
         if key not in args:
-            if key in LATER_MODEL_ARGS:
+            if key not in FIRST_MODEL_ARGS:
                 continue
             raise CheckpointError(f"{path}: model_args lacks {key}")
         if not _has_type(args[key], expected):
@@ -249,24 +264,21 @@ def _check_model_args(path: Path, args: dict[str, Any]) -> None:
 
 
 def _complete_model_args(path: Path, args: dict[str, Any]) -> dict[str, Any]:
-    """``args`` with the defaults of options it predates, checked as a whole."""
-    import dataclasses
+    """``args`` with the defaults of options it predates, checked as a whole.
 
-    from nanogpt_core.model.gpt import GPTConfig
+    Checkpoints written before ``rope_theta`` could be left out hold the
+    default base (10000.0) even for learned positions, which never use it:
+    there it is dropped, as an experiment that leaves it out would have it.
+    """
+    from nanogpt_core.model.config import GPTConfig
 
-    unknown = sorted(set(args) - set(MODEL_ARGS) - set(LATER_MODEL_ARGS))
-    if unknown:
-        raise CheckpointError(
-            f"{path}: model_args.{unknown[0]} is unknown to this nanogpt "
-            "(written by a newer version?)"
-        )
-    defaults = {field.name: field.default for field in dataclasses.fields(GPTConfig)}
-    complete = {**{key: defaults[key] for key in LATER_MODEL_ARGS}, **args}
+    complete = dict(args)
+    if complete.get("position", "learned") != "rope":
+        complete.pop("rope_theta", None)
     try:
-        GPTConfig(**complete)
+        return attrs.asdict(GPTConfig(**complete))
     except ValueError as exc:
         raise CheckpointError(f"{path}: model_args: {exc}") from None
-    return complete
 
 
 def _check_checksum(path: Path, checkpoint: dict[str, Any], *, required: bool) -> None:

@@ -10,14 +10,14 @@ that continues from its own ``last.pth`` is resumed by ``checkpointing.py``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nanogpt_core.errors import NanoGPTError
-from nanogpt_core.model.gpt import GPT, GPTConfig
+from nanogpt_core.model.config import GPTConfig, shape_differences
+from nanogpt_core.model.gpt import GPT
 from nanogpt_core.plugins.options import show
-from nanogpt_core.train.checkpoints import LATER_MODEL_ARGS, load_checkpoint
+from nanogpt_core.train.checkpoints import load_checkpoint
 from nanogpt_core.train.resume import tokenizer_difference
 
 if TYPE_CHECKING:
@@ -32,31 +32,13 @@ def padded_vocab_size(vocab_size: int, multiple: int = 64) -> int:
 
 def model_config_for(config: ExperimentConfig, data: PreparedData) -> GPTConfig:
     """The model's architecture: the experiment's ``[model]`` plus the data's vocabulary."""
-    model = config.model
-    vocab_size = model.vocab_size or padded_vocab_size(data.vocab_size)
+    vocab_size = config.model.vocab_size or padded_vocab_size(data.vocab_size)
     if vocab_size < data.vocab_size:
         raise NanoGPTError(
             f"model.vocab_size = {vocab_size} is smaller than the data's vocabulary of "
             f"{data.vocab_size}; remove it to use the data's (padded)"
         )
-    # rope_theta left out keeps GPTConfig's default (it is not used with learned positions).
-    rope_theta = {} if model.rope_theta is None else {"rope_theta": model.rope_theta}
-    return GPTConfig(
-        block_size=model.block_size,
-        vocab_size=vocab_size,
-        n_layer=model.n_layer,
-        n_head=model.n_head,
-        n_embd=model.n_embd,
-        dropout=model.dropout,
-        bias=model.bias,
-        position=model.position,
-        norm=model.norm,
-        mlp=model.mlp,
-        qk_norm=model.qk_norm,
-        tie_embeddings=model.tie_embeddings,
-        logit_softcap=model.logit_softcap,
-        **rope_theta,
-    )
+    return config.model.shape(vocab_size)
 
 
 def build_model(
@@ -89,21 +71,19 @@ def _init_from_checkpoint(
 ) -> None:
     """Weights only (a fresh optimizer), after checking shape and tokenizer."""
     checkpoint = load_checkpoint(path)
-    theirs = checkpoint["model_args"]
-    ours = asdict(model.config)
+    ours, theirs = model.config, GPTConfig(**checkpoint["model_args"])
     # Everything that shapes the weights or what they compute; load_checkpoint
-    # gave an older checkpoint the defaults of options it predates.
-    keys = ["n_layer", "n_head", "n_embd", "bias", "vocab_size", *LATER_MODEL_ARGS]
+    # gave an older checkpoint the defaults of options it predates. A different
+    # context length is fine, within what learned positions were trained for.
     differences = [
-        f"model.{key} = {show(ours[key])} but {path} has {show(theirs[key])}"
-        for key in keys
-        if ours[key] != theirs[key] and not (key == "rope_theta" and ours["position"] != "rope")
+        f"model.{key} = {show(mine)} but {path} has {show(other)}"
+        for key, mine, other in shape_differences(ours, theirs, ignore=("dropout", "block_size"))
     ]
     # Learned positions have no weights past the trained context; RoPE has none at all.
-    if ours["position"] == "learned" and ours["block_size"] > theirs["block_size"]:
+    if ours.position == "learned" and ours.block_size > theirs.block_size:
         differences.append(
-            f"model.block_size = {ours['block_size']} is longer than the "
-            f"{theirs['block_size']} {path} was trained with"
+            f"model.block_size = {ours.block_size} is longer than the "
+            f"{theirs.block_size} {path} was trained with"
         )
     difference = tokenizer_difference(checkpoint["tokenizer"], tokenizer)
     if difference:
@@ -114,7 +94,7 @@ def _init_from_checkpoint(
     if "transformer.wpe.weight" in weights:
         # A shorter context keeps the first positions, as with a Hugging Face folder.
         wpe = weights["transformer.wpe.weight"]
-        weights["transformer.wpe.weight"] = wpe[: ours["block_size"]]
+        weights["transformer.wpe.weight"] = wpe[: ours.block_size]
     model.load_state_dict(weights)
     echo(f"model.init_from: weights of step {checkpoint['step']} of {path}")
 

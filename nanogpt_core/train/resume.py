@@ -50,11 +50,16 @@ def mismatches(
     tokenizer: dict[str, Any],
     data_meta: dict[str, Any],
 ) -> list[str]:
-    """What differs between a checkpoint and the run about to continue from it."""
+    """What differs between a checkpoint and the run about to continue from it.
+
+    :param model_args: the run's model shape, as a checkpoint's ``model_args`` holds it.
+    """
+    from nanogpt_core.model.config import GPTConfig, shape_differences
+
+    saved, now = GPTConfig(**checkpoint["model_args"]), GPTConfig(**model_args)
     found = [
-        f"model.{key} = {model_args[key]} now, {checkpoint['model_args'].get(key)} in the checkpoint"
-        for key in model_args
-        if key != "dropout" and checkpoint["model_args"].get(key) != model_args[key]
+        f"model.{key} = {mine} now, {other} in the checkpoint"
+        for key, mine, other in shape_differences(now, saved)
     ]
     difference = tokenizer_difference(checkpoint["tokenizer"], tokenizer)
     if difference:

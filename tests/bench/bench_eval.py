@@ -97,7 +97,9 @@ def main() -> None:
     lines = (SAMPLE / "hellaswag_val_sample.jsonl").read_text().splitlines()[:count]
     rows = [json.loads(line) for line in lines]
     torch.manual_seed(0)
-    config = GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304)
+    config = GPTConfig(
+        n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, bias=True
+    )
     model = GPT(config).eval()
     hf = GPT2LMHeadModel(
         GPT2Config(n_layer=12, n_head=12, n_embd=768, n_positions=1024, vocab_size=50304)

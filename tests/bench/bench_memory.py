@@ -44,7 +44,7 @@ def measure(variant: str, batch: int, layers: int) -> float:
             return logits, loss
 
     torch.manual_seed(0)
-    config = GPTConfig(n_layer=layers, block_size=1024)
+    config = GPTConfig(n_layer=layers, block_size=1024, vocab_size=50304, bias=True)
     model = (LogitsToo if variant == "reference" else GPT)(config)
     accelerator = Accelerator(mixed_precision="bf16", cpu=True)
     model = accelerator.prepare(model)

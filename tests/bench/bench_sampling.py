@@ -36,11 +36,13 @@ def main() -> None:
     shapes = [
         (
             "6x384, block 256",
-            GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=50304),
+            GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=50304, bias=True),
         ),
         (
             "GPT-2 small 12x768, block 1024",
-            GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304),
+            GPTConfig(
+                n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, bias=True
+            ),
         ),
     ]
     rows = []

@@ -15,7 +15,6 @@ each) against `--max-concurrency 1`, where the 7 that wait decode as one batch.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import socket
 import subprocess
@@ -25,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+import attrs
 import httpx
 import torch
 from benchtable import print_table
@@ -42,11 +42,13 @@ CLIENTS = 8
 def write_checkpoint(path: Path) -> Path:
     """A GPT-2-small-shaped model with random weights, saved as training saves it."""
     torch.manual_seed(0)
-    config = GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304)
+    config = GPTConfig(
+        n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, bias=True
+    )
     model = GPT(config)
     checkpoint = {
         "model": model.state_dict(),
-        "model_args": dataclasses.asdict(config),
+        "model_args": attrs.asdict(config),
         "step": 0,
         "tokenizer": GPT2,
     }

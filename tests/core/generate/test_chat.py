@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import attrs
 import pytest
 import torch
 
@@ -34,7 +34,7 @@ def save(path: Path, model: GPT, template: dict | None) -> Path:
     """A checkpoint as a fine-tuning run writes it (``template`` None: pre-trained)."""
     checkpoint = {
         "model": model.state_dict(),
-        "model_args": dataclasses.asdict(model.config),
+        "model_args": attrs.asdict(model.config),
         "step": 30,
         "tokenizer": GPT2,
         "template": template,

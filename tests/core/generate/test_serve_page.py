@@ -9,7 +9,6 @@ to watch them grow and to stop them.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import socket
@@ -21,6 +20,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import attrs
 import pytest
 import torch
 
@@ -64,7 +64,7 @@ def ckpt(tmp_path_factory) -> Path:
         path,
         {
             "model": model.state_dict(),
-            "model_args": dataclasses.asdict(model.config),
+            "model_args": attrs.asdict(model.config),
             "step": 0,
             "tokenizer": GPT2,
             "template": AlpacaTemplate().description(),

@@ -7,13 +7,13 @@ checkpoints (without the options) still load; bad combinations are one line.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
 
+import attrs
 import pytest
 import torch
 from click.testing import CliRunner
@@ -71,8 +71,9 @@ def cli(*args):
 # -- the model ---------------------------------------------------------------------
 
 
-def test_defaults_keep_gpt2s_state_dict_keys_and_a_llama_has_no_position_weights():
+def test_gpt2s_options_keep_its_state_dict_keys_and_a_llama_has_no_position_weights():
     small = {"block_size": 16, "vocab_size": 64, "n_layer": 1, "n_head": 2, "n_embd": 32}
+    small["bias"] = True  # GPT-2 has biases; the other defaults are GPT-2's
     gpt2 = GPT(GPTConfig(**small))
     block = [
         f"ln_1.{w}" for w in ("weight", "bias")
@@ -97,7 +98,7 @@ def test_defaults_keep_gpt2s_state_dict_keys_and_a_llama_has_no_position_weights
         "lm_head.weight",
     ]
     assert gpt2.lm_head.weight is gpt2.transformer.wte.weight
-    llama = GPT(GPTConfig(**small, **LLAMA, qk_norm=True, tie_embeddings=False))
+    llama = GPT(GPTConfig(**{**small, **LLAMA}, qk_norm=True, tie_embeddings=False))
     assert sorted(llama.state_dict()) == sorted(
         [
             "transformer.wte.weight",
@@ -139,7 +140,7 @@ def test_flops_count_the_chosen_shapes():
 def test_softcap_bounds_the_logits():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=8, vocab_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
-    capped = GPT(dataclasses.replace(model.config, logit_softcap=0.5)).eval()
+    capped = GPT(attrs.evolve(model.config, logit_softcap=0.5)).eval()
     capped.load_state_dict(model.state_dict())
     x = torch.randint(0, 32, (1, 8))
     with torch.no_grad():
@@ -356,7 +357,7 @@ def test_a_checkpoint_from_before_the_options_still_samples_exports_and_inits(
     assert result.exit_code == 0, result.output
     assert result.output == cli("sample", "--ckpt", char_checkpoint, *sample).output
     assert cli("export", "--ckpt", old, "--out", tmp_path / "hf").exit_code == 0
-    current = dataclasses.asdict(load_model(char_checkpoint, "cpu").model.config)
+    current = attrs.asdict(load_model(char_checkpoint, "cpu").model.config)
     # Resume compares the options too: the filled-in defaults are the model it was.
     found = mismatches(
         loaded, model_args=current, tokenizer=loaded["tokenizer"], data_meta=loaded["data"]

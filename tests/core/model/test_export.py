@@ -80,12 +80,13 @@ def write_checkpoint(path, template, **options):
 
     ``options`` are architecture options (GPTConfig fields) of the model.
     """
-    import dataclasses
+    import attrs
 
     from nanogpt_core.model.gpt import GPT, GPTConfig
     from nanogpt_core.train.checkpoints import save_checkpoint
 
     shape = {"block_size": 32, "vocab_size": 50304, "n_layer": 1, "n_head": 2, "n_embd": 16}
+    shape["bias"] = True  # GPT-2's biases, unless ``options`` say otherwise
     torch.manual_seed(0)
     model = GPT(GPTConfig(**{**shape, **options}))
     with torch.no_grad():
@@ -96,7 +97,7 @@ def write_checkpoint(path, template, **options):
         path,
         {
             "model": model.state_dict(),
-            "model_args": dataclasses.asdict(model.config),
+            "model_args": attrs.asdict(model.config),
             "step": 0,
             "tokenizer": {"kind": "gpt2", "name": "gpt2", "vocab_size": 50257, "eot_id": 50256},
             "template": template,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import attrs
 import pytest
 import torch
 
@@ -34,9 +35,13 @@ def test_the_count_equals_the_built_model(position, norm, mlp, qk_norm, tie, bia
     assert parameter_count(config) == GPT(config).num_params()
 
 
+# GPT-2 small: 124M parameters, about 2 GB for weights, gradients and AdamW.
+GPT2_SMALL = GPTConfig(vocab_size=50304, bias=True)
+
+
 def test_an_untied_output_layer_counts_a_second_vocabulary_matrix():
-    tied = GPTConfig()  # GPT-2 small
-    untied = GPTConfig(tie_embeddings=False)
+    tied = GPT2_SMALL
+    untied = attrs.evolve(GPT2_SMALL, tie_embeddings=False)
     assert parameter_count(untied) - parameter_count(tied) == 50304 * 768
 
 
@@ -56,7 +61,7 @@ def gpu_with_free_memory(monkeypatch):
 
 def test_the_check_compares_against_free_gpu_memory(gpu_with_free_memory):
     config = ExperimentConfig(name="x", dataset=PluginSpec(plugin="none"), train=TrainConfig())
-    gpt2_small = GPTConfig()  # 124M parameters: about 2 GB for weights, gradients and AdamW
+    gpt2_small = GPT2_SMALL
     check_memory(config, gpt2_small, gpu_with_free_memory(free=10 * 2**30))
     with pytest.raises(ConfigError) as refused:
         check_memory(config, gpt2_small, gpu_with_free_memory(free=1 * 2**30))
@@ -69,6 +74,6 @@ def test_the_check_counts_an_untied_head(gpu_with_free_memory):
     config = ExperimentConfig(name="x", dataset=PluginSpec(plugin="none"), train=TrainConfig())
     # 163M parameters untied: 2.4 GiB needed, more than 2.1 GiB free; tied (124M) fits.
     device = gpu_with_free_memory(free=int(2.1 * 2**30))
-    check_memory(config, GPTConfig(), device)
+    check_memory(config, GPT2_SMALL, device)
     with pytest.raises(ConfigError, match=r"163,\d{3},\d{3} parameters"):
-        check_memory(config, GPTConfig(tie_embeddings=False), device)
+        check_memory(config, attrs.evolve(GPT2_SMALL, tie_embeddings=False), device)
