@@ -1,4 +1,5 @@
-"""The import graph of `nanogpt_core`: no cycle of any kind, no module past ~400 lines.
+"""The import graph of `nanogpt_core`: no cycle of any kind, no module past ~400 lines,
+no class past ~300.
 
 Imports anywhere in a module count, those inside functions too (a cycle hidden
 in a function is still two modules that cannot be understood apart); only
@@ -13,6 +14,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "nanogpt_core"
 # "About 400 lines": a module may pass it by a little while it reads as one concept.
 MAX_MODULE_LINES = 450
+# "About 300 lines" for a class, with the same allowance.
+MAX_CLASS_LINES = 330
 
 
 def module_name(path: Path) -> str:
@@ -122,3 +125,13 @@ def test_no_module_is_much_over_400_lines():
         if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES
     }
     assert not long, f"modules over {MAX_MODULE_LINES} lines: {long}"
+
+
+def test_no_class_is_much_over_300_lines():
+    long = {
+        f"{module_name(path)}.{node.name}": node.end_lineno - node.lineno + 1
+        for path in PACKAGE.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES
+    }
+    assert not long, f"classes over {MAX_CLASS_LINES} lines: {long}"
