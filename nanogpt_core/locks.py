@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from nanogpt_core.errors import NanoGPTError
+from nanogpt_core.files import storage_errors
 
 
 class LockHeld(NanoGPTError):
@@ -58,9 +59,10 @@ def locked(
     :param on_wait: called once with the holder's pid (or None) before blocking.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # No O_TRUNC: opening must not wipe the pid a live holder wrote.
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    with storage_errors(path):  # a full disk is the same one line as everywhere else
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # No O_TRUNC: opening must not wipe the pid a live holder wrote.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         if not _try_lock(fd):
             pid = holder_pid(path)
@@ -72,8 +74,9 @@ def locked(
             if on_wait is not None:
                 on_wait(pid)
             fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        with storage_errors(path):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
         try:
             yield
         finally:

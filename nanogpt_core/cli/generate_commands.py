@@ -13,7 +13,13 @@ from pathlib import Path
 import click
 
 from nanogpt_core.cli.gpt_group import plugins_of
-from nanogpt_core.cli.shared_options import DEVICE, ckpt_option, sampling_options
+from nanogpt_core.cli.shared_options import (
+    DEVICE,
+    FiniteFloatRange,
+    ckpt_option,
+    folder_path,
+    sampling_options,
+)
 from nanogpt_core.errors import NanoGPTError
 
 
@@ -182,7 +188,7 @@ def chat(
     "--grace",
     default=10.0,
     show_default=True,
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     help="Seconds that streams in flight get to finish after SIGTERM.",
 )
 @DEVICE
@@ -228,7 +234,11 @@ def serve(
 @click.command()
 @ckpt_option("The checkpoint to export.")
 @click.option(
-    "--out", required=True, type=click.Path(path_type=Path), help="A new folder for the export."
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    callback=folder_path,
+    help="A new folder for the export.",
 )
 @click.pass_context
 def export(ctx: click.Context, ckpt: Path, out: Path) -> None:

@@ -24,6 +24,11 @@ import click
 from nanogpt_core.data.templates import Template, template_from_description
 from nanogpt_core.errors import NanoGPTError
 from nanogpt_core.generate.sampling import LoadedModel, load_model, stream_pieces
+from nanogpt_core.generate.sampling_settings import (
+    MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
+    temperature_problem,
+)
 
 if TYPE_CHECKING:
     from nanogpt_core.plugins.registry import Plugins
@@ -161,15 +166,15 @@ def run_command(line: str, conversation: Conversation) -> bool:
 
 
 def parse_temperature(text: str) -> float:
-    """A temperature from ``/temperature X``: a finite number >= 0."""
+    """A temperature from ``/temperature X``, in the range ``--temperature`` has."""
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not 0 <= value < float("inf"):
+    if temperature_problem(value):
         raise NanoGPTError(
-            f"/temperature: expected a number >= 0 (0 is greedy), got {text!r}; "
-            "e.g. /temperature 0.7"
+            f"/temperature: expected 0 (greedy) or {MIN_TEMPERATURE:g} to {MAX_TEMPERATURE:g}, "
+            f"got {text!r}; e.g. /temperature 0.7"
         )
     return value
 

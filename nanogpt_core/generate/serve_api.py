@@ -10,12 +10,20 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from nanogpt_core.data.templates import Template
 from nanogpt_core.errors import NanoGPTError
 from nanogpt_core.generate.chat import ChatSettings, Conversation
 from nanogpt_core.generate.sampling import LoadedModel, encode_prompt
+from nanogpt_core.generate.sampling_settings import sampling_problem
 
 # OpenAI allows at most four stop strings.
 MAX_STOPS = 4
@@ -52,6 +60,16 @@ class SamplingBody(BaseModel):
         if self.logprobs not in (None, False, 0):
             raise ValueError("logprobs: not supported by this server")
         return self
+
+    @field_validator("temperature", "top_p", "seed")
+    @classmethod
+    def _in_range(cls, value: Any, info: ValidationInfo) -> Any:
+        # The ranges gpt sample's and gpt chat's options have (a temperature of
+        # 1e-300 passes `ge=0` but overflows the logits).
+        problem = None if value is None else sampling_problem(str(info.field_name), value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
     def stops(self) -> tuple[str, ...]:
         """``stop`` as a tuple (a single string is one stop string)."""

@@ -148,6 +148,7 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: tokenizer: expected a table with 'kind' and 'vocab_size'")
     _check_checksum(path, checkpoint, required=resume)
     checkpoint["model_args"] = _complete_model_args(path, checkpoint["model_args"])
+    _check_weights_finite(path, checkpoint["model"])
     return checkpoint
 
 
@@ -158,6 +159,9 @@ def _read(path: Path, map_location: Any) -> Any:
         raise CheckpointError(f"{path}: file not found")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder, expected a .pth checkpoint file")
+    if not path.is_file():
+        # A FIFO would block the read forever and /dev/zero never ends.
+        raise CheckpointError(f"{path}: not a regular file, expected a .pth checkpoint file")
     # torch.save writes a zip archive; anything else is damaged or not ours.
     if not zipfile.is_zipfile(path):
         raise CheckpointError(
@@ -279,6 +283,22 @@ def _complete_model_args(path: Path, args: dict[str, Any]) -> dict[str, Any]:
         return attrs.asdict(GPTConfig(**complete))
     except ValueError as exc:
         raise CheckpointError(f"{path}: model_args: {exc}") from None
+
+
+def _check_weights_finite(path: Path, weights: dict[str, Any]) -> None:
+    """Refuse weights holding NaN or infinity: a valid checksum can cover a diverged model."""
+    import torch
+
+    for name, tensor in weights.items():
+        if (
+            isinstance(tensor, torch.Tensor)
+            and tensor.is_floating_point()
+            and not bool(torch.isfinite(tensor).all())
+        ):
+            raise CheckpointError(
+                f"{path}: the weights are not finite (NaN or infinity in {name}): the run "
+                "diverged before it was saved; use an earlier checkpoint"
+            )
 
 
 def _check_checksum(path: Path, checkpoint: dict[str, Any], *, required: bool) -> None:
