@@ -5,6 +5,7 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -253,3 +254,60 @@ def train_experiment() -> Callable[..., dict]:
         )
 
     return train
+
+
+class LocalHub:
+    """The Hugging Face hub, served from local files by ``datasets``' own streaming readers.
+
+    ``serve(name, split, path)`` makes ``datasets.load_dataset(name, split=split,
+    streaming=True)`` stream ``path`` (parquet, json or jsonl) with the builder
+    of its format, so rows arrive as the hub's would. ``calls`` records each
+    ``(name, subset, split, streaming)``; ``served[split]`` counts the rows a
+    split gave, so a test sees where the reading stopped.
+    """
+
+    def __init__(self, real_load_dataset: Callable[..., Any]) -> None:
+        self.real_load_dataset = real_load_dataset
+        self.files: dict[tuple[str, str], Path] = {}
+        self.calls: list[tuple[str, str | None, str, bool]] = []
+        self.served: dict[str, int] = {}
+        self.closed: list[str] = []  # splits whose stream was closed (a cap, or its end)
+
+    def serve(self, name: str, split: str, path: Path) -> None:
+        """Serve ``path`` as the ``split`` split of the hub dataset ``name``."""
+        self.files[(name, split)] = path
+
+    def load_dataset(self, name: str, subset: str | None = None, *, split: str, streaming=False):
+        """Stand-in for ``datasets.load_dataset``: a stream of the file served as ``split``."""
+        import datasets
+
+        self.calls.append((name, subset, split, streaming))
+        path = self.files[(name, split)]
+        builder = "parquet" if path.suffix == ".parquet" else "json"
+        stream = self.real_load_dataset(
+            builder, data_files={split: str(path)}, split=split, streaming=True
+        )
+        assert isinstance(stream, datasets.IterableDataset)
+        return self._counted(stream, split)
+
+    def _counted(self, stream, split: str):
+        self.served.setdefault(split, 0)
+        try:
+            for row in stream:
+                self.served[split] += 1
+                yield row
+        finally:
+            self.closed.append(split)
+
+
+@pytest.fixture
+def local_hub(monkeypatch, tmp_path) -> LocalHub:
+    """A :class:`LocalHub` in place of the hub, with a fresh ``datasets`` cache under tmp_path."""
+    import datasets
+
+    hub = LocalHub(datasets.load_dataset)
+    monkeypatch.setattr(datasets, "load_dataset", hub.load_dataset)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    # The stand-in "is" at localhost, which resolves offline (the core looks the host up first).
+    monkeypatch.setenv("HF_ENDPOINT", "http://localhost")
+    return hub

@@ -300,3 +300,41 @@ def test_a_val_fraction_that_holds_nothing_out_says_so(tmp_path):
     path = experiment(tmp_path, [file], extra="val_fraction = 0.001\n")
     with pytest.raises(DataError, match="none of the 5 records went to validation"):
         prepare(path, tmp_path)
+
+
+def test_max_examples_stops_reading_the_hub_after_the_first_records(
+    local_hub, shared_data, tmp_path, capfd
+):
+    # tatsu-lab/alpaca's rows are alpaca_data.json's records, in its order.
+    sample = shared_data / "alpaca" / "alpaca_sample.json"
+    local_hub.serve("tatsu-lab/alpaca", "train", sample)
+    source = AlpacaSource(AlpacaOptions(max_examples=300, skip_empty_output=True))
+    pairs = list(source.split_examples(tmp_path))
+    kept = non_empty(records(sample)[:301])  # record 285 has an empty output
+    assert [record for _, record in pairs] == kept and len(kept) == 300
+    assert [r for split, r in pairs if split == "val"] == [
+        r for r in kept if held_out(r, 1337, 0.02)
+    ]
+    # Streamed, and no row asked for past the 300th record kept.
+    assert local_hub.calls == [("tatsu-lab/alpaca", None, "train", True)]
+    assert local_hub.served == {"train": 301} and local_hub.closed == ["train"]
+    assert "alpaca: left out 1 records with an empty output" in capfd.readouterr().err
+    assert source.variant == "hub-tatsu-lab--alpaca-gpt2-first300"
+    assert (
+        source.description == "Alpaca from the Hugging Face hub (tatsu-lab/alpaca) (the first 300)"
+    )
+
+
+def test_max_examples_caps_train_files_and_leaves_val_files_whole(shared_data, tmp_path):
+    sample = shared_data / "alpaca"
+    files = [sample / "alpaca_sample.json"], [sample / "alpaca_sample.jsonl"]
+    capped = prepare(experiment(tmp_path, *files, extra="max_examples = 40\n"), tmp_path)
+    assert capped.folder == tmp_path / "data" / "alpaca" / "local-gpt2-first40"
+    assert decoded_examples(capped, "train") == expected(records(files[0][0])[:40])
+    assert capped.meta["splits"]["val"]["documents"] == 500
+    # Uncapped, the same files prepare into a folder of their own.
+    whole = prepare(experiment(tmp_path, *files, extra="skip_empty_output = true\n"), tmp_path)
+    assert whole.folder == tmp_path / "data" / "alpaca" / "local-gpt2"
+    assert whole.meta["splits"]["train"]["documents"] == 2000 - len(EMPTY_OUTPUTS)
+    assert whole.meta["fingerprint"] != capped.meta["fingerprint"]
+    assert (capped.folder / "meta.json").is_file()  # still there, as it was

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -184,3 +185,100 @@ def test_a_held_out_share_that_empties_a_split_says_why(shared_data, tmp_path, f
     with pytest.raises(DataError) as info:
         stories(source, "train", tmp_path)
     assert str(info.value) == message
+
+
+@pytest.fixture
+def stories_hub(local_hub, shared_data):
+    """roneneldan/TinyStories served from the parquet samples, in the hub's row format."""
+    folder = shared_data / "tinystories"
+    local_hub.serve(tinystories.HUB_NAME, "train", folder / "derived_train.parquet")
+    local_hub.serve(tinystories.HUB_NAME, "validation", folder / "derived_validation.parquet")
+    return local_hub
+
+
+def test_caps_stop_reading_the_hub_after_the_first_stories(stories_hub, shared_data, tmp_path):
+    folder = shared_data / "tinystories"
+    source = TinyStoriesSource(TinyStoriesOptions(max_documents=300, max_val_documents=20))
+    pairs = list(source.split_documents(tmp_path))
+    train = [text.strip() for text in read_texts(folder / "derived_train.parquet")]
+    val = [text.strip() for text in read_texts(folder / "derived_validation.parquet")]
+    assert [text for split, text in pairs if split == "train"] == train[:300]
+    assert [text for split, text in pairs if split == "val"] == val[:20]
+    # Streamed, and no row asked for past a cap: each stream was closed there.
+    assert stories_hub.calls == [
+        (tinystories.HUB_NAME, None, "train", True),
+        (tinystories.HUB_NAME, None, "validation", True),
+    ]
+    assert stories_hub.served == {"train": 300, "validation": 20}
+    assert stories_hub.closed == ["train", "validation"]
+    assert source.variant == "hub-gpt2-first300-val20"
+    assert source.description == (
+        "TinyStories from the Hugging Face hub (roneneldan/TinyStories) "
+        "(the first 300 training stories and the first 20 validation stories)"
+    )
+
+
+def test_capped_and_whole_preparations_never_share_a_folder(stories_hub, tmp_path):
+    # The CPU demo as shipped, the same capped harder, and the full hub run.
+    plugins = load_plugins(disabled=())
+    experiments = Path(__file__).resolve().parents[2] / "experiments"
+    runs = {
+        "hub-gpt2-first10000-val500": (experiments / "cpu" / "tinystories_cpu.toml", ()),
+        "hub-gpt2-first100-val10": (
+            experiments / "cpu" / "tinystories_cpu.toml",
+            ("dataset.max_documents=100", "dataset.max_val_documents=10"),
+        ),
+        "hub-gpt2": (experiments / "tinystories.toml", ()),
+    }
+    metas = {}
+    for variant, (path, overrides) in runs.items():
+        config = load_experiment(path, overrides, plugins)
+        prepared = prepare_dataset(config, plugins, data_dir=tmp_path / "data")
+        assert prepared.folder == tmp_path / "data" / "tinystories" / variant
+        metas[variant] = prepared.meta
+    # The samples hold 2,158 + 240 stories: under the shipped caps, all of them.
+    documents = {
+        v: [m["splits"][s]["documents"] for s in ("train", "val")] for v, m in metas.items()
+    }
+    assert documents == {
+        "hub-gpt2-first10000-val500": [2158, 240],
+        "hub-gpt2-first100-val10": [100, 10],
+        "hub-gpt2": [2158, 240],
+    }
+    assert len({m["fingerprint"] for m in metas.values()}) == 3
+    # Preparing the others left each folder as it was.
+    for variant, meta in metas.items():
+        on_disk = json.loads(
+            (tmp_path / "data" / "tinystories" / variant / "meta.json").read_text()
+        )
+        assert on_disk["fingerprint"] == meta["fingerprint"]
+
+
+def test_caps_on_held_out_stories_stop_at_the_training_cap(shared_data, tmp_path):
+    path = shared_data / "tinystories" / "derived_tiny-stories_endoftext.txt"
+    source = TinyStoriesSource(
+        TinyStoriesOptions(
+            source="local",
+            train_files=[str(path)],
+            val_fraction=0.1,
+            max_documents=50,
+            max_val_documents=3,
+        )
+    )
+    pairs = list(source.split_documents(tmp_path))
+    everything = list(read_texts(path))
+    train = [t for t in everything if not held_out(t, 1337, 0.1)][:50]
+    # Held-out stories met before the 50th training story, the first 3 of them.
+    read = everything[: everything.index(train[-1]) + 1]
+    val = [t for t in read if held_out(t, 1337, 0.1)][:3]
+    assert [t for s, t in pairs if s == "train"] == train
+    assert [t for s, t in pairs if s == "val"] == val and len(val) == 3
+    assert source.variant == "local-gpt2-first50-val3"
+
+
+def test_a_cap_must_be_positive(write_toml):
+    from nanogpt_core.errors import ConfigError
+
+    path = write_toml("x.toml", '[dataset]\nplugin = "tinystories"\nmax_documents = 0\n')
+    with pytest.raises(ConfigError, match=r"dataset\.max_documents: must be greater than 0, got 0"):
+        load_experiment(path, (), load_plugins(disabled=()))

@@ -6,7 +6,8 @@
 ``train_files`` (and ``val_files`` when given): a JSON array like
 ``alpaca_data.json``, JSON Lines, or Parquet. Without ``val_files``, every
 record whose seeded hash falls under ``val_fraction`` is held out, so the split
-does not depend on file order.
+does not depend on file order. ``max_examples`` keeps the first records and
+stops reading there, so a quick demo streams only the start of the hub's split.
 
 The source yields records; the core renders each through the template,
 tokenizes it and cuts it to the block size (:mod:`nanogpt_core.data.example_preparation`). A bad
@@ -33,6 +34,7 @@ from nanogpt_core import (
     hub_rows,
     one_of,
     option,
+    positive,
     read_rows,
 )
 
@@ -83,6 +85,13 @@ class AlpacaOptions:
         False,
         "Leave out records whose output is empty (tatsu-lab/alpaca has some) instead of "
         "stopping at the first.",
+    )
+    max_examples: int | None = option(
+        None,
+        "Stop after this many records of hub_name or train_files, the first ones, before "
+        "val_fraction is held out of them: a quick demo streams only the start of the hub's "
+        "split (val_files are read whole).",
+        validator=positive,
     )
 
     def __attrs_post_init__(self) -> None:
@@ -183,53 +192,71 @@ class AlpacaSource:
         self.template = options.template
         hub = "hub-" + options.hub_name.replace("/", "--")
         where = hub if options.source == "hub" else "local"
-        self.variant = f"{where}-{options.tokenizer}"
+        # A capped preparation gets a folder of its own, so a quick demo and the
+        # full run never prepare over each other.
+        first = "" if options.max_examples is None else f"-first{options.max_examples}"
+        self.variant = f"{where}-{options.tokenizer}{first}"
         self.description = (
             f"Alpaca from the Hugging Face hub ({options.hub_name})"
             if options.source == "hub"
             else "Alpaca from local files: " + ", ".join(options.train_files + options.val_files)
-        )
+        ) + ("" if options.max_examples is None else f" (the first {options.max_examples:,})")
 
     def split_examples(self, downloads: Path) -> Iterator[tuple[str, dict[str, str]]]:
         """``(split, record)`` pairs, reading each source once."""
         opts = self.options
         if opts.source == "local" and opts.val_files:
-            for split, patterns, name in (
-                ("train", opts.train_files, "train_files"),
-                ("val", opts.val_files, "val_files"),
-            ):
-                for path in expand_files(patterns, f"dataset.{name}"):
-                    yield from ((split, record) for record in self._checked(file_rows(path)))
+            yield from (("train", record) for record in self._train_records())
+            yield from (("val", record) for record in self._val_records())
             return
         counts = {"train": 0, "val": 0}
-        for record in self._all_records():
+        for record in self._train_records():
             split = "val" if held_out(record, opts.seed, opts.val_fraction) else "train"
             counts[split] += 1
             yield split, record
         self._explain_empty(counts)
 
-    def _all_records(self) -> Iterator[dict[str, str]]:
+    def _train_records(self) -> Iterator[dict[str, str]]:
+        """The checked records of hub_name or train_files, the first max_examples of them."""
         opts = self.options
         if opts.source == "hub":
             # Both hub datasets have a single train split; validation is held out.
             rows = hub_rows(opts.hub_name, None, "train")
-            yield from self._checked(
-                (f"{opts.hub_name} (hub): row {n}", row) for n, row in enumerate(rows, 1)
-            )
-            return
-        for path in expand_files(opts.train_files, "dataset.train_files"):
-            yield from self._checked(file_rows(path))
+            where = ((f"{opts.hub_name} (hub): row {n}", row) for n, row in enumerate(rows, 1))
+        else:
+            where = self._file_rows(opts.train_files, "train_files")
+        return self._checked(where, opts.max_examples)
 
-    def _checked(self, rows: Iterator[tuple[str, Any]]) -> Iterator[dict[str, str]]:
-        """Checked records; with skip_empty_output, those without a response are left out."""
-        skipped = 0
+    def _val_records(self) -> Iterator[dict[str, str]]:
+        """The checked records of val_files, all of them."""
+        return self._checked(self._file_rows(self.options.val_files, "val_files"))
+
+    @staticmethod
+    def _file_rows(patterns: list[str], name: str) -> Iterator[tuple[str, Any]]:
+        """``(where, row)`` of every file the patterns of option ``name`` match, in order."""
+        for path in expand_files(patterns, f"dataset.{name}"):
+            yield from file_rows(path)
+
+    def _checked(
+        self, rows: Iterator[tuple[str, Any]], limit: int | None = None
+    ) -> Iterator[dict[str, str]]:
+        """Checked records, at most ``limit`` of them: no row is asked for after the last.
+
+        With skip_empty_output, records without a response are left out (counted on stderr).
+        """
+        skipped = kept = 0
         for where, row in rows:
             try:
-                yield check_record(row, where)
+                record = check_record(row, where)
             except EmptyOutput:
                 if not self.options.skip_empty_output:
                     raise
                 skipped += 1
+                continue
+            yield record
+            kept += 1
+            if kept == limit:
+                break
         if skipped:
             print(
                 f"alpaca: left out {skipped:,} records with an empty output (skip_empty_output)",

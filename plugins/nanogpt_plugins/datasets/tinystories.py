@@ -7,12 +7,17 @@
 lines) or json/jsonl/parquet rows with a text field. Without a validation
 source, whole stories are held out: every story whose seeded hash falls under
 ``val_fraction``, so the split does not depend on file order.
+
+``max_documents`` and ``max_val_documents`` keep the first stories of each
+split and stop reading there: a quick demo streams the start of the hub's 2.1
+million stories, not all of them.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+import itertools
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import attrs
@@ -25,6 +30,7 @@ from nanogpt_core import (
     hub_rows,
     one_of,
     option,
+    positive,
     read_texts,
 )
 
@@ -66,6 +72,15 @@ class TinyStoriesOptions:
         '"gpt2" (BPE, as TinyStories models use), "char", or any registered tokenizer.',
     )
     seed: int = option(1337, "Seed of the held-out split.")
+    max_documents: int | None = option(
+        None,
+        "Stop after this many training stories, the first ones: a quick demo "
+        "streams only the start of the hub's split.",
+        validator=positive,
+    )
+    max_val_documents: int | None = option(
+        None, "Stop after this many validation stories, the first ones.", validator=positive
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.source == "local" and not self.train_files:
@@ -80,46 +95,74 @@ def held_out(text: str, seed: int, fraction: float) -> bool:
     return int.from_bytes(digest, "big") / 2**64 < fraction
 
 
+def first(stories: Iterable[str], limit: int | None) -> Iterator[str]:
+    """The first ``limit`` stories (all without a limit); reading stops at the last one kept."""
+    return itertools.islice(stories, limit)
+
+
 class TinyStoriesSource:
     """TinyStories from the hub or from local files."""
 
     def __init__(self, options: TinyStoriesOptions) -> None:
         self.options = options
         self.tokenizer = options.tokenizer
-        self.variant = f"{options.source}-{options.tokenizer}"
-        self.description = (
+        # A capped preparation gets a folder of its own, so a quick demo and the
+        # full run never prepare over each other.
+        caps = "".join(
+            f"-{tag}{limit}"
+            for tag, limit in (("first", options.max_documents), ("val", options.max_val_documents))
+            if limit is not None
+        )
+        self.variant = f"{options.source}-{options.tokenizer}{caps}"
+        where = (
             f"TinyStories from the Hugging Face hub ({HUB_NAME})"
             if options.source == "hub"
             else "TinyStories from local files: "
             + ", ".join(options.train_files + options.val_files)
         )
+        limits = [
+            f"the first {limit:,} {which} stories"
+            for which, limit in (
+                ("training", options.max_documents),
+                ("validation", options.max_val_documents),
+            )
+            if limit is not None
+        ]
+        self.description = where + (f" ({' and '.join(limits)})" if limits else "")
 
     def split_documents(self, downloads: Path) -> Iterator[tuple[str, str]]:
-        """``(split, story)`` pairs, reading each source file once."""
+        """``(split, story)`` pairs, reading each source file once, and no further than the caps."""
         opts = self.options
-        if opts.source == "hub":
-            for split, hub_split in (("train", "train"), ("val", "validation")):
-                for row in hub_rows(HUB_NAME, None, hub_split):
-                    text = row[opts.text_field].strip()
-                    if text:
-                        yield split, text
-            return
-        if opts.val_files:
-            for split, patterns, name in (
-                ("train", opts.train_files, "train_files"),
-                ("val", opts.val_files, "val_files"),
-            ):
-                for path in expand_files(patterns, f"dataset.{name}"):
-                    yield from ((split, t) for t in read_texts(path, opts.text_field) if t.strip())
+        if opts.source == "hub" or opts.val_files:
+            for split, limit in (("train", opts.max_documents), ("val", opts.max_val_documents)):
+                yield from ((split, text) for text in first(self._stories(split), limit))
             return
         counts = {"train": 0, "val": 0}
-        for path in expand_files(opts.train_files, "dataset.train_files"):
-            for text in read_texts(path, opts.text_field):
-                if text.strip():
-                    split = "val" if held_out(text, opts.seed, opts.val_fraction) else "train"
-                    counts[split] += 1
-                    yield split, text
+        for text in self._stories("train"):
+            split = "val" if held_out(text, opts.seed, opts.val_fraction) else "train"
+            if split == "train" and counts["train"] == opts.max_documents:
+                break  # enough training stories: read no further
+            if split == "val" and counts["val"] == opts.max_val_documents:
+                continue
+            counts[split] += 1
+            yield split, text
         self._explain_empty(counts)
+
+    def _stories(self, split: str) -> Iterator[str]:
+        """The non-empty stories of the hub's ``split``, or of train_files / val_files."""
+        opts = self.options
+        if opts.source == "hub":
+            hub_split = "train" if split == "train" else "validation"
+            for row in hub_rows(HUB_NAME, None, hub_split):
+                text = row[opts.text_field].strip()
+                if text:
+                    yield text
+            return
+        patterns, name = (
+            (opts.train_files, "train_files") if split == "train" else (opts.val_files, "val_files")
+        )
+        for path in expand_files(patterns, f"dataset.{name}"):
+            yield from (text for text in read_texts(path, opts.text_field) if text.strip())
 
     def _explain_empty(self, counts: dict[str, int]) -> None:
         """Say why holding out by val_fraction left a split empty."""
@@ -132,9 +175,11 @@ class TinyStoriesSource:
                 f"val_fraction = {fraction}; lower it, or give val_files"
             )
         if counts["val"] == 0:
+            more = " (or max_documents)" if self.options.max_documents is not None else ""
             raise DataError(
                 f"dataset.val_fraction: none of the {total:,} stories went to validation: "
-                f"val_fraction = {fraction} is too small to hold any; raise it, or give val_files"
+                f"val_fraction = {fraction} is too small to hold any; raise it{more}, "
+                "or give val_files"
             )
 
     def documents(self, split: str, downloads: Path) -> Iterator[str]:

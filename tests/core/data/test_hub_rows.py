@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,27 @@ def test_gpt_prepare_of_a_hub_experiment_offline_is_one_line(tmp_path):
         "(hub.nowhere.invalid cannot be resolved: Name or service not known; offline?); "
         'use source = "local" with downloaded files'
     ]
+
+
+@pytest.mark.parametrize(
+    ("experiment", "dataset"),
+    [("tinystories_cpu.toml", "roneneldan/TinyStories"), ("alpaca_cpu.toml", "tatsu-lab/alpaca")],
+)
+def test_gpt_run_of_a_capped_cpu_demo_offline_is_one_line_at_once(tmp_path, experiment, dataset):
+    gpt = str(Path(sys.executable).with_name("gpt"))
+    start = time.monotonic()
+    done = subprocess.run(
+        [gpt, "run", str(REPO / "experiments" / "cpu" / experiment),
+         "--data-dir", str(tmp_path / "data"), "--results-dir", str(tmp_path / "results")],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "HF_ENDPOINT": NOWHERE},
+    )  # fmt: skip
+    elapsed = time.monotonic() - start
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"Error: could not read {dataset} from the Hugging Face hub "
+        "(hub.nowhere.invalid cannot be resolved: Name or service not known; offline?); "
+        'use source = "local" with downloaded files'
+    ]
+    # Under 2 s here: no retries with back-off (the hub client's take about 20 s).
+    assert elapsed < 15

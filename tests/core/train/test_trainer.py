@@ -324,7 +324,8 @@ def test_nanogpt_baby_run_reaches_its_published_loss(shared_data, session_data_d
     """nanoGPT's CPU baby configuration ends near val loss 1.88 (about three minutes)."""
     from pathlib import Path
 
-    experiment = Path(__file__).resolve().parents[3] / "experiments" / "shakespeare_char_cpu.toml"
+    experiments = Path(__file__).resolve().parents[3] / "experiments"
+    experiment = experiments / "cpu" / "shakespeare_char_cpu.toml"
     path = shared_data / "tinyshakespeare" / "input.txt"
     plugins = load_plugins(disabled=())
     config = load_experiment(experiment, [f'dataset.path="{path}"', "callbacks=[]"], plugins)
