@@ -39,7 +39,7 @@ from nanogpt_core.data.plugins import (
 from nanogpt_core.data.prepared import PreparedData, open_prepared
 from nanogpt_core.data.token_preparation import write_tokens
 from nanogpt_core.errors import DataError
-from nanogpt_core.files import storage_errors
+from nanogpt_core.files import remove_stale_temporaries, storage_errors
 from nanogpt_core.locks import locked
 from nanogpt_core.plugins.options import unstructure
 
@@ -81,12 +81,12 @@ def prepare_dataset(
         with contextlib.suppress(DataError):
             ready = _matching(folder, wanted)
             if ready is not None:
-                return ready
+                return _tidied(ready)
     with storage_errors(folder), data_lock(folder) as waited:
         if not force or waited:
             ready = _matching(folder, wanted, strict=not force)
             if ready is not None:
-                return ready
+                return _tidied(ready)
         return write(
             source,
             folder,
@@ -98,6 +98,16 @@ def prepare_dataset(
             who=dataset_who(config, plugins),
             inputs=input_files(config.dataset.options) + input_files(choice.options),
         )
+
+
+def _tidied(data: PreparedData) -> PreparedData:
+    """``data``, after removing what dead writers left in its folder (a killed ``--force``).
+
+    Only files whose writer is gone are removed; on read-only storage nothing is.
+    """
+    with contextlib.suppress(OSError):
+        remove_stale_temporaries(data.folder)
+    return data
 
 
 def data_folder(

@@ -7,7 +7,8 @@
   ``val.examples.npy``: int64 rows ``start, length, response_start``, one per
   example (see :mod:`nanogpt_core.data.example_preparation`);
 - ``meta.json``: the tokenizer's description, the counts per split and the
-  fingerprint of what was prepared. It is written last, so a folder without a
+  fingerprint of what was prepared, sealed with a checksum of its own (a
+  hand-edited vocabulary is refused). It is written last, so a folder without a
   readable one holds no finished preparation.
 
 Both preparers (:mod:`nanogpt_core.data.token_preparation`,
@@ -18,6 +19,7 @@ through :func:`open_prepared`, which refuses a ``meta.json`` the files contradic
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable
@@ -129,8 +131,16 @@ def _is_count(value: Any) -> bool:
     return type(value) is int and value >= 0
 
 
+def meta_checksum(meta: dict[str, Any]) -> str:
+    """sha256 of ``meta`` (but its ``checksum``) as canonical JSON: what a preparation sealed."""
+    body = {key: value for key, value in meta.items() if key != "checksum"}
+    canonical = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
 def check_meta(data: PreparedData) -> None:
-    """Refuse a ``meta.json`` with the wrong structure or one the ``.bin`` sizes contradict."""
+    """Refuse a ``meta.json`` with the wrong structure, edited since it was written, or
+    one the ``.bin`` sizes contradict."""
     meta = data.meta
     if not isinstance(meta, dict):
         raise _meta_problem(data, "(top level)", "expected a JSON object")
@@ -155,6 +165,11 @@ def check_meta(data: PreparedData) -> None:
         raise _meta_problem(data, "kind", f'expected "tokens" or "examples", got {kind!r}')
     if kind == "examples":
         check_examples_meta(data)
+    # Last, after the structure problems that name a key: a hand-edited vocabulary
+    # would train (or sample) a model whose tokenizer cannot read its ids back.
+    # Folders prepared before the checksum have none.
+    if "checksum" in meta and meta["checksum"] != meta_checksum(meta):
+        raise _meta_problem(data, "checksum", "the file was edited or damaged since it was written")
 
 
 def _check_tokenizer_meta(data: PreparedData) -> None:
@@ -273,5 +288,6 @@ def publish(folder: Path, names: Iterable[str], meta: dict[str, Any]) -> Prepare
             fsync_dir(folder)
     finally:
         discard(folder, names)
-    atomic_write_text(folder / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-    return PreparedData(folder, meta)
+    sealed = {**meta, "checksum": meta_checksum(meta)}
+    atomic_write_text(folder / "meta.json", json.dumps(sealed, indent=2, ensure_ascii=False) + "\n")
+    return PreparedData(folder, sealed)

@@ -148,3 +148,53 @@ def test_a_full_disk_when_taking_a_lock_is_the_usual_line(tmp_path, monkeypatch)
     assert str(caught.value) == (
         f"{lock}: cannot write: the disk is full; free space or choose another folder"
     )
+
+
+def prepare_tiny(shared_data: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """Tiny Shakespeare prepared in ``tmp_path/data``: the experiment and the data folder."""
+    experiment = tmp_path / "tiny.toml"
+    text = shared_data / "tinyshakespeare" / "input.txt"
+    experiment.write_text(f'[dataset]\nplugin = "shakespeare"\npath = "{text}"\n')
+    done = gpt("prepare", experiment, "--data-dir", "data", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    return experiment, tmp_path / "data" / "shakespeare" / "tiny-char"
+
+
+@pytest.mark.parametrize("edit", ["vocab_size", "chars"])
+def test_a_hand_edited_meta_json_is_refused_until_prepared_again(edit, shared_data, tmp_path):
+    import json
+
+    experiment, folder = prepare_tiny(shared_data, tmp_path)
+    meta_path = folder / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    if edit == "vocab_size":
+        meta["tokenizer"]["vocab_size"] = 1000
+    else:
+        meta["tokenizer"]["chars"] = meta["tokenizer"]["chars"][:5]
+    meta_path.write_text(json.dumps(meta))
+    for command in ("prepare", "run"):
+        done = gpt(command, experiment, "--data-dir", "data", cwd=tmp_path)
+        assert error_line(done) == (
+            f"Error: {Path('data/shakespeare/tiny-char/meta.json')}: checksum: the file was "
+            "edited or damaged since it was written; prepare again with `gpt prepare "
+            "EXPERIMENT --force` or delete data/shakespeare/tiny-char"
+        )
+    assert not (tmp_path / "results").exists() or not any((tmp_path / "results").rglob("*.pth"))
+    again = gpt("prepare", experiment, "--data-dir", "data", "--force", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(meta_path.read_text())["tokenizer"]["vocab_size"] == 65
+
+
+def test_an_up_to_date_prepare_removes_what_a_killed_writer_left(shared_data, tmp_path):
+    experiment, folder = prepare_tiny(shared_data, tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid names the temporaries of a writer that is gone
+    left = [folder / f".train.bin.tmp-{dead.pid}", folder / f".val.bin.tmp-{dead.pid}"]
+    for path in left:
+        path.write_bytes(b"\0" * 1000)
+    alive = folder / f".train.bin.tmp-{os.getpid()}"  # a live writer's file stays
+    alive.write_bytes(b"\0")
+    done = gpt("prepare", experiment, "--data-dir", "data", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert [path.exists() for path in left] == [False, False]
+    assert alive.exists()
