@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import attrs
+
 # fp32 weights (4) + gradients (4) + AdamW's two moments (8) per parameter.
 TRAINING_BYTES_PER_PARAMETER = 16
 
@@ -29,6 +31,97 @@ def parameter_count(config: Any) -> int:
 
     with torch.device("meta"):
         return GPT(config).num_params()
+
+
+# Bytes per token that one transformer block keeps for the backward pass, as
+# coefficients of C (n_embd) and H (the MLP's width), measured with
+# torch.autograd.graph.saved_tensors_hooks on our GPT (tests/core/train/test_memory.py
+# checks them). In float32: the residual and the norm outputs, q, k and v, the
+# attention output (32 C), and the MLP's hidden activations (8 H: GELU's input
+# and output; SwiGLU keeps four H-wide tensors, 16 H). Under 16-bit autocast the
+# matrix inputs and outputs are half as large while the residual stream and the
+# norms stay in float32 (22 C + 4 H; SwiGLU 8 H).
+_BLOCK = {"fp32": (32, 8, 16), "16-bit": (22, 4, 8)}
+# What each option adds per block, in C: RoPE's rotated queries and keys, RMSNorm
+# computed in float32 (its inputs and statistics), qk-norm's normalised heads.
+_OPTION_EXTRA = {
+    "fp32": {"rope": 8, "rmsnorm": 8, "qk_norm": 20},
+    "16-bit": {"rope": 4, "rmsnorm": 8, "qk_norm": 22},
+}
+
+
+@attrs.frozen
+class MemoryEstimate:
+    """Bytes one training process needs: the project's one memory estimate.
+
+    ``weights``, ``gradients`` and ``optimizer`` are per model replica (divide
+    by the number of shards under sharded training); ``activations`` is the
+    peak of one micro-batch's forward and backward pass, including what the
+    backward pass holds at once and, under mixed precision, autocast's
+    half-precision copies of the weights.
+    """
+
+    parameters: int
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        """Everything at once, at the peak of a micro-step."""
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+
+def activation_bytes(config: Any, batch_size: int, precision: str) -> int:
+    """Peak activation memory of one micro-batch of ``batch_size`` full-length sequences.
+
+    :param config: the model's shape (a ``GPTConfig``).
+    :param precision: ``"no"`` (float32), ``"bf16"`` or ``"fp16"`` autocast.
+
+    Per token: every block's saved tensors (:data:`_BLOCK`), the output layer's
+    (the log-softmax of the logits is kept in float32, 4 V), and the largest
+    working set of the backward pass (the logits' gradient and its float32
+    copy, 8 V, or one block's float32 tensors). Dropout's masks and attention
+    probabilities are not counted: pre-training runs without dropout.
+    """
+    from nanogpt_core.model.config import mlp_hidden_size
+
+    kind = "fp32" if precision == "no" else "16-bit"
+    c, h, v = config.n_embd, mlp_hidden_size(config), config.vocab_size
+    per_c, per_h, per_h_swiglu = _BLOCK[kind]
+    block = per_c * c + (per_h_swiglu if config.mlp == "swiglu" else per_h) * h
+    extra = _OPTION_EXTRA[kind]
+    block += c * (
+        (extra["rope"] if config.position == "rope" else 0)
+        + (extra["rmsnorm"] if config.norm == "rmsnorm" else 0)
+        + (extra["qk_norm"] if config.qk_norm else 0)
+    )
+    head = 8 * c + 4 * v
+    backward = max(8 * v, _BLOCK["fp32"][0] * c + _BLOCK["fp32"][1] * h)
+    tokens = batch_size * config.block_size
+    return tokens * (config.n_layer * block + head + backward)
+
+
+def estimate_training_memory(
+    config: Any, *, batch_size: int, precision: str, optimizer_bytes_per_parameter: int = 8
+) -> MemoryEstimate:
+    """What a training process of this model and micro-batch needs (see :class:`MemoryEstimate`).
+
+    :param optimizer_bytes_per_parameter: the optimizer's state per parameter
+        (AdamW's two float32 moments: 8).
+    """
+    count = parameter_count(config)
+    activations = activation_bytes(config, batch_size, precision)
+    if precision != "no":
+        activations += 2 * count  # autocast's 16-bit copies of the weights
+    return MemoryEstimate(
+        parameters=count,
+        weights=4 * count,
+        gradients=4 * count,
+        optimizer=optimizer_bytes_per_parameter * count,
+        activations=activations,
+    )
 
 
 def available_bytes(device: Any) -> tuple[int | None, str]:
