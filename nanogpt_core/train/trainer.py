@@ -70,13 +70,15 @@ def check_finite(loss: float, step: int, last_good: Callable[[], str]) -> None:
 
 
 class Trainer:
-    """Trains a GPT on prepared data, calls the experiment's callbacks, owns resume.
+    """Trains a GPT on prepared data, calls the experiment's callbacks, owns saving and resume.
 
     Everything is built in the constructor (model, optimizer, samplers, state), so
     a ``Trainer`` is whole before :meth:`fit` runs. The trainer, not a callback,
-    decides what a checkpoint holds, writes the files callbacks request through
-    :meth:`TrainerState.request_save`, and continues from ``last.pth`` when the
-    results folder has one (see :class:`RunCheckpoints`).
+    decides what a checkpoint holds and writes ``last.pth`` itself (every
+    ``train.save_every`` steps, at epoch ends, at the end and on a stop), writes
+    the files callbacks request through :meth:`TrainerState.request_save`, and
+    continues from ``last.pth`` when the results folder has one (see
+    :class:`RunCheckpoints`).
 
     :param config: the resolved experiment.
     :param data: the prepared dataset.
@@ -235,6 +237,7 @@ class Trainer:
 
     def _start(self) -> None:
         """Resume if the folder has a ``last.pth``, then ``on_train_start``."""
+        self.checkpoints.warn_if_unresumable()
         self.checkpoints.resume()
         # Before any callback may log: a line appended after a torn one would be lost.
         torn = self.metrics_log.truncate_after(self.state.step)
@@ -285,7 +288,7 @@ class Trainer:
         )
         bar.update(1)
         self.hooks.step_ended(evaluated=evaluate, epoch_ended=step % self.steps_per_epoch == 0)
-        self._save()
+        self._save(last=self.checkpoints.due(step))
 
     def set_learning_rates(self, step: int) -> float:
         """Each param group's ``lr`` for the 0-based ``step``, from the schedule.
@@ -365,17 +368,25 @@ class Trainer:
         block_size = self.model_config.block_size
         return estimate_loss(self.model, self.data, self.config, block_size, self.accelerator)
 
-    def _save(self) -> None:
-        """Write the checkpoints callbacks asked for in this round of hooks, after what they logged."""
+    def _save(self, *, last: bool = False) -> None:
+        """Write the checkpoints of this round of hooks, after the metrics callbacks logged.
+
+        :param last: the core's own ``last.pth`` is due (written once with what
+            callbacks asked, and never twice for one step).
+        """
         self.hooks.write_logged()
-        self.checkpoints.save_requested()
+        self.checkpoints.save_requested(last=last)
         self.hooks.write_logged()  # what on_checkpoint asked
 
     def _finish(self, status: str) -> None:
-        """``on_train_end`` for every callback; then save what they asked, unless the run failed."""
+        """``on_train_end`` for every callback; then ``last.pth`` and what they asked, unless the run failed.
+
+        A completed or stopped run saves the step it ended at (once: an epoch
+        end saved it already); a failed run saves nothing.
+        """
         if status == "failed":
             self.hooks.end_failed_run()
             return
         self.hooks.update(status=status)
         self.hooks.call("on_train_end")
-        self._save()
+        self._save(last=self.state.step > 0)
