@@ -125,6 +125,13 @@ class TrainConfig:
     )
     eval_batches: int = option(50, "Batches per loss estimate.", validator=positive)
     log_every: int = option(10, "Write a metrics line every this many steps.", validator=positive)
+    save_every: int | None = option(
+        None,
+        "Write checkpoints/last.pth every this many steps, so a killed run resumes from there. "
+        "Default: at every evaluation (eval_every steps), as nanoGPT does; 0: only at epoch "
+        "ends. Epoch ends, the end of the run and a stop (SIGTERM, Ctrl-C) always save.",
+        validator=non_negative,
+    )
     mixed_precision: str = option(
         "auto",
         'Autocast precision: "auto" (bf16 on GPUs with bf16 units, compute capability 8.0+; '

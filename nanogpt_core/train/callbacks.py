@@ -161,7 +161,9 @@ class TrainerState:
 
         The core builds the checkpoint once however many files are requested,
         writes each atomically (main process only), then calls every callback's
-        ``on_checkpoint(state, path)``. Requests made while a run fails are dropped:
+        ``on_checkpoint(state, path)``. The core writes ``last.pth`` on its own
+        schedule too (``[train] save_every``, epoch ends, the end of a run), and
+        never twice for one step. Requests made while a run fails are dropped:
         nothing from a failed step is saved. Call it on every process alike.
 
         :param name: a file name ending in ``.pth``, e.g. ``"last.pth"`` (what
@@ -256,7 +258,7 @@ class Callback:
         """Called after the last step of each epoch."""
 
     def on_checkpoint(self, state: TrainerState, path: Path) -> None:
-        """Called after the core wrote a checkpoint this run requested, on every process."""
+        """Called after the core wrote a checkpoint (its own last.pth or a requested one), on every process."""
 
     def on_metrics(self, state: TrainerState, record: Mapping[str, Any]) -> None:
         """Called after each line the core writes to ``metrics.jsonl``, with that line.

@@ -1,11 +1,14 @@
-"""A run's own checkpoints: what one holds, writing those callbacks ask for, resuming.
+"""A run's own checkpoints: what one holds, when ``last.pth`` is written, resuming.
 
 The core, not a callback, decides what a checkpoint holds (the file format is
 ``checkpoints.py``'s): weights, optimizer and loss-scaler states, every process's
 sampler and random states, every callback's state, and what the run has
-measured. Callbacks only ask for files by name (:meth:`TrainerState.request_save`);
-:class:`RunCheckpoints` builds the checkpoint once, writes each file on the
-main process, and continues a run from ``last.pth`` when its folder has one.
+measured. The core also writes ``last.pth`` on its own schedule
+(``[train] save_every``, every epoch end, and when a run completes or is
+stopped), so every run can resume after a kill; callbacks may ask for more
+files by name (:meth:`TrainerState.request_save`). :class:`RunCheckpoints`
+builds the checkpoint once, writes each file on the main process, and
+continues a run from ``last.pth`` when its folder has one.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from nanogpt_core.train.resume import callback_states, check_belongs
 from nanogpt_core.train.throughput import Throughput
 
 if TYPE_CHECKING:
-    from nanogpt_core.config.experiment import ExperimentConfig
+    from nanogpt_core.config.experiment import ExperimentConfig, TrainConfig
     from nanogpt_core.data.prepared import PreparedData
     from nanogpt_core.data.token_windows import BatchSource
     from nanogpt_core.model.gpt import GPT
@@ -98,8 +101,50 @@ def load_optimizer_state(optimizer: Any, state: dict[str, Any]) -> None:
             group.update(kept)
 
 
+def save_interval(train: TrainConfig) -> int:
+    """Steps between the core's saves of ``last.pth`` (besides epoch ends); 0 for none.
+
+    ``save_every`` unset saves at every evaluation, as nanoGPT does.
+    """
+    return train.eval_every if train.save_every is None else train.save_every
+
+
+def first_save(config: ExperimentConfig, steps_per_epoch: int, total_steps: int) -> int:
+    """The first step after which ``last.pth`` is written, as far as the config tells.
+
+    The core's own saves (``save_interval`` and epoch ends) and the built-in
+    ``checkpoint`` callback's ``every_steps``: the one saving schedule besides
+    the core's that the experiment file states. What other callbacks will ask
+    for cannot be known before they run.
+    """
+    every = [save_interval(config.train), steps_per_epoch]
+    for spec in config.callbacks:
+        if spec.plugin == "checkpoint":
+            every.append(getattr(spec.options, "every_steps", None) or 0)
+    return min([total_steps, *(n for n in every if n > 0)])
+
+
+def unresumable_warning(
+    config: ExperimentConfig, steps_per_epoch: int, total_steps: int
+) -> str | None:
+    """One line when a run killed before its last step could not resume; else None."""
+    if total_steps < 2 or first_save(config, steps_per_epoch, total_steps) < total_steps:
+        return None
+    train = config.train
+    now = (
+        f"unset, so it follows train.eval_every = {train.eval_every}"
+        if train.save_every is None
+        else str(train.save_every)
+    )
+    return (
+        f"warning: the core first saves last.pth at the last step ({total_steps}), so a run "
+        f"killed before then (kill -9, a crash) cannot resume; set train.save_every below "
+        f"{total_steps} to save sooner (now {now})"
+    )
+
+
 class RunCheckpoints:
-    """Snapshots the run, writes the checkpoints callbacks request, resumes from ``last.pth``.
+    """Snapshots the run, writes ``last.pth`` and what callbacks request, resumes from ``last.pth``.
 
     :param config: the resolved experiment.
     :param data: the prepared data (its tokenizer and fingerprint go in every checkpoint).
@@ -171,9 +216,29 @@ class RunCheckpoints:
             "data": {key: self.data.meta.get(key) for key in ("plugin", "variant", "fingerprint")},
         }
 
-    def save_requested(self) -> None:
-        """Write the checkpoints callbacks asked for, then tell the callbacks (``on_checkpoint``)."""
+    def warn_if_unresumable(self) -> None:
+        """Say in one line, before training, when a kill before the last step would lose the run."""
+        state = self.hooks.state
+        warning = unresumable_warning(self.config, state.steps_per_epoch, state.total_steps)
+        if warning:
+            self.echo(warning)
+
+    def due(self, step: int) -> bool:
+        """Whether the core writes ``last.pth`` after ``step``: every ``save_every``, epoch ends."""
+        every = save_interval(self.config.train)
+        return (every > 0 and step % every == 0) or step % self.hooks.state.steps_per_epoch == 0
+
+    def save_requested(self, *, last: bool = False) -> None:
+        """Write the checkpoints callbacks asked for (and ``last.pth`` when ``last``), then ``on_checkpoint``.
+
+        ``last.pth`` is written once per step, however often it is asked for.
+        """
         names, self.hooks.requests.saves = self.hooks.requests.saves, []
+        if last and LAST_CHECKPOINT not in names:
+            names.append(LAST_CHECKPOINT)
+        state = self.hooks.state
+        if LAST_CHECKPOINT in names and state.last_saved_step == state.step:
+            names.remove(LAST_CHECKPOINT)
         if not names:
             return
         self.check_weights_finite()

@@ -84,6 +84,31 @@ class MetricsLog:
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         return torn
 
+    def append_step(
+        self,
+        step: int,
+        epoch: int,
+        metrics: Mapping[str, Any],
+        measured: Mapping[str, Any],
+        elapsed_s: float,
+    ) -> dict[str, Any]:
+        """Build a training step's line once, append it, and return it (callbacks get the same).
+
+        :param metrics: the step's ``tokens``, ``train_loss``, ``lr`` and ``grad_norm``.
+        :param measured: throughput (``tokens_per_sec``, ``mfu``, ...) and, at an
+            evaluation, the estimated ``train_loss`` and ``val_loss`` (which
+            replace the step's own ``train_loss``).
+        """
+        record: dict[str, Any] = {
+            "step": step,
+            "epoch": epoch,
+            **{key: metrics[key] for key in ("tokens", "train_loss", "lr", "grad_norm")},
+            **measured,
+            "elapsed_s": elapsed_s,
+        }
+        self.append(record)
+        return record
+
     def append(self, record: dict[str, Any]) -> None:
         """Append one line and flush it."""
         if not self.enabled:

@@ -33,6 +33,7 @@ RESUMABLE_CHANGES = (
     "train.log_every",
     "train.eval_every",
     "train.eval_batches",
+    "train.save_every",
     "train.device",
     "train.compile",
     "train.peak_flops",

@@ -1,8 +1,9 @@
 """Stopping a run early and cleanly: SIGTERM or Ctrl-C ends it after the current step.
 
-The first signal only asks; the trainer finishes the step, lets the callbacks
-save (``on_train_end`` with status ``"interrupted"``), and exits with status
-130 and a line saying what was saved. A second Ctrl-C aborts at once.
+The first signal only asks; the trainer finishes the step, calls
+``on_train_end`` with status ``"interrupted"``, saves ``last.pth`` (with what
+callbacks asked), and exits with status 130 and a line saying what was saved.
+A second Ctrl-C aborts at once.
 """
 
 from __future__ import annotations
@@ -50,17 +51,18 @@ class StopRequest:
     def message(self, step: int, saved: int | None, last_checkpoint: Path) -> str:
         """The line a stopped run ends with: what stopped it and how to continue.
 
+        The trainer saves ``last.pth`` at the step it stops after, so a run
+        that trained at all always has one.
+
         :param step: the steps done.
         :param saved: the step of the newest ``last.pth``, or None.
         """
-        if saved == step:
-            hint = f"saved {last_checkpoint}; run the same command to resume"
-        elif saved is not None:
-            hint = f"the last checkpoint is step {saved}; run the same command to resume from it"
-        elif step == 0:
+        if saved is None:
             hint = "nothing was trained yet"
+        elif saved == step:
+            hint = f"saved {last_checkpoint}; run the same command to resume"
         else:
-            hint = "no checkpoint was saved (enable the checkpoint callback to resume)"
+            hint = f"the last checkpoint is step {saved}; run the same command to resume from it"
         signal_name = self.requested or "a stop request on another process"
         return f"stopped by {signal_name} after step {step}: {hint}"
 

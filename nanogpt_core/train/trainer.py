@@ -16,6 +16,7 @@ and MFU in ``throughput.py``, and stopping on a signal in ``stopping.py``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from types import MappingProxyType
 from typing import Any
 
@@ -56,14 +57,28 @@ def agree(
     return agreed[0], agreed[1], agreed[2] > 0
 
 
+def check_finite(loss: float, step: int, last_good: Callable[[], str]) -> None:
+    """Stop a run whose loss is NaN or infinite, naming the checkpoint to go back to.
+
+    :raises TrainingError: the loss is not finite.
+    """
+    if not math.isfinite(loss):
+        raise TrainingError(
+            f"loss is {loss} at step {step}: training diverged; lower train.learning_rate "
+            f"or check the data. Nothing was saved from this step. {last_good()}"
+        )
+
+
 class Trainer:
-    """Trains a GPT on prepared data, calls the experiment's callbacks, owns resume.
+    """Trains a GPT on prepared data, calls the experiment's callbacks, owns saving and resume.
 
     Everything is built in the constructor (model, optimizer, samplers, state), so
     a ``Trainer`` is whole before :meth:`fit` runs. The trainer, not a callback,
-    decides what a checkpoint holds, writes the files callbacks request through
-    :meth:`TrainerState.request_save`, and continues from ``last.pth`` when the
-    results folder has one (see :class:`RunCheckpoints`).
+    decides what a checkpoint holds and writes ``last.pth`` itself (every
+    ``train.save_every`` steps, at epoch ends, at the end and on a stop), writes
+    the files callbacks request through :meth:`TrainerState.request_save`, and
+    continues from ``last.pth`` when the results folder has one (see
+    :class:`RunCheckpoints`).
 
     :param config: the resolved experiment.
     :param data: the prepared dataset.
@@ -222,31 +237,29 @@ class Trainer:
 
     def _start(self) -> None:
         """Resume if the folder has a ``last.pth``, then ``on_train_start``."""
+        self.checkpoints.warn_if_unresumable()
         self.checkpoints.resume()
         # Before any callback may log: a line appended after a torn one would be lost.
         torn = self.metrics_log.truncate_after(self.state.step)
         if torn:
             self.echo(f"{self.paths.metrics}: dropped {torn} unreadable line(s) (a torn write)")
         self.hooks.call("on_train_start")
-        self._end_round()
+        self._save()
         self.model.train()
 
     def _step(self, bar: Any, stop: StopRequest) -> None:
-        """One optimizer step, its metrics, and the callbacks that follow it."""
+        """One optimizer step: forward and backward, clip, step, evaluate, log, save."""
         train = self.train_cfg
-        lr = self.set_learning_rates(self.state.step)
-        loss, grad_norm = self._forward_backward()
+        step = self.state.step + 1
+        epoch = (step - 1) // self.steps_per_epoch + 1
+        lr = self.set_learning_rates(step - 1)
+        loss = self._forward_backward()
+        grad_norm = self._clip_gradients()
+        self._optimizer_step()
         loss, grad_norm, stop.agreed = agree(
             self.accelerator, loss, grad_norm, stop=stop.requested is not None
         )
-        step = self.state.step + 1
-        epoch = (step - 1) // self.steps_per_epoch + 1
-        if not math.isfinite(loss):
-            raise TrainingError(
-                f"loss is {loss} at step {step}: training diverged; lower train.learning_rate "
-                f"or check the data. Nothing was saved from this step. "
-                f"{self.checkpoints.last_good()}"
-            )
+        check_finite(loss, step, self.checkpoints.last_good)
         metrics = {
             **self.state.metrics,
             "train_loss": loss,
@@ -257,10 +270,15 @@ class Trainer:
         evaluate = step % train.eval_every == 0 or step == self.total_steps
         record = None
         if evaluate or step % train.log_every == 0:
-            record = self._log(step, epoch, metrics, evaluate)
+            # tokens/s since the last line, measured before this step's evaluation.
+            speed = self.throughput.since_last_log(step)
+            losses = self.evaluate(step, epoch) if evaluate else {}
+            record = self.metrics_log.append_step(
+                step, epoch, metrics, {**speed, **losses}, self.elapsed()
+            )
             metrics.update({k: v for k, v in record.items() if k not in ("step", "epoch")})
             bar.set_postfix(
-                epoch=epoch, loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_sec']:,.0f}"
+                epoch=epoch, loss=f"{loss:.4f}", tok_s=f"{speed['tokens_per_sec']:,.0f}"
             )
         self.hooks.update(
             step=step,
@@ -270,7 +288,7 @@ class Trainer:
         )
         bar.update(1)
         self.hooks.step_ended(evaluated=evaluate, epoch_ended=step % self.steps_per_epoch == 0)
-        self._end_round()
+        self._save(last=self.checkpoints.due(step))
 
     def set_learning_rates(self, step: int) -> float:
         """Each param group's ``lr`` for the 0-based ``step``, from the schedule.
@@ -288,55 +306,58 @@ class Trainer:
         :returns: the loss (averaged over micro-batches and processes) and the
             gradient norm before clipping.
         """
-        loss, grad_norm, _ = agree(self.accelerator, *self._forward_backward(), stop=False)
+        loss = self._forward_backward()
+        grad_norm = self._clip_gradients()
+        self._optimizer_step()
+        loss, grad_norm, _ = agree(self.accelerator, loss, grad_norm, stop=False)
         return loss, grad_norm
 
-    def _forward_backward(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The micro-steps and the optimizer step, reading nothing back from the device.
+    def _forward_backward(self) -> torch.Tensor:
+        """The micro-steps: forward and backward on each, reading nothing back from the device.
 
-        :returns: this process's mean loss and the gradient norm, as device tensors.
+        Accelerate scales each loss by the number of micro-steps and, under
+        several processes, all-reduces the gradients only on the last one.
+
+        :returns: this process's loss, averaged over the micro-steps, as a device tensor.
         """
-        train = self.config.train
         acc = self.accelerator
+        micro_steps = self.train_cfg.gradient_accumulation_steps
         loss_sum = torch.zeros((), device=acc.device)
-        grad_norm = torch.zeros((), device=acc.device)
-        for _ in range(train.gradient_accumulation_steps):
+        for _ in range(micro_steps):
             x, y = to_device(*self.sampler.next_batch(), acc.device)
             with acc.accumulate(self.model):
-                with self.accelerator.autocast():
+                with acc.autocast():
                     _, loss = self.model(x, y)
                 loss_sum += loss.detach().float()
                 acc.backward(loss)
-                if acc.sync_gradients:
-                    max_norm = train.grad_clip if train.grad_clip > 0 else float("inf")
-                    grad_norm = acc.clip_grad_norm_(self.raw_model.parameters(), max_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum / train.gradient_accumulation_steps, grad_norm
+        # The last micro-step left `acc.sync_gradients` True: the gradients are whole,
+        # so the clip and the wrapped optimizer's step and zero_grad below act.
+        return loss_sum / micro_steps
 
-    def _log(
-        self, step: int, epoch: int, metrics: dict[str, Any], evaluate: bool
-    ) -> dict[str, Any]:
-        """Build this step's metrics record once; it goes to metrics.jsonl and every callback."""
-        record: dict[str, Any] = {
-            "step": step,
-            "epoch": epoch,
-            "tokens": metrics["tokens"],
-            "train_loss": metrics["train_loss"],
-            "lr": metrics["lr"],
-            "grad_norm": metrics["grad_norm"],
-            **self.throughput.since_last_log(step),
-        }
-        if evaluate:
-            losses = self.estimate_loss()
-            record.update(losses)
-            self.echo(
-                f"step {step}/{self.total_steps} (epoch {epoch}): "
-                f"train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}"
-            )
-        record["elapsed_s"] = self.elapsed()
-        self.metrics_log.append(record)
-        return record
+    def _clip_gradients(self) -> torch.Tensor:
+        """Clip the gradient norm to ``grad_clip`` (0: never); returns the norm before clipping.
+
+        Under fp16, Accelerate unscales the gradients first, so the norm and the
+        clip are in true units and the scaler's step does not unscale again.
+        """
+        clip = self.train_cfg.grad_clip
+        return self.accelerator.clip_grad_norm_(
+            self.raw_model.parameters(), clip if clip > 0 else float("inf")
+        )
+
+    def _optimizer_step(self) -> None:
+        """Update the weights (through the fp16 loss scaler when there is one), then drop the gradients."""
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def evaluate(self, step: int, epoch: int) -> dict[str, float]:
+        """Estimate the train and val losses and print them: ``{"train_loss": ..., "val_loss": ...}``."""
+        losses = self.estimate_loss()
+        self.echo(
+            f"step {step}/{self.total_steps} (epoch {epoch}): "
+            f"train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}"
+        )
+        return losses
 
     def estimate_loss(self) -> dict[str, float]:
         """Mean loss over ``eval_batches`` fixed batches of each split, averaged over processes.
@@ -347,17 +368,25 @@ class Trainer:
         block_size = self.model_config.block_size
         return estimate_loss(self.model, self.data, self.config, block_size, self.accelerator)
 
-    def _end_round(self) -> None:
-        """Do what callbacks asked in this round of hooks: their metrics line, then checkpoints."""
+    def _save(self, *, last: bool = False) -> None:
+        """Write the checkpoints of this round of hooks, after the metrics callbacks logged.
+
+        :param last: the core's own ``last.pth`` is due (written once with what
+            callbacks asked, and never twice for one step).
+        """
         self.hooks.write_logged()
-        self.checkpoints.save_requested()
+        self.checkpoints.save_requested(last=last)
         self.hooks.write_logged()  # what on_checkpoint asked
 
     def _finish(self, status: str) -> None:
-        """``on_train_end`` for every callback; then save what they asked, unless the run failed."""
+        """``on_train_end`` for every callback; then ``last.pth`` and what they asked, unless the run failed.
+
+        A completed or stopped run saves the step it ended at (once: an epoch
+        end saved it already); a failed run saves nothing.
+        """
         if status == "failed":
             self.hooks.end_failed_run()
             return
         self.hooks.update(status=status)
         self.hooks.call("on_train_end")
-        self._end_round()
+        self._save(last=self.state.step > 0)

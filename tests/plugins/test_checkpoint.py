@@ -324,13 +324,17 @@ def test_sigkill_then_resume_gives_the_same_losses_bit_for_bit(
     assert straight.wait(timeout=600) == 0, straight.communicate()[1]
 
     killed = gpt(*common, "--results-dir", "killed", cwd=tmp_path)
-    wait_for(tmp_path / "killed" / "tiny" / "checkpoints" / "last.pth", killed)
+    last = tmp_path / "killed" / "tiny" / "checkpoints" / "last.pth"
+    wait_for(last, killed)
     killed.send_signal(signal.SIGKILL)
     assert killed.wait(timeout=60) == -signal.SIGKILL
+    # The first save is the core's, at step 20's evaluation (the plugin's is at 40).
+    saved = load_checkpoint(last, resume=True)["step"]
+    assert saved in (20, 40)
     resumed = gpt(*common, "--results-dir", "killed", cwd=tmp_path)
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err
-    assert "resuming from step 40 (epoch 1)" in out
+    assert f"resuming from step {saved} (epoch 1)" in out
     assert losses(tmp_path / "killed" / "tiny" / "metrics.jsonl") == losses(
         tmp_path / "straight" / "tiny" / "metrics.jsonl"
     )

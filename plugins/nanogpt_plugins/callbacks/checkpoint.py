@@ -1,10 +1,12 @@
-"""The ``checkpoint`` callback: when to save, which files, how many to keep.
+"""The ``checkpoint`` callback: more frequent saves, epoch files, how many to keep.
 
-The core owns what a checkpoint holds, how it is written and how a run
-resumes; this plugin only asks for saves through ``state.request_save``:
-``last.pth`` every ``every_steps`` steps, at every epoch end and when a run stops
-(SIGTERM, Ctrl-C or the end), and ``ckpt_epoch_{N}.pth`` every ``every_epochs``
-epochs, keeping the newest ``keep_last`` of those.
+``last.pth`` is the core's: every run writes it every ``[train] save_every``
+steps, at every epoch end and when it completes or is stopped, and resumes
+from it, with or without this plugin. The plugin adds, through
+``state.request_save``: ``last.pth`` every ``every_steps`` steps as well, and
+``ckpt_epoch_{N}.pth`` every ``every_epochs`` epochs, keeping the newest
+``keep_last`` of those. A ``last.pth`` asked for at a step the core saves is
+written once.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ class CheckpointOptions:
 
     every_steps: int | None = option(
         None,
-        "Also write last.pth every this many steps (default: only at epoch ends).",
+        "Also write last.pth every this many steps, besides the core's saves "
+        "([train] save_every, epoch ends, the end).",
         validator=positive,
     )
     every_epochs: int = option(
@@ -37,20 +40,20 @@ class CheckpointOptions:
 
 
 class CheckpointCallback(Callback):
-    """Requests ``last.pth`` and epoch checkpoints; prunes old epoch checkpoints."""
+    """Requests ``last.pth`` every ``every_steps`` and epoch checkpoints; prunes old epoch checkpoints."""
 
     def __init__(self, options: CheckpointOptions) -> None:
         self.options = options
 
     def on_step_end(self, state: TrainerState) -> None:
-        """``last.pth`` every ``every_steps`` steps (epoch ends ask on their own)."""
+        """``last.pth`` every ``every_steps`` steps (at epoch ends it asks after the epoch file)."""
         every = self.options.every_steps
         at_epoch_end = state.step % state.steps_per_epoch == 0
         if every and state.step % every == 0 and not at_epoch_end:
             state.request_save("last.pth")
 
     def on_epoch_end(self, state: TrainerState) -> None:
-        """``last.pth``, and ``ckpt_epoch_{N}.pth`` every ``every_epochs`` epochs."""
+        """``ckpt_epoch_{N}.pth`` every ``every_epochs`` epochs, then ``last.pth`` (the core's too)."""
         if state.epoch % self.options.every_epochs == 0:
             state.request_save(f"ckpt_epoch_{state.epoch}.pth")
         state.request_save("last.pth")
@@ -58,7 +61,8 @@ class CheckpointCallback(Callback):
     def on_train_end(self, state: TrainerState) -> None:
         """On a clean stop or the end, ``last.pth`` unless this step is saved already.
 
-        The core never saves a failed run, whatever is asked.
+        The core saves then too (once per step); it never saves a failed run,
+        whatever is asked.
         """
         if state.status in ("interrupted", "completed") and state.step > (
             state.last_saved_step or 0
@@ -87,5 +91,5 @@ def register_callbacks(register):
         "checkpoint",
         CheckpointCallback,
         options=CheckpointOptions,
-        description="Ask for last.pth and epoch checkpoints; keep the newest epoch files.",
+        description="More frequent last.pth saves and epoch checkpoints; keep the newest epoch files.",
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,8 +13,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-# One long epoch, and a checkpoint callback that saves only at epoch ends or when
-# asked to stop: a last.pth therefore proves the experiment stopped cleanly.
+from nanogpt_core.train.checkpoints import load_checkpoint
+
+# One long epoch. The core saves last.pth every 20 steps (the evaluations) and
+# when asked to stop: a last.pth of the last logged step (log_every = 1) proves
+# that the experiment stopped cleanly.
 LONG = {"steps_per_epoch = 40": "steps_per_epoch = 100000", "log_every = 5": "log_every = 1"}
 CHECKPOINT = '\n[[callbacks]]\nplugin = "checkpoint"\n'
 
@@ -26,6 +30,15 @@ def long_experiment(write, name: str = "long") -> Path:
         text = text.replace(old, new)
     path.write_text(text)
     return path
+
+
+def saved_where_it_stopped(results: Path) -> bool:
+    """Whether ``last.pth`` holds the last step logged: the save of a clean stop."""
+    last = results / "checkpoints" / "last.pth"
+    logged = [
+        json.loads(line)["step"] for line in (results / "metrics.jsonl").read_text().splitlines()
+    ]
+    return last.exists() and load_checkpoint(last, resume=True)["step"] == logged[-1]
 
 
 def start_batch(experiment: Path, data_dir: Path, cwd: Path, **popen: object) -> subprocess.Popen:
@@ -81,7 +94,7 @@ def test_sigterm_reaches_the_experiment_which_saves_and_the_batch_stops(
     rows = summary_rows(out)
     assert rows["long"][1:4] == ["stopped", "(exit", "status"] and rows["long"][4] == "130)"
     assert "never_started" not in rows  # the batch stopped: nothing new started
-    assert (tmp_path / "results" / "long" / "checkpoints" / "last.pth").exists()
+    assert saved_where_it_stopped(tmp_path / "results" / "long")
     assert "Error: batch stopped by SIGTERM at" in err
     assert not any(processes_running(path) for path in listed)
 
@@ -100,7 +113,7 @@ def test_ctrl_c_in_a_terminal_reaches_the_experiment_once(
     out, err = batch.communicate(timeout=60)
     assert batch.returncode == 130, err
     # One SIGINT asks `gpt run` to save and stop; a second would have aborted it unsaved.
-    assert (tmp_path / "results" / "long" / "checkpoints" / "last.pth").exists()
+    assert saved_where_it_stopped(tmp_path / "results" / "long")
     assert summary_rows(out)["long"][1] == "stopped"
     assert "Error: batch stopped by SIGINT" in err
     assert not processes_running(experiment)

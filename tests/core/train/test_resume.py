@@ -300,26 +300,52 @@ def test_non_finite_weights_are_never_saved_and_the_last_good_step_is_named(
     assert all(torch.isfinite(t).all() for t in saved["model"].values())
 
 
-def test_a_run_without_the_checkpoint_plugin_never_promises_a_resume(
-    tiny_char_experiment, session_data_dir, tmp_path
-):
-    path = tiny_char_experiment()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nanogpt_core", "run", str(path), "--data-dir", str(session_data_dir),
-         "--set", "train.steps_per_epoch=100000", "--set", "train.log_every=1"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    metrics = tmp_path / "results" / "tiny" / "metrics.jsonl"
+def wait_for_step_after(metrics: Path, step: int, proc: subprocess.Popen) -> None:
+    """Wait until ``metrics`` has a line past ``step`` (the run is training)."""
     deadline = time.monotonic() + 120
-    while not metrics.exists():
+    while not any(s > step for s in logged_steps(metrics)):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
-    assert "no checkpoint was saved (enable the checkpoint callback to resume)" in err
-    assert "run the same command" not in err
+
+
+def logged_steps(metrics: Path) -> list[int]:
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    # A line being appended may be torn: only whole lines count.
+    return [json.loads(line)["step"] for line in lines if line.endswith("}")]
+
+
+def test_a_run_without_the_checkpoint_plugin_saves_on_sigterm_and_resumes(
+    tiny_char_experiment, session_data_dir, tmp_path
+):
+    path = tiny_char_experiment()  # no [[callbacks]] at all
+    command = [
+        sys.executable, "-m", "nanogpt_core", "run", str(path), "--data-dir", str(session_data_dir),
+        "--set", "train.steps_per_epoch=100000", "--set", "train.log_every=1",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    metrics = tmp_path / "results" / "tiny" / "metrics.jsonl"
+    last = tmp_path / "results" / "tiny" / "checkpoints" / "last.pth"
+    stopped_at = []
+    for _ in range(2):  # the same command twice: the second resumes the first
+        proc = subprocess.Popen(
+            command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        wait_for_step_after(metrics, stopped_at[-1] if stopped_at else 0, proc)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        step = load_checkpoint(last, resume=True)["step"]
+        assert err.strip().splitlines()[-1] == (
+            f"Error: stopped by SIGTERM after step {step}: saved "
+            "results/tiny/checkpoints/last.pth; run the same command to resume"
+        )
+        assert "warning:" not in out  # it saves at every evaluation (eval_every = 20)
+        if stopped_at:
+            assert f"resuming from step {stopped_at[-1]} (epoch 1)" in out
+        stopped_at.append(step)
+    assert 0 < stopped_at[0] < stopped_at[1]
+    assert logged_steps(metrics) == list(range(1, stopped_at[1] + 1))
 
 
 def test_resuming_keeps_this_machines_optimizer_kernel(tiny_trainer, tmp_path):
