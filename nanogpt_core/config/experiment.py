@@ -157,8 +157,8 @@ class TrainConfig:
     )
     memory_check: bool = option(
         True,
-        "Refuse to start when the estimated parameter + optimizer memory exceeds the "
-        "device's free memory; false to skip.",
+        "Refuse to start when the estimated memory (weights, gradients, AdamW state and "
+        "one micro-batch's activations) exceeds the device's free memory; false to skip.",
     )
     # The [train.<name>] tables, by plugin name. Not a key of [train] itself: the
     # first pass fills it with the raw tables; the second (resolve_plugins) with the

@@ -2,8 +2,11 @@
 
 Building a model that cannot fit ends, at best, in a ``CUDA out of memory``
 traceback minutes into a run and, at worst, in the machine swapping itself to a
-standstill. The parameter count of a GPT follows from its shape, so the core
-checks it first and refuses with the estimate.
+standstill. What a run needs follows from the model's shape and its micro-batch,
+so the core estimates it first and refuses with the estimate.
+:func:`estimate_training_memory` is the project's one estimate: the run's
+memory check uses it, and whatever else sizes a run (sharding, planning) must
+use it too, so that they never disagree.
 """
 
 from __future__ import annotations
@@ -12,10 +15,6 @@ import os
 from typing import Any
 
 import attrs
-
-# fp32 weights (4) + gradients (4) + AdamW's two moments (8) per parameter.
-TRAINING_BYTES_PER_PARAMETER = 16
-
 
 def parameter_count(config: Any) -> int:
     """Parameters of our GPT of this shape (a ``GPTConfig``), without allocating it.
@@ -40,8 +39,8 @@ def parameter_count(config: Any) -> int:
 # attention output (32 C), and the MLP's hidden activations (8 H: GELU's input
 # and output; SwiGLU keeps four H-wide tensors, 16 H). Under 16-bit autocast the
 # matrix inputs and outputs are half as large while the residual stream and the
-# norms stay in float32 (22 C + 4 H; SwiGLU 8 H).
-_BLOCK = {"fp32": (32, 8, 16), "16-bit": (22, 4, 8)}
+# norms stay in float32 (20 C + 4 H; SwiGLU 8 H).
+_BLOCK = {"fp32": (32, 8, 16), "16-bit": (20, 4, 8)}
 # What each option adds per block, in C: RoPE's rotated queries and keys, RMSNorm
 # computed in float32 (its inputs and statistics), qk-norm's normalised heads.
 _OPTION_EXTRA = {

@@ -217,29 +217,37 @@ def check_data_fits(config: ExperimentConfig, data: Any) -> None:
         )
 
 
-def check_memory(config: ExperimentConfig, model_config: Any, device: Any) -> None:
-    """Refuse a model whose weights, gradients and AdamW state alone exceed free memory."""
-    from nanogpt_core.train.memory import (
-        TRAINING_BYTES_PER_PARAMETER,
-        available_bytes,
-        human_bytes,
-        parameter_count,
-    )
+def check_memory(
+    config: ExperimentConfig, model_config: Any, device: Any, precision: str = "no"
+) -> None:
+    """Refuse a run whose estimated peak memory exceeds what ``device`` has free.
+
+    The estimate is the project's one (:func:`estimate_training_memory`): weights,
+    gradients, AdamW's state and one micro-batch's activations.
+
+    :param precision: the run's autocast precision (``"no"``, ``"bf16"``, ``"fp16"``).
+    """
+    from nanogpt_core.train.memory import available_bytes, estimate_training_memory, human_bytes
 
     if not config.train.memory_check:
         return
-    count = parameter_count(model_config)
-    needed = count * TRAINING_BYTES_PER_PARAMETER
+    batch = config.train.batch_size
+    estimate = estimate_training_memory(model_config, batch_size=batch, precision=precision)
     available, where = available_bytes(device)
-    if available is not None and needed > available:
-        raise ConfigError(
-            [
-                f"model: {count:,} parameters need about {human_bytes(needed)} for weights, "
-                f"gradients and AdamW state (before activations), but {where} only "
-                f"{human_bytes(available)}; make the model smaller, or skip this check with "
-                "--set train.memory_check=false"
-            ]
-        )
+    if available is None or estimate.total <= available:
+        return
+    state = estimate.weights + estimate.gradients + estimate.optimizer
+    raise ConfigError(
+        [
+            f"model: {estimate.parameters:,} parameters and micro-batches of {batch} x "
+            f"{model_config.block_size} tokens need about {human_bytes(estimate.total)} "
+            f"({human_bytes(state)} for weights, gradients and AdamW state, "
+            f"{human_bytes(estimate.activations)} for activations), but {where} only "
+            f"{human_bytes(available)}; lower train.batch_size (raise "
+            "train.gradient_accumulation_steps to keep the batch), make the model smaller, "
+            "or skip this check with --set train.memory_check=false"
+        ]
+    )
 
 
 def make_callbacks(config: ExperimentConfig, plugins: Plugins) -> list[Any]:
@@ -322,7 +330,9 @@ def _train(
         others="repeat",
     )
     check_data_fits(config, data)
-    check_memory(config, model_config_for(config, data), accelerator.device)
+    check_memory(
+        config, model_config_for(config, data), accelerator.device, accelerator.mixed_precision
+    )
     # Only now, with everything checked, is anything on disk changed.
     if main:
         if fresh and (moved := move_aside(paths.root)):
