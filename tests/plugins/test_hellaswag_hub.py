@@ -69,7 +69,7 @@ def tiny_evaluator(shared_data: Path):
     )
     torch.manual_seed(0)
     config = GPTConfig(
-        block_size=128, vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=16
+        block_size=128, vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=16, bias=True
     )
     return Evaluator(
         model=GPT(config),

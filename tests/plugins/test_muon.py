@@ -208,7 +208,9 @@ def test_the_twin_is_torchs_muon_with_its_iteration_in_another_dtype(monkeypatch
 def real_gradients(n_embd: int, n_head: int) -> dict[str, torch.Tensor]:
     """The block matrices' gradients after one backward pass of a 1-layer GPT."""
     torch.manual_seed(0)
-    config = GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=n_head, n_embd=n_embd)
+    config = GPTConfig(
+        block_size=32, vocab_size=64, n_layer=1, n_head=n_head, n_embd=n_embd, bias=True
+    )
     model = GPT(config)
     tokens = torch.randint(0, 64, (4, 33), generator=torch.Generator().manual_seed(1))
     _, loss = model(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())

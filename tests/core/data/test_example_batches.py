@@ -47,7 +47,7 @@ def test_the_loss_is_the_mean_over_response_tokens(tmp_path):
     batches = ExampleBatches(path, "uint16", rows, 4, seed=0, group_by_length=False)
     x, y = batches.collate(np.arange(4))
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=1, n_embd=16))
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=1, n_embd=16, bias=True))
     _, loss = model(x, y)
     logits = model.head_logits(model.hidden(x))
     # By hand: cross-entropy at each response position, averaged over all of them.

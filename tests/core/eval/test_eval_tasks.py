@@ -51,7 +51,7 @@ def tiny_evaluator(limit: int | None = None) -> Evaluator:
     from accelerate import Accelerator
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=16, vocab_size=26, n_layer=1, n_head=1, n_embd=8))
+    model = GPT(GPTConfig(block_size=16, vocab_size=26, n_layer=1, n_head=1, n_embd=8, bias=True))
     return Evaluator(
         model=model, tokenizer=Letters(), accelerator=Accelerator(cpu=True), limit=limit
     )

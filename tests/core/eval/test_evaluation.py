@@ -21,7 +21,9 @@ def evaluator(batch_size: int = 4, block_size: int = 16) -> Evaluator:
     from accelerate import Accelerator
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=block_size, vocab_size=50, n_layer=2, n_head=2, n_embd=16))
+    model = GPT(
+        GPTConfig(block_size=block_size, vocab_size=50, n_layer=2, n_head=2, n_embd=16, bias=True)
+    )
     return Evaluator(
         model=model, tokenizer=Ids(), accelerator=Accelerator(cpu=True), batch_size=batch_size
     )

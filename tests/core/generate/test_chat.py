@@ -45,7 +45,9 @@ def save(path: Path, model: GPT, template: dict | None) -> Path:
 
 def tiny_model() -> GPT:
     torch.manual_seed(0)
-    return GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=1, n_head=2, n_embd=32))
+    return GPT(
+        GPTConfig(block_size=64, vocab_size=50304, n_layer=1, n_head=2, n_embd=32, bias=True)
+    )
 
 
 def fine_tune(model: GPT, steps: int = 30) -> GPT:

@@ -24,7 +24,9 @@ def cli_run(*args):
 @pytest.mark.parametrize("prompt_len", [1, 10, 40])
 def test_greedy_with_the_kv_cache_equals_full_recomputation(prompt_len):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=64, vocab_size=128, n_layer=3, n_head=4, n_embd=48)).eval()
+    model = GPT(
+        GPTConfig(block_size=64, vocab_size=128, n_layer=3, n_head=4, n_embd=48, bias=True)
+    ).eval()
     prompt = torch.randint(0, 128, (2, prompt_len))
     new = 64 - prompt_len
     cached = model.generate(prompt, new, temperature=0, use_cache=True)
@@ -36,7 +38,9 @@ def test_cached_logits_match_full_forward_at_every_step():
     from nanogpt_core.model.gpt import KVCache
 
     torch.manual_seed(1)
-    model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
+    model = GPT(
+        GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32, bias=True)
+    ).eval()
     tokens = torch.randint(0, 64, (1, 32))
     cache = KVCache(model.config)
     with torch.no_grad():
@@ -49,7 +53,9 @@ def test_cached_logits_match_full_forward_at_every_step():
 
 def test_generation_past_the_block_size_keeps_going():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
+    model = GPT(
+        GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=16, bias=True)
+    ).eval()
     out = model.generate(
         torch.zeros(1, 4, dtype=torch.long), 60, temperature=1.0, top_k=5, top_p=0.9
     )

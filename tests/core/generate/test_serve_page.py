@@ -52,7 +52,9 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 def ckpt(tmp_path_factory) -> Path:
     """An untrained tiny model with the alpaca template, as a fine-tuning run saves it."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=1024, vocab_size=50304, n_layer=1, n_head=2, n_embd=32))
+    model = GPT(
+        GPTConfig(block_size=1024, vocab_size=50304, n_layer=1, n_head=2, n_embd=32, bias=True)
+    )
     with torch.no_grad():
         # Never end early: end-of-text's logit is about -10 whatever the input (the last
         # LayerNorm adds 10 along the first axis, and end-of-text's output row is -1 there).

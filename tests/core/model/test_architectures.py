@@ -139,7 +139,9 @@ def test_flops_count_the_chosen_shapes():
 
 def test_softcap_bounds_the_logits():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=8, vocab_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
+    model = GPT(
+        GPTConfig(block_size=8, vocab_size=32, n_layer=1, n_head=2, n_embd=16, bias=True)
+    ).eval()
     capped = GPT(attrs.evolve(model.config, logit_softcap=0.5)).eval()
     capped.load_state_dict(model.state_dict())
     x = torch.randint(0, 32, (1, 8))
@@ -208,7 +210,14 @@ def test_qk_norm_keeps_keys_in_the_compute_dtype_under_autocast(cuda_autocast_rm
     """
     torch.manual_seed(0)
     config = GPTConfig(
-        block_size=8, vocab_size=64, n_layer=2, n_head=2, n_embd=32, qk_norm=True, position=position
+        block_size=8,
+        vocab_size=64,
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        qk_norm=True,
+        position=position,
+        bias=True,
     )
     model = GPT(config).eval()
     tokens = torch.randint(0, 64, (2, 6))
@@ -239,7 +248,9 @@ def test_rope_output_reaches_back_exactly_reach_tokens():
 
 def test_learned_positions_restart_the_cache_from_half_a_window():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
+    model = GPT(
+        GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, bias=True)
+    ).eval()
     tokens = torch.randint(0, 64, (1, 17))
     cache = KVCache(model.config)
     with torch.no_grad():

@@ -259,7 +259,7 @@ def test_what_a_plugin_returns_is_checked_in_one_line():
 
     plugins = load_plugins(entry_points=False, disabled=())
     plugins.register(Bad(), name="bad")
-    model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8))
+    model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8, bias=True))
     with pytest.raises(
         NanoGPTError,
         match=r"^plugin 'bad': optimizer 'not_one': build returned str, not a torch.optim.Optimizer$",
