@@ -10,7 +10,6 @@ gradients, which the estimate counts apart), and the parameter count.
 from __future__ import annotations
 
 import json
-import resource
 import sys
 
 import psutil
@@ -18,6 +17,15 @@ import torch
 from accelerate import Accelerator
 
 from nanogpt_core.model.gpt import GPT, GPTConfig
+
+
+def peak_resident_bytes() -> int:
+    """VmHWM: the peak resident memory since the last reset of ``/proc/self/clear_refs``."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def main() -> None:
@@ -36,11 +44,16 @@ def main() -> None:
         _, loss = model(x[:1, :8], x[:1, :8])
     accelerator.backward(loss)
     model.zero_grad(set_to_none=True)
+    # Reset the kernel's peak (VmHWM) to the resident memory now: the process's
+    # lifetime peak (ru_maxrss) may be an import's, and under memory pressure the
+    # resident memory can since have dropped below it (library pages reclaimed).
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
     before = psutil.Process().memory_info().rss
     with accelerator.autocast():
         _, loss = model(x, x)
     accelerator.backward(loss)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_resident_bytes()
     parameters = sum(p.numel() for p in model.parameters())
     print(json.dumps({"activations": peak - before - 4 * parameters, "parameters": parameters}))
 
