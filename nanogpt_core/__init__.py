@@ -9,7 +9,14 @@ Plugins import from here only; everything else is the core's own business and
 may change. Importing this package never imports torch.
 """
 
-from nanogpt_core.data.documents import expand_files, hub_rows, read_rows, read_texts
+from nanogpt_core.data.documents import (
+    expand_files,
+    hub_rows,
+    hub_unreachable,
+    quiet_hub_retries,
+    read_rows,
+    read_texts,
+)
 from nanogpt_core.data.plugins import DatasetSource
 from nanogpt_core.data.prepared import PreparedData
 from nanogpt_core.data.templates import Template, template_from_description
@@ -73,11 +80,13 @@ __all__ = [
     "gpt2_files",
     "hookimpl",
     "hub_rows",
+    "hub_unreachable",
     "metric_scalars",
     "non_negative",
     "one_of",
     "option",
     "positive",
+    "quiet_hub_retries",
     "read_rows",
     "read_texts",
     "template_from_description",

@@ -1,4 +1,7 @@
-"""The fineweb dataset on FineWeb-Edu-schema samples: filters, sampling, held-out documents."""
+"""The fineweb dataset on FineWeb-Edu-schema samples: filters, sampling, held-out documents.
+
+Row-group sampling of parquet, and the hub, are in test_fineweb_row_groups.py.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,6 @@ import pytest
 
 from nanogpt_core.data.documents import read_rows
 from nanogpt_core.errors import DataError
-from nanogpt_plugins.datasets import fineweb
 from nanogpt_plugins.datasets.fineweb import FineWebOptions, FineWebSource
 
 COLUMNS = [
@@ -72,10 +74,13 @@ def test_min_int_score_filters(parquet, tmp_path):
     assert 0 < len(kept) < 50
 
 
-def test_fraction_is_a_seeded_sample_independent_of_order(parquet, tmp_path):
-    rows = all_rows(parquet)
-    reversed_file = tmp_path / "reversed.parquet"
-    pq.write_table(pq.read_table(parquet).take(list(range(len(rows) - 1, -1, -1))), reversed_file)
+def test_fraction_of_jsonl_is_a_seeded_sample_of_documents_independent_of_order(
+    shared_data, tmp_path
+):
+    # JSON Lines has no row groups: documents are kept by a seeded hash of their id.
+    jsonl = shared_data / "fineweb-edu" / "sample_edu.jsonl"
+    reversed_file = tmp_path / "reversed.jsonl"
+    reversed_file.write_text("".join(reversed(jsonl.read_text().splitlines(keepends=True))))
 
     def sample(path, seed=1337):
         options = FineWebOptions(
@@ -83,10 +88,25 @@ def test_fraction_is_a_seeded_sample_independent_of_order(parquet, tmp_path):
         )
         return set(docs(options, "val", tmp_path) + docs(options, "train", tmp_path))
 
-    first = sample(parquet)
-    assert first == sample(parquet) == sample(reversed_file)
+    first = sample(jsonl)
+    assert first == sample(jsonl) == sample(reversed_file)
     assert 10 < len(first) < 40
-    assert sample(parquet, seed=7) != first
+    assert sample(jsonl, seed=7) != first
+
+
+def test_fraction_of_parquet_keeps_whole_row_groups(parquet, tmp_path):
+    # The sample's 50 rows rewritten as 10 row groups of 5: a 0.5 sample is 5 whole groups.
+    rows = all_rows(parquet)
+    grouped = tmp_path / "grouped.parquet"
+    pq.write_table(pq.read_table(parquet), grouped, row_group_size=5)
+    options = FineWebOptions(source="local", train_files=[str(grouped)], val_tokens=1, fraction=0.5)
+    kept = docs(options, "val", tmp_path) + docs(options, "train", tmp_path)
+    position = {r["text"]: i for i, r in enumerate(rows)}
+    groups = {position[text] // 5 for text in kept}
+    assert len(kept) == 25 and len(groups) == 5
+    assert sorted(position[text] for text in kept) == sorted(
+        i for g in groups for i in range(5 * g, 5 * g + 5)
+    )
 
 
 def test_max_tokens_caps_the_training_documents(parquet, tmp_path):
@@ -107,22 +127,6 @@ def test_rows_without_the_filter_column_are_refused(shared_data, tmp_path):
     assert len(list(read_rows(shared_data / "fineweb-edu" / "test_labels.jsonl", ["text"]))) == 3
 
 
-def test_hub_source_streams_the_subset(parquet, tmp_path, monkeypatch):
-    calls = []
-
-    def fake_hub(name, subset, split):
-        calls.append((name, subset, split))
-        yield from all_rows(parquet)
-
-    monkeypatch.setattr(fineweb, "hub_rows", fake_hub)
-    options = FineWebOptions(val_tokens=3000)
-    assert FineWebSource(options).variant == "hub-sample-10BT"
-    assert docs(options, "val", tmp_path) + docs(options, "train", tmp_path) == [
-        r["text"] for r in all_rows(parquet)
-    ]
-    assert calls[0] == ("HuggingFaceFW/fineweb-edu", "sample-10BT", "train")
-
-
 def test_a_val_share_that_takes_every_document_says_why(parquet, tmp_path):
     options = FineWebOptions(source="local", train_files=[parquet], val_tokens=10**9)
     with pytest.raises(DataError) as info:
@@ -133,8 +137,10 @@ def test_a_val_share_that_takes_every_document_says_why(parquet, tmp_path):
     )
 
 
-def test_filters_that_keep_nothing_say_which(parquet, tmp_path):
-    options = FineWebOptions(source="local", train_files=[parquet], fraction=1e-9)
+def test_filters_that_keep_nothing_say_which(parquet, shared_data, tmp_path):
+    # (A parquet sample keeps at least one row group; a jsonl one may keep no document.)
+    jsonl = str(shared_data / "fineweb-edu" / "sample_edu.jsonl")
+    options = FineWebOptions(source="local", train_files=[jsonl], fraction=1e-9)
     with pytest.raises(
         DataError, match=r"train_files: no document with text was kept with fraction = 1e-09$"
     ):

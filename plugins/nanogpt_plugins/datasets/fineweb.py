@@ -1,19 +1,31 @@
 """The ``fineweb`` dataset: FineWeb-Edu, educational web pages, GPT-2 tokens.
 
-``source = "hub"`` streams ``HuggingFaceFW/fineweb-edu`` (``subset``, default
-``sample-10BT``) with ``datasets``; ``source = "local"`` reads parquet or jsonl
-files with FineWeb-Edu's columns (text, id, dump, url, file_path, language,
-language_score, token_count, score, int_score). ``min_int_score`` keeps pages
-the classifier rated at least that educational; ``fraction`` keeps a seeded,
-order-independent random share of documents; ``max_tokens`` caps the training
-tokens. Validation is a held-out set of whole documents: the first ones of the
-stream until ``val_tokens``, or ``val_files``.
+``source = "hub"`` reads ``HuggingFaceFW/fineweb-edu`` (``subset``, default
+``sample-10BT``) at a pinned commit (``revision``) through ``huggingface_hub``'s
+``HfFileSystem``, which reads by HTTP ranges; ``source = "local"`` reads parquet
+or jsonl files with FineWeb-Edu's columns (text, id, dump, url, file_path,
+language, language_score, token_count, score, int_score).
+
+Parquet, the hub's and local files alike, is read by row group with the same
+code (:mod:`nanogpt_plugins.datasets.row_groups`): with ``fraction`` set, a
+seeded set of row groups holding that share of the rows is chosen from the
+files' footers, by a hash of (file name, group index) so file order does not
+matter, and only those groups' ``text`` (plus ``token_count``, and
+``int_score`` when filtering) are read; without it every group is read in file
+order. JSON Lines has no row groups: it is read whole and ``fraction`` keeps
+documents by a seeded hash of their id. ``min_int_score`` keeps pages the
+classifier rated at least that educational; ``max_tokens`` caps the training
+tokens (reading stops there). Validation is a held-out set of whole documents:
+the first ones read until ``val_tokens``, or ``val_files``.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+import os
+import re
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +37,23 @@ from nanogpt_core import (
     expand_files,
     gpt2_encoding,
     hookimpl,
-    hub_rows,
+    hub_unreachable,
     one_of,
     option,
     positive,
+    quiet_hub_retries,
     read_rows,
 )
+from nanogpt_plugins.datasets import row_groups
 
 HUB_NAME = "HuggingFaceFW/fineweb-edu"
+# The commit read by default: its sample/10BT holds 14 parquet files, 9,672,101
+# rows and 28,518,193,415 bytes. A commit, not a branch, so the same options
+# always give the same sample (a branch moves when the dataset is updated).
+HUB_REVISION = "87f09149ef4734204d70ed1d046ddc9ca3f2b8f9"
+HUB_HINT = 'use source = "local" with downloaded files'
+# FineWeb-Edu's configurations: all dumps, the random samples, one dump.
+SUBSET = re.compile(r"default|sample-\d+BT|CC-MAIN-\d{4}-\d{2}")
 
 
 def _fraction(_instance, attribute, value: float | None) -> None:
@@ -47,32 +68,62 @@ def _score(_instance, attribute, value: int | None) -> None:
         )
 
 
+def _subset(_instance, attribute, value: str) -> None:
+    if not SUBSET.fullmatch(value):
+        raise OptionValueError(
+            attribute.name,
+            f'expected "sample-10BT", "sample-100BT", "sample-350BT", "default" or one dump '
+            f'such as "CC-MAIN-2024-10", got {value!r}',
+        )
+
+
+def _revision(_instance, attribute, value: str) -> None:
+    if not re.fullmatch(r"[0-9a-f]{40}", value):
+        raise OptionValueError(
+            attribute.name,
+            f"expected a commit of {HUB_NAME} (40 hex digits, from the dataset's history "
+            f"on the hub), so the same options always give the same sample; got {value!r}",
+        )
+
+
 @attrs.frozen(kw_only=True)
 class FineWebOptions:
     """Options of the ``fineweb`` dataset."""
 
     source: str = option(
         "hub",
-        '"hub" (HuggingFaceFW/fineweb-edu, streamed) or "local" (train_files).',
+        '"hub" (HuggingFaceFW/fineweb-edu, read by HTTP ranges) or "local" (train_files).',
         validator=one_of("hub", "local"),
     )
-    subset: str = option("sample-10BT", 'The hub configuration to stream (source = "hub").')
+    subset: str = option(
+        "sample-10BT",
+        'The hub configuration (source = "hub"): sample-10BT/-100BT/-350BT, default, or a dump.',
+        validator=_subset,
+    )
+    revision: str = option(
+        HUB_REVISION,
+        'The hub commit read (source = "hub"); part of the data fingerprint.',
+        validator=_revision,
+    )
     train_files: list[str] = option(
         doc="Local parquet/jsonl files or globs with FineWeb-Edu's columns.",
         factory=list,
         path=True,
     )
     val_files: list[str] = option(
-        doc="Local validation files (default: hold out val_tokens of the stream).",
+        doc="Local validation files (default: hold out val_tokens of the documents read).",
         factory=list,
         path=True,
     )
     text_field: str = option("text", "The column holding the page text.")
     fraction: float | None = option(
-        None, "Keep this seeded random share of documents (e.g. 0.01 for 1%).", validator=_fraction
+        None,
+        "Read only a seeded random share of the row groups (parquet) or documents "
+        "(jsonl), e.g. 0.01 for 1%.",
+        validator=_fraction,
     )
     max_tokens: int | None = option(
-        None, "Stop after this many training tokens.", validator=positive
+        None, "Stop reading after this many training tokens.", validator=positive
     )
     min_int_score: int | None = option(
         None, "Keep pages with int_score at least this (0-5).", validator=_score
@@ -82,7 +133,7 @@ class FineWebOptions:
         "GPT-2 tokens of whole documents held out for validation (unless val_files).",
         validator=positive,
     )
-    seed: int = option(1337, "Seed of the random document sample.")
+    seed: int = option(1337, "Seed of the random sample.")
 
     def __attrs_post_init__(self) -> None:
         if self.source == "local" and not self.train_files:
@@ -92,12 +143,59 @@ class FineWebOptions:
 
 
 def sampled(row: dict[str, Any], text: str, seed: int, fraction: float | None) -> bool:
-    """Whether a document is in the seeded sample; keyed by its id, so file order does not matter."""
+    """Whether a JSON Lines document is in the seeded sample; keyed by its id, not file order."""
     if fraction is None or fraction >= 1:
         return True
     key = row.get("id") or text
     digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64 < fraction
+
+
+def filesystem(source: str) -> Any:
+    """The fsspec file system parquet is read through: the hub's ``HfFileSystem``, or the disk.
+
+    Offline, the hub fails here at once, in one line (the host is looked up
+    first). Tests put a stand-in file system in its place.
+    """
+    if source == "hub":
+        problem = hub_unreachable()
+        if problem:
+            raise DataError(
+                f"could not read {HUB_NAME} from the Hugging Face hub ({problem}); {HUB_HINT}"
+            )
+        from huggingface_hub import HfFileSystem
+
+        return HfFileSystem()
+    import fsspec
+
+    return fsspec.filesystem("file")
+
+
+def subset_path(subset: str) -> str:
+    """The folder of a FineWeb-Edu configuration in the repository (as its README maps them)."""
+    if subset == "default":
+        return "data"
+    if subset.startswith("sample-"):
+        return "sample/" + subset.removeprefix("sample-")
+    return f"data/{subset}"
+
+
+def hub_files(fs: Any, root: str) -> list[tuple[str, str]]:
+    """``(path, name relative to root)`` of the parquet files under ``root``, sorted."""
+    base = fs._strip_protocol(root).rstrip("/")
+    paths = sorted(p for p in fs.find(root) if p.endswith(".parquet"))
+    return [(p, p[len(base) :].lstrip("/")) for p in paths if p.startswith(base + "/")]
+
+
+def local_files(paths: Sequence[Path]) -> list[tuple[str, str]]:
+    """``(path, name relative to the files' common folder)``, each file once.
+
+    Names, not paths, key the sample: a copy in another folder, or of the hub's
+    files (named as on the hub), gives the same sample.
+    """
+    resolved = list(dict.fromkeys(p.resolve() for p in paths))
+    root = Path(os.path.commonpath([p.parent for p in resolved]))
+    return [(str(p), p.relative_to(root).as_posix()) for p in resolved]
 
 
 class FineWebSource:
@@ -108,11 +206,18 @@ class FineWebSource:
     def __init__(self, options: FineWebOptions) -> None:
         self.options = options
         self.variant = f"hub-{options.subset}" if options.source == "hub" else "local"
+        sample = (
+            f", a {options.fraction:g} sample (seed {options.seed})"
+            if options.fraction is not None
+            else ""
+        )
         self.description = (
-            f"FineWeb-Edu from the Hugging Face hub ({HUB_NAME}, {options.subset})"
+            f"FineWeb-Edu from the Hugging Face hub ({HUB_NAME}@{options.revision[:12]}, "
+            f"{options.subset}){sample}"
             if options.source == "hub"
             else "FineWeb-Edu rows from local files: "
             + ", ".join(options.train_files + options.val_files)
+            + sample
         )
         self._encoder: Any = None
 
@@ -123,15 +228,57 @@ class FineWebSource:
         return columns
 
     def _rows(self, patterns: list[str], option_name: str) -> Iterator[dict[str, Any]]:
-        if self.options.source == "hub" and option_name == "train_files":
-            for row in hub_rows(HUB_NAME, self.options.subset, "train"):
-                missing = [c for c in self._columns() if c not in row]
-                if missing:
-                    raise DataError(f"{HUB_NAME}: rows have no {missing[0]!r} field")
-                yield row
+        """The rows of the sample: chosen row groups of parquet, sampled documents of jsonl."""
+        opts = self.options
+        if opts.source == "hub" and option_name == "train_files":
+            yield from self._hub_rows()
             return
-        for path in expand_files(patterns, f"dataset.{option_name}"):
-            yield from read_rows(path, self._columns())
+        files = expand_files(patterns, f"dataset.{option_name}")
+        if all(path.suffix == ".parquet" for path in files):
+            fs = filesystem("local")
+            yield from self._parquet_rows(fs, local_files(files), f"dataset.{option_name}")
+            return
+        for path in files:
+            for row in read_rows(path, self._columns()):
+                if sampled(row, row[opts.text_field], opts.seed, opts.fraction):
+                    yield row
+
+    def _hub_rows(self) -> Iterator[dict[str, Any]]:
+        """The subset's parquet at ``revision``, through the hub's file system."""
+        opts = self.options
+        where = f"{HUB_NAME}@{opts.revision[:7]} {subset_path(opts.subset)}"
+        fs = filesystem("hub")
+        try:
+            with quiet_hub_retries():
+                files = hub_files(
+                    fs, f"datasets/{HUB_NAME}@{opts.revision}/{subset_path(opts.subset)}"
+                )
+                if not files:
+                    raise DataError(
+                        f"{where}: no parquet files at revision {opts.revision}; "
+                        "check dataset.subset and dataset.revision"
+                    )
+                yield from self._parquet_rows(fs, files, where)
+        except DataError:
+            raise
+        except Exception as exc:  # offline mid-way, unknown revision, gated: one line
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise DataError(
+                f"could not read {where} from the Hugging Face hub "
+                f"({type(exc).__name__}: {first}); {HUB_HINT}"
+            ) from None
+
+    def _parquet_rows(
+        self, fs: Any, files: list[tuple[str, str]], where: str
+    ) -> Iterator[dict[str, Any]]:
+        """Every row group in file order, or the seeded ``fraction`` of them in sample order."""
+        opts = self.options
+        scanned = row_groups.scan(fs, files, self._columns(), ["token_count"])
+        groups = scanned.groups
+        if opts.fraction is not None:
+            groups = row_groups.choose(groups, opts.fraction, opts.seed)
+            _announce(where, scanned.groups, groups)
+        yield from row_groups.read(fs, scanned, groups)
 
     def _documents(self, patterns: list[str], option_name: str) -> Iterator[tuple[str, int]]:
         """(text, GPT-2 token count) of the documents that pass the filters."""
@@ -143,8 +290,6 @@ class FineWebSource:
             if opts.min_int_score is not None and (
                 row["int_score"] is None or row["int_score"] < opts.min_int_score
             ):
-                continue
-            if not sampled(row, text, opts.seed, opts.fraction):
                 continue
             yield text, self._token_count(row, text)
 
@@ -210,6 +355,21 @@ class FineWebSource:
     def documents(self, split: str, downloads: Path) -> Iterator[str]:
         """Held-out documents for ``val``; the rest (up to ``max_tokens``) for ``train``."""
         return (text for which, text in self.split_documents(downloads) if which == split)
+
+
+def _announce(
+    where: str, every: Sequence[row_groups.RowGroup], chosen: Sequence[row_groups.RowGroup]
+) -> None:
+    """Say on stderr how much of the corpus the sample reads, before reading it."""
+    rows = sum(g.rows for g in every) or 1
+    mb = sum(g.bytes for g in chosen) / 1e6
+    print(
+        f"fineweb: reading {len(chosen):,} of {len(every):,} row groups of {where} "
+        f"({sum(g.rows for g in chosen) / rows:.2%} of {rows:,} rows, {mb:,.1f} of "
+        f"{sum(g.bytes for g in every) / 1e6:,.1f} MB; sample {row_groups.choice_digest(chosen)})",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 @hookimpl
