@@ -16,6 +16,7 @@ from typing import Any
 
 import attrs
 
+
 def parameter_count(config: Any) -> int:
     """Parameters of our GPT of this shape (a ``GPTConfig``), without allocating it.
 
