@@ -27,7 +27,7 @@ from nanogpt_core.train.callbacks import LAST_CHECKPOINT, RunPaths
 from nanogpt_core.train.checkpoints import FORMAT as CHECKPOINT_FORMAT
 from nanogpt_core.train.checkpoints import load_checkpoint, save_checkpoint
 from nanogpt_core.train.hook_dispatch import HookDispatch
-from nanogpt_core.train.resume import callback_states, check_belongs
+from nanogpt_core.train.resume import callback_states, check_belongs, check_same_config
 from nanogpt_core.train.throughput import Throughput
 
 if TYPE_CHECKING:
@@ -293,6 +293,7 @@ class RunCheckpoints:
             tokenizer=dict(self.data.tokenizer),
             data_meta=self.data.meta,
         )
+        check_same_config(path, checkpoint, self.config.to_dict())
         states = callback_states(path, checkpoint["callbacks"], self.hooks.plugins)
         self._restore(checkpoint, states)
         state = self.hooks.state

@@ -15,30 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import attrs
-
-from nanogpt_core.config.experiment import ExperimentConfig, ModelConfig, TrainConfig
+from nanogpt_core.config.experiment import ExperimentConfig, TrainConfig
 from nanogpt_core.errors import ConfigError, NanoGPTError
 from nanogpt_core.files import atomic_write_text, remove_stale_temporaries
 from nanogpt_core.main_process import on_main_process
 from nanogpt_core.plugins.registry import Plugins, check_callback
 from nanogpt_core.train.callbacks import RunPaths
-
-# Keys of config.json that may change between a run and its resumption: the
-# schedule (to train longer) and how a run is watched, never what it computes.
-RESUMABLE_CHANGES = (
-    "description",
-    "train.epochs",
-    "train.steps_per_epoch",
-    "train.log_every",
-    "train.eval_every",
-    "train.eval_batches",
-    "train.save_every",
-    "train.device",
-    "train.compile",
-    "train.peak_flops",
-    "train.memory_check",
-)
+from nanogpt_core.train.resume import config_differences
 
 
 def resolve_precision(setting: str, device: Any) -> str:
@@ -134,50 +117,6 @@ def finished_summary(config: ExperimentConfig, paths: RunPaths) -> dict[str, Any
     if train.steps_per_epoch is None:  # an epoch follows from the data: count epochs
         return summary if summary.get("epoch", 0) >= train.epochs else None
     return summary if summary["step"] >= train.epochs * train.steps_per_epoch else None
-
-
-def _flatten(table: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(table, dict):
-        flat: dict[str, Any] = {}
-        for key, value in table.items():
-            flat.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
-        return flat
-    return {prefix: table}
-
-
-def _table_default(key: str) -> Any:
-    """The default of a ``model.*`` or ``train.*`` option, or a marker when there is none."""
-    table, _, name = key.partition(".")
-    cls = {"model": ModelConfig, "train": TrainConfig}.get(table)
-    fields = attrs.fields_dict(cls) if cls is not None else {}
-    field = fields.get(name)
-    if field is None or field.default is attrs.NOTHING or isinstance(field.default, attrs.Factory):
-        return _NO_DEFAULT
-    return field.default
-
-
-_NO_DEFAULT = object()
-
-
-def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Keys whose values differ between two resolved experiments, beyond the schedule.
-
-    A key the saved file lacks because it was written before the option existed
-    (``model.position``, ``train.optimizer``) is no difference while it keeps its
-    default: that is what the old run computed with.
-    """
-    old, new = _flatten(saved), _flatten(current)
-    found = []
-    for key in sorted(set(old) | set(new)):
-        if key in RESUMABLE_CHANGES or old.get(key) == new.get(key):
-            continue
-        if key not in old and new.get(key) == _table_default(key):
-            continue
-        found.append(
-            f"{key}: {json.dumps(old.get(key, '(absent)'))} there, "
-            f"{json.dumps(new.get(key, '(absent)'))} now"
-        )
-    return found
 
 
 def check_same_experiment(config: ExperimentConfig, paths: RunPaths) -> None:
@@ -340,7 +279,8 @@ def _train(
         # What a killed writer of this run left behind (never a live process's).
         for folder in (paths.root, paths.checkpoints, paths.samples):
             remove_stale_temporaries(folder)
-        atomic_write_text(paths.config, json.dumps(config.to_dict(), indent=2) + "\n")
+        # config.json is the trainer's to write, once a last.pth there is known to
+        # belong to this experiment: a refused resume leaves the folder as it was.
     accelerator.wait_for_everyone()
     trainer = Trainer(
         config, data, callbacks, paths, accelerator, progress=progress, plugins=plugins

@@ -15,6 +15,7 @@ and MFU in ``throughput.py``, and stopping on a signal in ``stopping.py``.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from types import MappingProxyType
@@ -25,6 +26,7 @@ import torch
 from nanogpt_core.config.experiment import ExperimentConfig
 from nanogpt_core.data.prepared import PreparedData
 from nanogpt_core.errors import TrainingError
+from nanogpt_core.files import atomic_write_text
 from nanogpt_core.plugins.registry import Plugins
 from nanogpt_core.train.callbacks import Callback, Requests, RunPaths, TrainerState
 from nanogpt_core.train.checkpointing import RunCheckpoints
@@ -236,9 +238,11 @@ class Trainer:
         return dict(self.state.metrics)
 
     def _start(self) -> None:
-        """Resume if the folder has a ``last.pth``, then ``on_train_start``."""
+        """Resume if the folder has a ``last.pth``, record the experiment, then ``on_train_start``."""
         self.checkpoints.warn_if_unresumable()
         self.checkpoints.resume()
+        if self.is_main:  # only once the checkpoint is known to belong to this experiment
+            atomic_write_text(self.paths.config, json.dumps(self.config.to_dict(), indent=2) + "\n")
         # Before any callback may log: a line appended after a torn one would be lost.
         torn = self.metrics_log.truncate_after(self.state.step)
         if torn:

@@ -307,3 +307,26 @@ def test_an_explicit_ns_dtype_is_used_on_any_device(
     muon = Muon(MuonOptions(ns_dtype=ns_dtype)).build(tiny_gpt(), TRAIN, device_type).parts["muon"]
     assert getattr(muon, "ns_dtype", torch.bfloat16) == iteration
     assert (type(muon) is torch.optim.Muon) == (iteration == torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    ("value", "accepted"), [(0.0, True), (0.95, True), (1.0, False), (5, False)]
+)
+def test_momentum_has_the_range_momentum_has(value, accepted, write_toml, installed_plugins):
+    """``momentum = 5`` was accepted; a momentum is a fraction in [0, 1)."""
+    from nanogpt_core.config.experiment_file import load_experiment
+    from nanogpt_core.errors import ConfigError
+
+    text = f'[dataset]\nplugin = "shakespeare"\n[train]\noptimizer = "muon"\n[train.muon]\nmomentum = {value}\n'
+    path = write_toml("exp.toml", text)
+    if accepted:
+        assert (
+            load_experiment(path, [], installed_plugins).train.plugin_options["muon"].momentum
+            == value
+        )
+        return
+    with pytest.raises(ConfigError) as caught:
+        load_experiment(path, [], installed_plugins)
+    assert caught.value.problems == [
+        f"{path}: train.muon.momentum: must be in [0, 1), got {float(value)!r}"
+    ]

@@ -26,7 +26,7 @@ from typing import Any
 
 import attrs
 
-from nanogpt_core import PluginError, hookimpl, non_negative, one_of, option, positive
+from nanogpt_core import PluginError, fraction, hookimpl, non_negative, one_of, option, positive
 
 BLOCKS = "transformer.h."
 EMBEDDINGS = ("transformer.wte.", "transformer.wpe.")
@@ -40,7 +40,7 @@ class MuonOptions:
     lr: float = option(
         0.02, "Peak learning rate of the Muon matrices (the schedule moves it).", validator=positive
     )
-    momentum: float = option(0.95, "Muon's momentum.", validator=non_negative)
+    momentum: float = option(0.95, "Muon's momentum, in [0, 1).", validator=fraction)
     nesterov: bool = option(True, "Nesterov momentum.")
     weight_decay: float = option(
         0.0, "Decoupled weight decay of the Muon matrices.", validator=non_negative

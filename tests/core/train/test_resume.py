@@ -178,6 +178,42 @@ def test_a_checkpoint_of_another_tokenizer_or_data_is_refused(
     assert load_checkpoint(checkpoint, resume=True)["step"] == other["step"]  # untouched
 
 
+@pytest.mark.parametrize(
+    ("first", "then", "difference"),
+    [
+        ([], ["train.optimizer=muon"],
+         'train.muon: (absent) there, a table now; train.optimizer: "adamw" there, "muon" now'),
+        (["train.optimizer=muon"], ["train.optimizer=muon", "train.muon.lr=0.05"],
+         "train.muon.lr: 0.02 there, 0.05 now"),
+    ],
+    ids=["optimizer", "muon-lr"],
+)  # fmt: skip
+def test_without_config_json_the_checkpoints_own_experiment_is_compared(
+    first, then, difference, tiny_char_experiment, session_data_dir, tmp_path
+):
+    """A results folder that lost config.json: the checkpoint's copy of the experiment decides."""
+    path = tiny_char_experiment()
+    common = ["--data-dir", str(session_data_dir), "--results-dir", str(tmp_path / "r")]
+
+    def run(*overrides: str):
+        sets = [part for o in [*SHORT, *overrides] for part in ("--set", o)]
+        return gpt("run", str(path), *common, *sets, cwd=tmp_path)
+
+    assert run(*first).returncode == 0
+    checkpoint = tmp_path / "r" / "tiny" / "checkpoints" / "last.pth"
+    saved = checkpoint.read_bytes()
+    (tmp_path / "r" / "tiny" / "config.json").unlink()
+    result = run(*then, "train.epochs=2")
+    assert result.returncode == 2, result.stderr
+    line = one_error_line(result)
+    assert line == (
+        f"Error: {checkpoint} was made by another experiment ({difference}); "
+        "restore the experiment or start over with --fresh"
+    )
+    assert checkpoint.read_bytes() == saved
+    assert run(*first, "train.epochs=2").returncode == 0  # the same experiment resumes
+
+
 def test_a_flipped_byte_is_refused_in_one_line(char_checkpoint, tmp_path):
     damaged = tmp_path / "damaged.pth"
     data = bytearray(char_checkpoint.read_bytes())

@@ -140,7 +140,7 @@ def test_a_model_too_big_for_memory_is_refused_with_the_estimate(
 
 def test_a_config_json_from_before_an_option_existed_still_matches(write_toml, installed_plugins):
     from nanogpt_core.config.experiment_file import load_experiment
-    from nanogpt_core.train.run import config_differences
+    from nanogpt_core.train.resume import config_differences
 
     path = write_toml("x.toml", '[dataset]\nplugin = "shakespeare"\n')
     current = load_experiment(path, (), installed_plugins).to_dict()
