@@ -7,7 +7,7 @@ context object.
 
 Where things are: the group and its error handling in ``gpt_group``, options
 several commands share in ``shared_options``, and the commands by concern in
-``train_commands`` (run, prepare, batch; ``batch_runs`` runs a batch),
+``train_commands`` (run, prepare, batch; ``batch_runs`` runs a batch), ``plan_command`` (plan),
 ``generate_commands`` (sample, chat, serve, export), ``eval_commands`` (eval,
 compare) and ``plugins_command`` (plugins).
 """
@@ -21,6 +21,7 @@ import click
 from nanogpt_core.cli.eval_commands import compare, eval_command
 from nanogpt_core.cli.generate_commands import chat, export, sample, serve
 from nanogpt_core.cli.gpt_group import INTERRUPTED, debug_enabled, new_group, report
+from nanogpt_core.cli.plan_command import plan_command
 from nanogpt_core.cli.plugins_command import plugins_command
 from nanogpt_core.cli.train_commands import batch, prepare, run
 from nanogpt_core.errors import NanoGPTError
@@ -31,6 +32,7 @@ __all__ = ["main", "make_cli"]
 CORE_COMMANDS = (
     run,
     prepare,
+    plan_command,
     sample,
     chat,
     serve,

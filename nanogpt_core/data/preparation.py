@@ -25,7 +25,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nanogpt_core.data.example_preparation import plan_examples, write_examples
+import attrs
+
+from nanogpt_core.data.example_preparation import ExamplePlan, plan_examples, write_examples
 from nanogpt_core.data.fingerprints import fingerprint, input_files
 from nanogpt_core.data.plugins import (
     DatasetSource,
@@ -48,6 +50,55 @@ if TYPE_CHECKING:
     from nanogpt_core.plugins.registry import Plugins
 
 
+@attrs.frozen
+class DataLocation:
+    """Where an experiment's data is prepared, and what decides its tokens.
+
+    Attributes:
+        folder: ``<data_dir>/<plugin>/<variant>`` (tagged for another tokenizer or,
+            for examples, the block size).
+        fingerprint: the hash a matching ``meta.json`` carries.
+        source: the dataset plugin's source.
+        tokenizer: the tokenizer chosen for it.
+        examples: the example plan of an example source, else None.
+    """
+
+    folder: Path
+    fingerprint: str
+    source: DatasetSource
+    tokenizer: TokenizerChoice
+    examples: ExamplePlan | None
+
+
+def locate_data(config: ExperimentConfig, plugins: Plugins, *, data_dir: Path) -> DataLocation:
+    """The experiment's data folder and fingerprint, without reading or writing data.
+
+    An example source's template is built here (it decides the folder).
+    """
+    plugin = config.dataset.plugin
+    source = source_for(config, plugins)
+    choice = tokenizer_choice(config, source, plugins)
+    folder = data_folder(Path(data_dir), plugin, source, choice)
+    plan = extra = None
+    if is_example_source(source):
+        plan = plan_examples(config, plugins, source)
+        folder, extra = plan.folder(folder), plan.fingerprint_extra()
+    elif getattr(config, "template", None) is not None:
+        raise DataError(
+            f"template.plugin: dataset {plugin!r} yields documents, not examples, so a "
+            "[template] table does not apply to it; remove the table"
+        )
+    wanted = fingerprint(plugin, config.dataset.options, choice, extra)
+    return DataLocation(folder, wanted, source, choice, plan)
+
+
+def current_preparation(location: DataLocation) -> PreparedData | None:
+    """The preparation at ``location`` if it is complete and up to date, else None."""
+    with contextlib.suppress(DataError):
+        return _matching(location.folder, location.fingerprint)
+    return None
+
+
 def prepare_dataset(
     config: ExperimentConfig, plugins: Plugins, *, data_dir: Path, force: bool = False
 ) -> PreparedData:
@@ -60,28 +111,22 @@ def prepare_dataset(
     ``config.model.block_size``.
     """
     plugin = config.dataset.plugin
-    source = source_for(config, plugins)
-    choice = tokenizer_choice(config, source, plugins)
-    folder = data_folder(Path(data_dir), plugin, source, choice)
+    location = locate_data(config, plugins, data_dir=data_dir)
+    folder, wanted, source, choice = (
+        location.folder,
+        location.fingerprint,
+        location.source,
+        location.tokenizer,
+    )
     write: Any = write_tokens
-    extra = None
-    if is_example_source(source):
-        plan = plan_examples(config, plugins, source)
-        folder, extra = plan.folder(folder), plan.fingerprint_extra()
-        write = functools.partial(write_examples, plan=plan)
-    elif getattr(config, "template", None) is not None:
-        raise DataError(
-            f"template.plugin: dataset {plugin!r} yields documents, not examples, so a "
-            "[template] table does not apply to it; remove the table"
-        )
-    wanted = fingerprint(plugin, config.dataset.options, choice, extra)
+    if location.examples is not None:
+        write = functools.partial(write_examples, plan=location.examples)
     if not force:
         # Without the lock first, so a finished folder on read-only storage works; a
         # folder some writer is publishing right now is checked again under the lock.
-        with contextlib.suppress(DataError):
-            ready = _matching(folder, wanted)
-            if ready is not None:
-                return _tidied(ready)
+        ready = current_preparation(location)
+        if ready is not None:
+            return _tidied(ready)
     with storage_errors(folder), data_lock(folder) as waited:
         if not force or waited:
             ready = _matching(folder, wanted, strict=not force)

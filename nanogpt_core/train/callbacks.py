@@ -272,6 +272,15 @@ class Callback:
     def on_train_end(self, state: TrainerState) -> None:
         """Called once when the run ends, also when it stops early or fails (``state.status``)."""
 
+    def planned_checkpoints(self, epochs: int) -> int:
+        """How many checkpoint files besides ``last.pth`` this callback leaves after ``epochs`` epochs.
+
+        Not a hook of the run: ``gpt plan`` and ``gpt run``'s plan line size the
+        disk with it. A callback that writes checkpoints (epoch files, best
+        models) says how many it keeps.
+        """
+        return 0
+
     def state_dict(self) -> dict[str, Any]:
         """This callback's own state, saved in checkpoints (tensors and plain containers only)."""
         return {}

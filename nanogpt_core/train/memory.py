@@ -12,6 +12,7 @@ use it too, so that they never disagree.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -50,15 +51,45 @@ _OPTION_EXTRA = {
 }
 
 
+def optimizer_state_bytes(config: Any, build: Callable[[Any], Any]) -> int:
+    """Bytes of the state an optimizer keeps for a model of this shape, after one step.
+
+    ``build(model)`` is the optimizer plugin's own ``build`` (see
+    :func:`nanogpt_core.train.optimization.make_optimizer`): the model is made
+    on the ``meta`` device, given zero gradients and stepped once, and the
+    tensors in the optimizer's state are counted. So every plugin is asked what
+    it really keeps (AdamW two float32 moments per parameter, Muon one momentum
+    buffer on its matrices and AdamW's on the rest) without allocating any of it.
+    Whatever the plugin raises propagates: the caller decides what to assume.
+    """
+    import torch
+
+    from nanogpt_core.model.gpt import GPT
+
+    with torch.device("meta"):
+        model = GPT(config)
+        optimizer = build(model)
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.grad = torch.zeros_like(parameter)
+        optimizer.step()
+    return sum(
+        value.numel() * value.element_size()
+        for state in optimizer.state.values()
+        for value in state.values()
+        if isinstance(value, torch.Tensor)
+    )
+
+
 @attrs.frozen
 class MemoryEstimate:
     """Bytes one training process needs: the project's one memory estimate.
 
-    ``weights``, ``gradients`` and ``optimizer`` are per model replica (divide
-    by the number of shards under sharded training); ``activations`` is the
-    peak of one micro-batch's forward and backward pass, including what the
-    backward pass holds at once and, under mixed precision, autocast's
-    half-precision copies of the weights.
+    ``weights``, ``gradients`` and ``optimizer`` are this process's share: the
+    whole model's under data parallelism, a ``1/shards`` share when the
+    parameters are sharded. ``activations`` is the peak of one micro-batch's
+    forward and backward pass, including what the backward pass holds at once
+    and, under mixed precision, autocast's half-precision copies of the weights.
     """
 
     parameters: int
@@ -103,25 +134,54 @@ def activation_bytes(config: Any, batch_size: int, precision: str) -> int:
     return tokens * (config.n_layer * block + head + backward)
 
 
+# AdamW's two float32 moments per parameter: what is assumed of an optimizer
+# whose state cannot be measured (optimizer_state_bytes).
+ADAMW_BYTES_PER_PARAMETER = 8
+
+
 def estimate_training_memory(
-    config: Any, *, batch_size: int, precision: str, optimizer_bytes_per_parameter: int = 8
+    config: Any,
+    *,
+    batch_size: int,
+    precision: str,
+    optimizer_bytes: int | None = None,
+    shards: int = 1,
 ) -> MemoryEstimate:
     """What a training process of this model and micro-batch needs (see :class:`MemoryEstimate`).
 
-    :param optimizer_bytes_per_parameter: the optimizer's state per parameter
-        (AdamW's two float32 moments: 8).
+    :param optimizer_bytes: the whole model's optimizer state
+        (:func:`optimizer_state_bytes`); default AdamW's 8 bytes per parameter.
+    :param shards: processes the parameters, gradients and optimizer state are
+        sharded over (1: data parallelism, every process holds them all).
     """
     count = parameter_count(config)
+    if optimizer_bytes is None:
+        optimizer_bytes = ADAMW_BYTES_PER_PARAMETER * count
     activations = activation_bytes(config, batch_size, precision)
     if precision != "no":
         activations += 2 * count  # autocast's 16-bit copies of the weights
     return MemoryEstimate(
         parameters=count,
-        weights=4 * count,
-        gradients=4 * count,
-        optimizer=optimizer_bytes_per_parameter * count,
+        weights=-(-4 * count // shards),
+        gradients=-(-4 * count // shards),
+        optimizer=-(-optimizer_bytes // shards),
         activations=activations,
     )
+
+
+# A checkpoint's bytes besides the tensors: the pickled experiment, counters and
+# metrics, and torch's zip records (about 24 KiB for our models), plus each
+# process's random-number states (about 15 KiB: torch's CPU generator is 5 KiB).
+CHECKPOINT_OVERHEAD = 24 * 1024
+RANDOM_STATES_BYTES = 16 * 1024
+
+
+def checkpoint_bytes(parameters: int, optimizer_bytes: int, processes: int = 1) -> int:
+    """The size of a checkpoint file: float32 weights, the optimizer's state and a little more.
+
+    A tied output layer is stored once (it shares the embedding's storage).
+    """
+    return 4 * parameters + optimizer_bytes + CHECKPOINT_OVERHEAD + RANDOM_STATES_BYTES * processes
 
 
 def available_bytes(device: Any) -> tuple[int | None, str]:

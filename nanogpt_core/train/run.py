@@ -157,21 +157,30 @@ def check_data_fits(config: ExperimentConfig, data: Any) -> None:
 
 
 def check_memory(
-    config: ExperimentConfig, model_config: Any, device: Any, precision: str = "no"
+    config: ExperimentConfig,
+    model_config: Any,
+    device: Any,
+    precision: str = "no",
+    *,
+    optimizer_bytes: int | None = None,
 ) -> None:
     """Refuse a run whose estimated peak memory exceeds what ``device`` has free.
 
     The estimate is the project's one (:func:`estimate_training_memory`): weights,
-    gradients, AdamW's state and one micro-batch's activations.
+    gradients, the optimizer's state and one micro-batch's activations.
 
     :param precision: the run's autocast precision (``"no"``, ``"bf16"``, ``"fp16"``).
+    :param optimizer_bytes: the optimizer's state as measured by the plan
+        (default: AdamW's 8 bytes per parameter).
     """
     from nanogpt_core.train.memory import available_bytes, estimate_training_memory, human_bytes
 
     if not config.train.memory_check:
         return
     batch = config.train.batch_size
-    estimate = estimate_training_memory(model_config, batch_size=batch, precision=precision)
+    estimate = estimate_training_memory(
+        model_config, batch_size=batch, precision=precision, optimizer_bytes=optimizer_bytes
+    )
     available, where = available_bytes(device)
     if available is None or estimate.total <= available:
         return
@@ -180,12 +189,36 @@ def check_memory(
         [
             f"model: {estimate.parameters:,} parameters and micro-batches of {batch} x "
             f"{model_config.block_size} tokens need about {human_bytes(estimate.total)} "
-            f"({human_bytes(state)} for weights, gradients and AdamW state, "
+            f"({human_bytes(state)} for weights, gradients and optimizer state, "
             f"{human_bytes(estimate.activations)} for activations), but {where} only "
             f"{human_bytes(available)}; lower train.batch_size (raise "
             "train.gradient_accumulation_steps to keep the batch), make the model smaller, "
             "or skip this check with --set train.memory_check=false"
         ]
+    )
+
+
+def run_plan(
+    config: ExperimentConfig,
+    plugins: Plugins,
+    accelerator: Any,
+    paths: RunPaths,
+    callbacks: list[Any],
+    data: Any,
+    data_dir: Path,
+) -> Any:
+    """The plan of this run on its own devices (:mod:`nanogpt_core.plan`)."""
+    from nanogpt_core.plan.hardware import device_hardware
+    from nanogpt_core.plan.planner import make_plan
+
+    return make_plan(
+        config,
+        plugins,
+        device_hardware(accelerator.num_processes, accelerator.device),
+        data_dir=data_dir,
+        results_dir=paths.root.parent,
+        callbacks=callbacks,
+        data=data,
     )
 
 
@@ -269,9 +302,18 @@ def _train(
         others="repeat",
     )
     check_data_fits(config, data)
+    plan = run_plan(config, plugins, accelerator, paths, callbacks, data, data_dir)
     check_memory(
-        config, model_config_for(config, data), accelerator.device, accelerator.mixed_precision
+        config,
+        model_config_for(config, data),
+        accelerator.device,
+        accelerator.mixed_precision,
+        optimizer_bytes=plan.memory.estimate.optimizer if plan.memory.optimizer_measured else None,
     )
+    if main:
+        from nanogpt_core.plan.report import plan_summary
+
+        print(plan_summary(plan), flush=True)
     # Only now, with everything checked, is anything on disk changed.
     if main:
         if fresh and (moved := move_aside(paths.root)):

@@ -7,10 +7,20 @@ decisions must come from the compute capability.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
-from nanogpt_core.gpus import allow_tf32, auto_precision, peak_flops
+from nanogpt_core.gpus import (
+    GPUS,
+    allow_tf32,
+    auto_precision,
+    gpu_for_device,
+    gpu_named,
+    peak_flops,
+)
+from nanogpt_core.plan.hardware import parse_gpus
 
 V100, A100, H100 = (7, 0), (8, 0), (9, 0)
 
@@ -151,3 +161,65 @@ def test_tf32_only_on_gpus_that_have_it(fake_gpu, tf32_flags):
     assert allow_tf32(torch.device("cuda", 0))
     assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
     assert not allow_tf32(torch.device("cpu"))
+
+
+# The plan's table: what each card's device name finds, and how --gpus names it.
+TABLE_ENTRIES = [
+    ("Tesla V100-SXM2-16GB", "V100-16GB", 16),
+    ("Tesla V100-SXM2-32GB", "V100-32GB", 32),
+    ("Tesla V100-PCIE-16GB", "V100-PCIe-16GB", 16),
+    ("Tesla V100-PCIE-32GB", "V100-PCIe-32GB", 32),
+    ("Tesla V100S-PCIE-32GB", "V100S-32GB", 32),
+    ("NVIDIA A100-SXM4-40GB", "A100-40GB", 40),
+    ("NVIDIA A100-SXM4-80GB", "A100-80GB", 80),
+    ("NVIDIA A100-PCIE-40GB", "A100-PCIe-40GB", 40),
+    ("NVIDIA A100 80GB PCIe", "A100-PCIe-80GB", 80),
+    ("NVIDIA H100 80GB HBM3", "H100-80GB", 80),
+    ("NVIDIA H100 PCIe", "H100-PCIe-80GB", 80),
+    ("NVIDIA H200", "H200-141GB", 141),
+]
+
+
+@pytest.mark.parametrize(("device_name", "table_name", "gib"), TABLE_ENTRIES)
+def test_a_device_name_finds_its_own_entry_with_its_memory(device_name, table_name, gib):
+    gpu = gpu_for_device(device_name)
+    assert gpu is not None and gpu.name == table_name
+    assert gpu.memory == gib * 2**30
+    assert gpu_named(table_name) is gpu
+    assert gpu_named(table_name.lower()) is gpu
+
+
+def test_every_table_entry_is_named_uniquely_and_has_figures():
+    names = [gpu.name for gpu in GPUS]
+    assert len(set(names)) == len(names)
+    for gpu in GPUS:
+        assert 0 < gpu.mfu < 1 and gpu.peak > 1e13 and gpu.pcie > 0
+        # Each entry is reachable by its own name (no prefix of one hides another).
+        assert gpu_named(gpu.name) is gpu
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("8xV100-32GB", (8, "V100-32GB")),
+        ("8 x a100-80gb", (8, "a100-80gb")),
+        ("16*H100-80GB", (16, "H100-80GB")),
+        ("4", (4, None)),
+        ("H200-141", (1, "H200-141")),
+    ],
+)
+def test_gpus_option_parses_count_and_name(text, expected):
+    assert parse_gpus(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("8xV100", "several GPUs match 'V100'; one of: V100S-32GB, V100-PCIe-16GB"),
+        ("2xRTX4090", "unknown GPU 'RTX4090'; one of: V100S-32GB"),
+        ("0xA100-80GB", "at least 1"),
+    ],
+)
+def test_gpus_option_refuses_unknown_ambiguous_and_zero(text, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_gpus(text)

@@ -45,6 +45,12 @@ class CheckpointCallback(Callback):
     def __init__(self, options: CheckpointOptions) -> None:
         self.options = options
 
+    def planned_checkpoints(self, epochs: int) -> int:
+        """Epoch files left at the end of a run of ``epochs`` epochs (``gpt plan`` sizes the disk)."""
+        written = epochs // self.options.every_epochs
+        keep = self.options.keep_last
+        return written if keep is None else min(written, keep)
+
     def on_step_end(self, state: TrainerState) -> None:
         """``last.pth`` every ``every_steps`` steps (at epoch ends it asks after the epoch file)."""
         every = self.options.every_steps

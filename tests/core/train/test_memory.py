@@ -75,7 +75,7 @@ def test_the_check_compares_against_free_gpu_memory(gpu_with_free_memory):
     (line,) = refused.value.problems
     assert line.startswith(
         "model: 124,475,904 parameters and micro-batches of 1 x 1024 tokens need about "
-        f"{human_bytes(estimate.total)} (1.9 GiB for weights, gradients and AdamW state, "
+        f"{human_bytes(estimate.total)} (1.9 GiB for weights, gradients and optimizer state, "
         f"{human_bytes(estimate.activations)} for activations), "
         "but NVIDIA A100-SXM4-80GB has free only 1.0 GiB; lower train.batch_size"
     )

@@ -133,7 +133,7 @@ def test_a_model_too_big_for_memory_is_refused_with_the_estimate(
     assert result.returncode == 2
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("Error: model: 805,")  # 4000 * 12 * 4096^2 + embeddings
-    assert "for weights, gradients and AdamW state" in line
+    assert "for weights, gradients and optimizer state" in line
     assert "--set train.memory_check=false" in line
     assert not (tmp_path / "results" / "tiny").exists()
 
