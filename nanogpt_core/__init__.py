@@ -4,7 +4,8 @@ This module is the whole public surface a plugin needs: ``hookimpl`` to mark its
 hook functions, ``option`` and the validators to declare its options, the
 ``Callback`` base class and the state objects callbacks are handed, the
 ``Evaluator`` eval tasks are handed and what they return, the errors to raise,
-and the helpers dataset plugins use to read files and write them safely.
+the helpers dataset plugins use to read files and write them safely, and
+``tokens_from_text_bytes`` for their token estimates.
 Plugins import from here only; everything else is the core's own business and
 may change. Importing this package never imports torch.
 """
@@ -20,6 +21,7 @@ from nanogpt_core.data.documents import (
 from nanogpt_core.data.plugins import DatasetSource
 from nanogpt_core.data.prepared import PreparedData
 from nanogpt_core.data.templates import Template, template_from_description
+from nanogpt_core.data.token_estimates import tokens_from_text_bytes
 from nanogpt_core.data.tokenizers import (
     GPT2_EOT,
     GPT2_VOCAB_SIZE,
@@ -91,4 +93,5 @@ __all__ = [
     "read_texts",
     "template_from_description",
     "tokenizer_from_description",
+    "tokens_from_text_bytes",
 ]

@@ -42,6 +42,23 @@ class DatasetSource(Protocol):
         tokenizer: the name of a registered tokenizer (``"char"``, ``"gpt2"``, ...);
             an experiment's ``[tokenizer]`` table overrides it.
         description: one line about the source, recorded in ``meta.json``.
+
+    Optional methods (looked up with ``getattr``; a source without them works):
+
+    - ``split_documents(downloads)``: see :meth:`documents`.
+    - ``token_estimate(tokenizer) -> Mapping[str, int] | None``: the tokens each
+      split will hold once prepared, ``{"train": n, "val": m}``, with the
+      registered tokenizer named ``tokenizer`` (the source's own, or the one an
+      experiment's ``[tokenizer]`` table chose), for ``gpt plan`` before the data
+      is prepared. An example source (one with a ``template``) counts the
+      tokens of its examples (prompt, response and end-of-text) and may add
+      ``"train_examples"`` and ``"val_examples"``. Return None when the source
+      cannot say (a tokenizer it knows nothing about). It must be cheap: a
+      published count, file sizes, Parquet footers, at most one small column
+      read from local files; never a download and never a pass over the text.
+      :func:`nanogpt_core.tokens_from_text_bytes` turns bytes of text into
+      tokens for the built-in tokenizers. Raise
+      :class:`~nanogpt_core.errors.DataError` for bad input (a missing file).
     """
 
     variant: str

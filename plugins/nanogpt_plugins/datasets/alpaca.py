@@ -37,9 +37,23 @@ from nanogpt_core import (
     positive,
     read_rows,
 )
+from nanogpt_plugins.datasets.sizes import text_size
 
 FIELDS = ("instruction", "input", "output")
 SUFFIXES = (".json", ".jsonl", ".parquet")
+# Records on the hub: tatsu-lab/alpaca is alpaca_data.json's 52,002; yahma's
+# cleaned copy has 51,760 (its dataset viewer's row count).
+HUB_RECORDS = {"tatsu-lab/alpaca": 52_002, "yahma/alpaca-cleaned": 51_760}
+# Measured on shared/data's 2,500 records (alpaca_data.json's first), with the
+# gpt2 tokenizer and the alpaca template: an example (prompt, output and
+# <|endoftext|>) is 107.1 tokens on average: its three fields, 328.7 bytes at
+# 4.71 bytes a token, and 37.4 tokens of the template's own text and the
+# end-of-text (31 without an input, 46 with one, which 43 % have). A record
+# takes 414 bytes in alpaca_data.json's layout (indented JSON) and 370 as a JSON line.
+TOKENS_PER_EXAMPLE = 107.1
+FIELD_BYTES_PER_TOKEN = 4.71
+TEMPLATE_TOKENS = 37.4
+RECORD_BYTES = {".json": 414, ".jsonl": 370}
 
 
 class EmptyOutput(DataError):
@@ -130,13 +144,18 @@ def check_record(row: Any, where: str) -> dict[str, str]:
     return {field: row[field] for field in FIELDS}
 
 
-def file_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    """``(where, row)`` for each row of one local file, ``where`` naming file and record."""
+def check_suffix(path: Path) -> None:
+    """Refuse, in one line, a file whose type holds no alpaca records."""
     if path.suffix not in SUFFIXES:
         raise DataError(
             f"{path}: unsupported file type {path.suffix or '(none)'}; alpaca records come "
             f"from {', '.join(SUFFIXES)} files"
         )
+
+
+def file_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """``(where, row)`` for each row of one local file, ``where`` naming file and record."""
+    check_suffix(path)
     if path.suffix == ".json":
         yield from _json_rows(path)
     elif path.suffix == ".jsonl":
@@ -280,9 +299,65 @@ class AlpacaSource:
                 f"val_fraction = {fraction} is too small to hold any; raise it, or give val_files"
             )
 
+    def token_estimate(self, tokenizer: str) -> dict[str, int] | None:
+        """Tokens and examples of each split, from record counts and file sizes.
+
+        Keys ``train`` and ``val`` are the examples' tokens (prompt, output and
+        end-of-text), ``train_examples`` and ``val_examples`` their number.
+        Records are the hub dataset's published count, a Parquet footer's rows,
+        or a JSON file's size at Alpaca's mean record size; tokens are Alpaca's
+        mean example per record, or for Parquet the fields' uncompressed bytes
+        at Alpaca's bytes per token plus the template's text. ``max_examples``
+        and ``val_fraction`` (or ``val_files``) split them as preparation does.
+        None unless the tokenizer is ``gpt2`` and the template ``alpaca`` (the
+        figures are theirs) and, on the hub, for a dataset without a known
+        count. Examples longer than the block size are counted whole.
+        """
+        opts = self.options
+        if tokenizer != "gpt2" or opts.template != "alpaca":
+            return None
+        if opts.source == "hub":
+            records = HUB_RECORDS.get(opts.hub_name)
+            if records is None:
+                return None
+            train = (records * TOKENS_PER_EXAMPLE, float(records))
+        else:
+            train = _files_estimate(opts.train_files, "train_files")
+        if opts.max_examples is not None and train[1] > opts.max_examples:
+            share = opts.max_examples / train[1]
+            train = (train[0] * share, float(opts.max_examples))
+        if opts.source == "local" and opts.val_files:
+            val = _files_estimate(opts.val_files, "val_files")
+        else:
+            held = opts.val_fraction
+            val = (train[0] * held, train[1] * held)
+            train = (train[0] * (1 - held), train[1] * (1 - held))
+        return {
+            "train": round(train[0]),
+            "val": round(val[0]),
+            "train_examples": round(train[1]),
+            "val_examples": round(val[1]),
+        }
+
     def examples(self, split: str, downloads: Path) -> Iterator[dict[str, str]]:
         """Records of ``split``: ``val_files``, or the held-out records."""
         return (record for which, record in self.split_examples(downloads) if which == split)
+
+
+def _files_estimate(patterns: list[str], name: str) -> tuple[float, float]:
+    """(tokens, records) of the files the patterns of option ``name`` match, unread."""
+    tokens = records = 0.0
+    for path in expand_files(patterns, f"dataset.{name}"):
+        check_suffix(path)
+        size = text_size(path, FIELDS)
+        if size.rows is not None:  # Parquet: its rows, and its fields' bytes
+            rows = float(size.rows)
+            tokens += size.bytes / FIELD_BYTES_PER_TOKEN + rows * TEMPLATE_TOKENS
+        else:
+            rows = size.bytes / RECORD_BYTES[path.suffix]
+            tokens += rows * TOKENS_PER_EXAMPLE
+        records += rows
+    return tokens, records
 
 
 @hookimpl

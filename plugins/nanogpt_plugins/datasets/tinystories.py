@@ -32,9 +32,19 @@ from nanogpt_core import (
     option,
     positive,
     read_texts,
+    tokens_from_text_bytes,
 )
+from nanogpt_plugins.datasets.sizes import files_size
 
 HUB_NAME = "roneneldan/TinyStories"
+# The hub's splits, from the dataset card's dataset_info (as the datasets
+# library recorded it for the parquet at revision 691b0d9): train 2,119,719
+# stories in 1,911,420,483 bytes; dataset_size 1,930,726,793, so validation
+# 21,990 stories in 19,306,310 bytes. Arrow counts a 4-byte offset per story.
+HUB_SPLITS = {"train": (2_119_719, 1_911_420_483), "val": (21_990, 19_306_310)}
+# A story's mean size on the hub, (1,911,420,483 - 4 x 2,119,719) / 2,119,719:
+# to count the stories of local files that do not say (all but parquet).
+MEAN_STORY_BYTES = 898
 
 
 def _val_fraction(_instance, attribute, value: float) -> None:
@@ -182,9 +192,67 @@ class TinyStoriesSource:
                 "or give val_files"
             )
 
+    def token_estimate(self, tokenizer: str) -> dict[str, int] | None:
+        """Tokens of each split, from the hub's published sizes or the local files' sizes.
+
+        Text bytes become tokens by :func:`nanogpt_core.tokens_from_text_bytes`
+        (None for a tokenizer it has no figure for), plus an end-of-text per
+        story with ``"gpt2"``. Without ``val_files`` a local corpus is split by
+        ``val_fraction``; ``max_documents`` and ``max_val_documents`` cap the
+        stories (counted from Parquet footers, else at 898 bytes a story, the
+        hub's mean). Within a few percent of the prepared counts for English
+        stories; the files are never read.
+        """
+        if tokens_from_text_bytes(0, tokenizer) is None:
+            return None
+        opts = self.options
+        if opts.source == "hub" or opts.val_files:
+            train, val = self._stories_size("train"), self._stories_size("val")
+        else:
+            total_bytes, total_stories = self._stories_size("train")
+            share = opts.val_fraction
+            train = (total_bytes * (1 - share), total_stories * (1 - share))
+            val = (total_bytes * share, total_stories * share)
+            if opts.max_documents is not None and train[1] > opts.max_documents:
+                # Reading stops at the last training story kept, so the held-out
+                # stories are those met on the way.
+                kept = opts.max_documents / train[1]
+                train, val = _scaled(train, kept), _scaled(val, kept)
+        train = _capped(train, opts.max_documents)
+        val = _capped(val, opts.max_val_documents)
+        end = 1 if tokenizer == "gpt2" else 0  # gpt2 ends each story with <|endoftext|>
+        return {
+            split: (tokens_from_text_bytes(round(size), tokenizer) or 0) + end * round(stories)
+            for split, (size, stories) in (("train", train), ("val", val))
+        }
+
+    def _stories_size(self, split: str) -> tuple[float, float]:
+        """(bytes of text, stories) of the hub's split, or of train_files / val_files."""
+        opts = self.options
+        if opts.source == "hub":  # its own validation split, as _stories reads
+            stories, size = HUB_SPLITS[split]
+            return size - 4 * stories, stories
+        patterns, name = (
+            (opts.train_files, "train_files") if split == "train" else (opts.val_files, "val_files")
+        )
+        size = files_size(expand_files(patterns, f"dataset.{name}"), opts.text_field)
+        stories = size.rows if size.rows is not None else size.bytes / MEAN_STORY_BYTES
+        return size.bytes, stories
+
     def documents(self, split: str, downloads: Path) -> Iterator[str]:
         """Stories of ``split``: the source's validation split, or held-out stories."""
         return (text for which, text in self.split_documents(downloads) if which == split)
+
+
+def _scaled(size: tuple[float, float], share: float) -> tuple[float, float]:
+    return size[0] * share, size[1] * share
+
+
+def _capped(size: tuple[float, float], limit: int | None) -> tuple[float, float]:
+    """(bytes, stories) of the first ``limit`` stories, at the mean size."""
+    if limit is None or size[1] <= limit:
+        return size
+    return _scaled(size, limit / size[1])
 
 
 @hookimpl
