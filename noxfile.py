@@ -102,6 +102,7 @@ def bench(session: nox.Session) -> None:
         "bench_finetune.py",
         "bench_serve.py",
         "bench_eval.py",
+        "bench_estimates.py",
         "bench_recipe.py",
     ):
         session.run("python", f"tests/bench/{script}", *session.posargs)
