@@ -162,3 +162,19 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
                 path.unlink()
             removed.append(path)
     return removed
+
+
+def existing_ancestor(path: Path) -> Path:
+    """``path`` or its nearest existing parent (where it would be created)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free bytes for an unprivileged writer on ``path``'s file system."""
+    try:
+        return shutil.disk_usage(existing_ancestor(path)).free
+    except OSError:
+        return None

@@ -40,8 +40,8 @@ from nanogpt_core.data.plugins import (
 )
 from nanogpt_core.data.prepared import PreparedData, open_prepared
 from nanogpt_core.data.token_preparation import write_tokens
-from nanogpt_core.errors import DataError
-from nanogpt_core.files import remove_stale_temporaries, storage_errors
+from nanogpt_core.errors import DataError, NanoGPTError
+from nanogpt_core.files import free_bytes, remove_stale_temporaries, storage_errors
 from nanogpt_core.locks import locked
 from nanogpt_core.plugins.options import unstructure
 
@@ -127,6 +127,8 @@ def prepare_dataset(
         ready = current_preparation(location)
         if ready is not None:
             return _tidied(ready)
+    # Before the lock: a refused preparation leaves no trace, not even a lock file.
+    check_room(location, dataset_who(config, plugins))
     with storage_errors(folder), data_lock(folder) as waited:
         if not force or waited:
             ready = _matching(folder, wanted, strict=not force)
@@ -142,6 +144,36 @@ def prepare_dataset(
             tokenizer=choice,
             who=dataset_who(config, plugins),
             inputs=input_files(config.dataset.options) + input_files(choice.options),
+        )
+
+
+def check_room(location: DataLocation, who: str) -> None:
+    """Refuse, before writing anything, data that the dataset's estimate says cannot fit.
+
+    The estimate is the dataset plugin's (:mod:`nanogpt_core.data.token_estimates`)
+    at 2 bytes a token, the narrowest the ``.bin`` files are stored in; without
+    an estimate nothing is refused here (a full disk is still reported in one
+    line when it happens, leaving nothing half-written). An estimate that fails
+    is no refusal either: the preparation itself then reports the problem in
+    its own words (``gpt plan`` reports the estimate's).
+    """
+    from nanogpt_core.data.token_estimates import estimate_tokens
+    from nanogpt_core.train.memory import human_bytes
+
+    try:
+        estimate = estimate_tokens(location.source, location.tokenizer.name, who)
+    except NanoGPTError:
+        return
+    free = free_bytes(location.folder)
+    if not estimate or free is None:
+        return
+    tokens = estimate["train"] + estimate["val"]
+    needed = 2 * tokens
+    if needed > free:
+        raise DataError(
+            f"{location.folder}: {who} needs about {human_bytes(needed)} for its prepared "
+            f"data (an estimated {tokens:,} tokens) but its file system has "
+            f"{human_bytes(free)} free; free some space or choose another --data-dir"
         )
 
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nanogpt_core.files import existing_ancestor, free_bytes
 from nanogpt_core.plan.figures import (
     CUDA_RESERVE,
     DataFigures,
@@ -293,22 +293,6 @@ def _time_figures(
         interconnect=link[0] if link else None,
         allreduce_seconds=allreduce,
     )
-
-
-def existing_ancestor(path: Path) -> Path:
-    """``path`` or its nearest existing parent (where it would be created)."""
-    path = Path(path).absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def free_bytes(path: Path) -> int | None:
-    """Free bytes for an unprivileged writer on ``path``'s file system."""
-    try:
-        return shutil.disk_usage(existing_ancestor(path)).free
-    except OSError:
-        return None
 
 
 def _disk_figures(

@@ -24,6 +24,11 @@ def count(n: float) -> str:
     return f"{n:.3g}" if isinstance(n, float) else str(n)
 
 
+def passes_text(passes: float) -> str:
+    """``0.36``, ``2.6``, ``106``."""
+    return f"{passes:.2g}" if passes < 10 else f"{passes:.0f}"
+
+
 def duration(seconds: float) -> str:
     """``42 s``, ``17 min``, ``5.3 h``, ``3.2 days``."""
     if seconds < 90:
@@ -60,7 +65,7 @@ def _data_lines(plan: RunPlan) -> list[str]:
         lines.append("unique tokens unknown (not prepared, and the dataset gives no estimate)")
     else:
         how = "counted in meta.json" if data.source == "prepared" else "the dataset's estimate"
-        passes = f", {data.passes:.2g} passes" if data.passes is not None else ""
+        passes = f", {passes_text(data.passes)} passes" if data.passes is not None else ""
         val = f"; val {count(data.val_tokens)}" if data.val_tokens is not None else ""
         lines.append(f"{count(data.train_tokens)} unique train tokens ({how}){passes}{val}")
     return lines
@@ -182,7 +187,7 @@ def plan_summary(plan: RunPlan) -> str:
     if data.training_tokens is not None:
         tokens = f"{data.steps:,} steps, {count(data.training_tokens)} tokens"
         if data.passes is not None:
-            tokens += f" ({data.passes:.2g} passes over {count(data.train_tokens or 0)})"
+            tokens += f" ({passes_text(data.passes)} passes over {count(data.train_tokens or 0)})"
         parts.append(tokens)
     parts.append(f"about {human_bytes(plan.memory.estimate.total)} per process")
     if plan.time.seconds is not None:

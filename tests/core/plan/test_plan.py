@@ -191,3 +191,28 @@ def test_planning_writes_nothing(tiny_char_experiment, tmp_path):
     assert done.returncode == 0, done.stderr
     assert not data.exists() and not results.exists()
     assert "not prepared yet" in done.stdout
+
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+@pytest.mark.parametrize("name", ["fineweb", "fineweb_fast"])
+def test_shipped_fineweb_experiments_make_at_most_4_passes_and_fit_v100s(name, tmp_path):
+    experiment = REPO / "experiments" / f"{name}.toml"
+    text = experiment.read_text()
+    for gpus, precision in (("8xV100-32GB", "fp16"), ("8xA100-80GB", "bf16")):
+        plan = plan_of(
+            experiment, "--gpus", gpus, "--data-dir", str(tmp_path / "data"),
+            "--results-dir", str(tmp_path / "results"),
+        )  # fmt: skip
+        # Offline: the hub's published size, nothing downloaded.
+        assert plan["data"]["source"] == "estimated"
+        assert plan["data"]["passes"] <= 4
+        assert plan["memory"]["precision"] == precision and plan["memory"]["fits"] is True
+        assert plan["warnings"] == []
+        # The file's comments say what the plan prints.
+        assert f"{plan['data']['passes']:.2g} passes" in text
+        hours = plan["time"]["seconds"] / 3600
+        shown = f"about {hours:.1f} h" if hours >= 1.5 else f"about {hours * 60:.0f} min"
+        assert f"{gpus.replace('x', ' x ', 1)}: {shown}" in text
+    assert not (tmp_path / "data").exists()
