@@ -5,7 +5,8 @@ hook functions, ``option`` and the validators to declare its options, the
 ``Callback`` base class and the state objects callbacks are handed, the
 ``Evaluator`` eval tasks are handed and what they return, the errors to raise,
 the helpers dataset plugins use to read files and write them safely, and
-``tokens_from_text_bytes`` for their token estimates.
+``tokens_from_text_bytes`` for their token estimates; ``API_VERSION`` is the
+version of this surface (docs/plugins.md, "API version").
 Plugins import from here only; everything else is the core's own business and
 may change. Importing this package never imports torch.
 """
@@ -35,7 +36,7 @@ from nanogpt_core.errors import ConfigError, DataError, NanoGPTError, PluginErro
 from nanogpt_core.eval.evaluator import Continuation, EvalResult, Evaluator, SplitLoss
 from nanogpt_core.eval.suite import EvalSuite, TaskReport, eval_metrics
 from nanogpt_core.files import atomic_write, atomic_write_text
-from nanogpt_core.plugins.hookspecs import hookimpl
+from nanogpt_core.plugins.hookspecs import API_VERSION, hookimpl
 from nanogpt_core.plugins.options import (
     OptionValueError,
     fraction,
@@ -50,6 +51,7 @@ from nanogpt_core.train.metrics import metric_scalars
 __version__ = "0.2.0"
 
 __all__ = [
+    "API_VERSION",
     "GPT2_EOT",
     "GPT2_VOCAB_SIZE",
     "Callback",

@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
             click.echo(
                 f"Warning: plugin {info.name!r}{origin} failed to load: {info.error}", err=True
             )
+        for line in plugins.warning_lines():
+            click.echo(f"Warning: {line}", err=True)
         cli = make_cli(plugins)
     except NanoGPTError as error:
         # The group's own error handling is not in place yet: do its job here.

@@ -1,7 +1,9 @@
 """``gpt plugins``: the installed plugins, what they register and their options.
 
 :func:`plugin_listing` gives the same as plain data, which the docs' option
-tables are generated from.
+tables are generated from. Each entry says the plugin API this nanogpt
+provides (``api_version``) and what the plugin declares it supports
+(``api_declared``, its module's ``NANOGPT_API``), with any warning about it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ from typing import Any
 
 import click
 
+from nanogpt_core import __version__
 from nanogpt_core.cli.gpt_group import plugins_of
+from nanogpt_core.plugins.contract import DECLARATION
+from nanogpt_core.plugins.hookspecs import API_VERSION
 from nanogpt_core.plugins.options import describe_fields
 from nanogpt_core.plugins.registry import Plugins
 
@@ -20,16 +25,19 @@ def plugin_listing(plugins: Plugins) -> list[dict[str, Any]]:
     """Everything ``gpt plugins`` shows, as plain data (one entry per plugin)."""
     listing: list[dict[str, Any]] = []
     for info in plugins.loaded:
-        hooks = sorted(
-            impl.name
-            for impl in plugins.manager.get_hookcallers(plugins.manager.get_plugin(info.name)) or []
-        )
+        plugin = plugins.manager.get_plugin(info.name)
+        hooks = sorted(impl.name for impl in plugins.manager.get_hookcallers(plugin) or [])
+        declared = getattr(plugin, DECLARATION, None)
         listing.append(
             {
                 "name": info.name,
                 "module": info.module,
                 "distribution": info.distribution,
                 "version": info.version,
+                "api_version": API_VERSION,
+                "api_declared": declared if isinstance(declared, str) else None,
+                "warnings": plugins.warnings.get(info.name, []),
+                "shadowed_commands": plugins.shadowed.get(info.name, []),
                 "hooks": hooks,
                 "registers": [
                     {
@@ -50,6 +58,7 @@ def plugin_listing(plugins: Plugins) -> list[dict[str, Any]]:
                 "module": info.module,
                 "distribution": info.distribution,
                 "version": info.version,
+                "api_version": API_VERSION,
                 "error": info.error,
             }
         )
@@ -60,7 +69,7 @@ def plugin_listing(plugins: Plugins) -> list[dict[str, Any]]:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.pass_context
 def plugins_command(ctx: click.Context, as_json: bool) -> None:
-    """List installed plugins, what they register and their options.
+    """List installed plugins, what they register and their options, and the plugin API version.
 
     \b
     Examples:
@@ -71,6 +80,7 @@ def plugins_command(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(listing, indent=2, default=str))
         return
+    click.echo(f"nanogpt {__version__}, plugin API {API_VERSION}")
     for entry in listing:
         _echo_entry(entry)
 
@@ -83,7 +93,12 @@ def _echo_entry(entry: dict[str, Any]) -> None:
     if "error" in entry:
         click.echo(f"{entry['name']} ({origin}): BROKEN: {entry['error']}")
         return
-    click.echo(f"{entry['name']} ({origin}) hooks: {', '.join(entry['hooks'])}")
+    declared = f", declares API {entry['api_declared']}" if entry["api_declared"] else ""
+    click.echo(f"{entry['name']} ({origin}{declared}) hooks: {', '.join(entry['hooks'])}")
+    for warning in entry["warnings"]:
+        click.echo(f"  WARNING: {warning}")
+    for command in entry["shadowed_commands"]:
+        click.echo(f"  CONFLICT: command {command!r} is built in; the plugin's was not added")
     for reg in entry["registers"]:
         click.echo(f"  {reg['kind']} {reg['name']}: {reg['description']}")
         if reg["conflict"]:

@@ -43,9 +43,16 @@ class DatasetSource(Protocol):
             an experiment's ``[tokenizer]`` table overrides it.
         description: one line about the source, recorded in ``meta.json``.
 
+    A source yields its documents in one of two ways, and defines either or both:
+
+    - ``documents(split, downloads)`` (below), called once per split;
+    - ``split_documents(downloads)``, yielding ``(split, text)`` pairs in one
+      pass, for a source that decides the split while reading (holding out
+      documents by hash, say). When a source defines both, it is used instead
+      of ``documents``.
+
     Optional methods (looked up with ``getattr``; a source without them works):
 
-    - ``split_documents(downloads)``: see :meth:`documents`.
     - ``token_estimate(tokenizer) -> Mapping[str, int] | None``: the tokens each
       split will hold once prepared, ``{"train": n, "val": m}``, with the
       registered tokenizer named ``tokenizer`` (the source's own, or the one an
@@ -70,10 +77,8 @@ class DatasetSource(Protocol):
 
         :param downloads: a folder the plugin may cache downloads in.
 
-        A source that decides the split while reading (holding out documents by
-        hash, say) may also define ``split_documents(downloads)`` yielding
-        ``(split, document)`` pairs in one pass; it is then used instead.
-        Raise :class:`~nanogpt_core.errors.DataError` for bad input; any other
+        Optional when the source defines ``split_documents(downloads)`` instead
+        (see the class). Raise :class:`~nanogpt_core.errors.DataError` for bad input; any other
         exception is reported as a fault of the plugin (exit status 1).
         """
 
@@ -144,9 +149,10 @@ def is_example_source(source: Any) -> bool:
 
 
 def check_source(source: Any, who: str) -> None:
-    """A dataset source has a usable ``variant``, ``tokenizer``, ``description`` and ``documents``.
+    """A dataset source has a usable ``variant``, ``tokenizer``, ``description`` and documents.
 
-    An example source (one with a ``template``) has ``examples`` instead of ``documents``.
+    Documents come from ``documents`` or ``split_documents`` (either or both); an
+    example source (one with a ``template``) has ``examples`` or ``split_examples``.
     """
     missing = [
         f"{attr} (a string)"
@@ -155,8 +161,8 @@ def check_source(source: Any, who: str) -> None:
     ]
     if is_example_source(source):
         missing += _missing_from_example_source(source)
-    elif not callable(getattr(source, "documents", None)):
-        missing.append("documents (a method)")
+    elif not any(callable(getattr(source, m, None)) for m in ("documents", "split_documents")):
+        missing.append("documents or split_documents (a method)")
     if missing:
         raise PluginError(
             f"{who}: its factory returned {type(source).__name__}, which lacks "

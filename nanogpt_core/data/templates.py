@@ -57,6 +57,6 @@ def template_from_description(
 
     :param plugins: where to look the ``kind`` up; the installed plugins when None.
     """
-    from nanogpt_core.plugins.registry import rebuild_from_description
+    from nanogpt_core.plugins.rebuild import rebuild_from_description
 
     return rebuild_from_description("template", description, plugins)

@@ -130,7 +130,7 @@ def tokenizer_from_description(
     :param plugins: the plugins to look the ``kind`` up in; the installed ones
         (entry points) when None.
     """
-    from nanogpt_core.plugins.registry import rebuild_from_description
+    from nanogpt_core.plugins.rebuild import rebuild_from_description
 
     return rebuild_from_description("tokenizer", description, plugins)
 

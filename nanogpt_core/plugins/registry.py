@@ -10,7 +10,9 @@ A plugin is checked whole when it loads: its hook names and argument names, its
 ``@hookimpl`` options, and everything its ``register_*`` hooks register. One that
 fails any check is *broken*: it is unregistered, reported with its error, and
 every other plugin and command keeps working. Two plugins registering the same
-name are a *conflict*: only what uses that name fails, naming both.
+name are a *conflict*: only what uses that name fails, naming both. What the
+plugin declares (its API versions) and hooks it seems to have meant are checked
+by :mod:`nanogpt_core.plugins.contract`, and said as warnings.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ import attrs
 import pluggy
 
 from nanogpt_core.errors import PluginError
-from nanogpt_core.plugins import hookspecs
-from nanogpt_core.plugins.options import suggest
-from nanogpt_core.train.callbacks import CALLBACK_HOOKS, CALLBACK_METHODS
+from nanogpt_core.plugins import contract, hookspecs
+
+# check_callback is imported from here by the trainer; it lives with the other load-time checks.
+from nanogpt_core.plugins.contract import check_callback as check_callback
+from nanogpt_core.plugins.contract import check_callback_class
 
 ENTRY_POINT_GROUP = "nanogpt"
 DISABLE_ENV = "GPT_DISABLE_PLUGINS"
@@ -102,31 +106,6 @@ class Registry(dict):
         return super().get(name, default)
 
 
-def check_callback_class(factory: Any, name: str, plugin: str) -> None:
-    """Refuse a callback class with a method named like a hook that does not exist.
-
-    ``on_step_ended`` would otherwise never be called, silently.
-    """
-    for attr in dir(factory):
-        if attr.startswith("on_") and attr not in CALLBACK_HOOKS:
-            raise PluginError(
-                f"plugin {plugin!r}: callback {name!r}: method {attr!r} matches no hook"
-                f"{suggest(attr, CALLBACK_HOOKS)}; hooks are {', '.join(CALLBACK_HOOKS)}"
-            )
-
-
-def check_callback(callback: Any, name: str, plugin: str) -> None:
-    """What a callback factory returned has every method the trainer calls."""
-    check_callback_class(type(callback), name, plugin)
-    missing = [m for m in CALLBACK_METHODS if not callable(getattr(callback, m, None))]
-    if missing:
-        raise PluginError(
-            f"plugin {plugin!r}: callback {name!r}: the factory returned "
-            f"{type(callback).__name__}, which lacks {', '.join(missing)}; "
-            "subclass nanogpt_core.Callback"
-        )
-
-
 class Plugins:
     """A plugin manager and the datasets, callbacks, optimizers, ... and commands it provides."""
 
@@ -134,6 +113,10 @@ class Plugins:
         self.manager = manager
         self.loaded: list[PluginInfo] = []
         self.broken: list[PluginInfo] = []
+        # Warning lines by plugin name: loaded, but something its author should fix.
+        self.warnings: dict[str, list[str]] = {}
+        # Built-in commands a plugin tried to replace, by plugin name.
+        self.shadowed: dict[str, list[str]] = {}
         self._registered: dict[str, list[Registration]] = {}
         self._registries: dict[str, Registry] | None = None
 
@@ -148,6 +131,10 @@ class Plugins:
         unregistered and recorded in :attr:`broken`.
         """
         info = info or PluginInfo(name=name, module=getattr(plugin, "__name__", repr(plugin)))
+        unknown = contract.unknown_hooks(self.manager, plugin)
+        if unknown:
+            self.broken.append(attrs.evolve(info, error=unknown))
+            return False
         try:
             self.manager.register(plugin, name=name)
         except (pluggy.PluginValidationError, ValueError) as exc:
@@ -163,7 +150,16 @@ class Plugins:
             return False
         self.loaded.append(info)
         self._registries = None
+        mismatch = contract.api_mismatch(plugin, info.origin)
+        lines = [mismatch] if mismatch else []
+        lines += contract.hook_warnings(self.manager, plugin, info.origin)
+        if lines:
+            self.warnings[name] = lines
         return True
+
+    def warning_lines(self) -> list[str]:
+        """Every warning about the loaded plugins, one line each, in load order."""
+        return [line for info in self.loaded for line in self.warnings.get(info.name, [])]
 
     def _collect_from(self, plugin_name: str) -> list[Registration]:
         """Call this plugin's ``register_*`` hooks and check what they register."""
@@ -277,9 +273,12 @@ class Plugins:
 
         Each plugin's hook is called on its own: one that fails is reported
         (the returned messages) and the ``gpt`` command keeps every other command.
+        A command named like a command already there (``run``) is refused, the
+        first kept, and recorded in :attr:`shadowed`.
         """
         failures: list[str] = []
         hook = self.manager.hook.register_commands
+        infos = {info.name: info for info in self.loaded}
         for impl in _ordered(hook.get_hookimpls()):
             if impl.hookwrapper or getattr(impl, "wrapper", False):
                 failures.append(
@@ -287,6 +286,7 @@ class Plugins:
                     "its commands were not added"
                 )
                 continue
+            before = dict(cli.commands)
             try:
                 impl.function(**{arg: cli for arg in impl.argnames})
             except Exception as exc:
@@ -294,6 +294,14 @@ class Plugins:
                     f"plugin {impl.plugin_name!r} failed in register_commands: "
                     f"{type(exc).__name__}: {exc}"
                 )
+            info = infos.get(impl.plugin_name)
+            origin = info.origin if info else f"plugin {impl.plugin_name!r}"
+            names, lines = contract.shadowed_commands(before, cli.commands, origin)
+            for command_name in names:
+                cli.commands[command_name] = before[command_name]
+            if names:
+                self.shadowed[impl.plugin_name] = names
+            failures += lines
         return failures
 
     def _plugin_order(self, kind: str) -> list[str]:
@@ -340,48 +348,6 @@ def _ordered(impls: list[Any]) -> list[Any]:
         return (0 if impl.tryfirst else 2 if impl.trylast else 1, pluggy_order[id(impl)])
 
     return sorted(impls, key=key)
-
-
-def rebuild_from_description(
-    kind: str, description: dict[str, Any], plugins: Plugins | None = None
-) -> Any:
-    """Rebuild a ``kind`` (tokenizer, template) from its ``description()``, via its registry.
-
-    The description's ``kind`` key names the registration; its factory's
-    ``from_description`` classmethod does the rebuilding. Every failure is one line.
-
-    :param plugins: where to look the name up; the installed plugins when None.
-    """
-    from nanogpt_core.errors import NanoGPTError, PluginFault
-
-    name = description.get("kind") if isinstance(description, dict) else None
-    if not isinstance(name, str) or not name:
-        raise NanoGPTError(f"the {kind} description has no 'kind'; it is damaged")
-    if plugins is None:
-        plugins = load_plugins()
-    registry = plugins.registry(kind)
-    registration = registry.get(name)
-    if registration is None:
-        installed = ", ".join(sorted(registry)) or "none"
-        raise NanoGPTError(
-            f"{kind} {name!r} is not installed (installed: {installed}); "
-            "install the plugin that provides it"
-        )
-    rebuild = getattr(registration.factory, "from_description", None)
-    if not callable(rebuild):
-        raise NanoGPTError(
-            f"plugin {registration.plugin!r}: {kind} {name!r} has no from_description "
-            "classmethod, so it cannot be rebuilt from a checkpoint or meta.json"
-        )
-    try:
-        return rebuild(description)
-    except NanoGPTError:
-        raise
-    except Exception as exc:
-        raise PluginFault(
-            f"plugin {registration.plugin!r}: {kind} {name!r} failed in from_description: "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
 
 
 def first_line(text: str | None) -> str:
