@@ -12,6 +12,9 @@ mistake its author could not see is said in one line naming the plugin:
 - :func:`hook_warnings`: a plugin that implements no hook at all (it registers
   nothing, silently) and unmarked functions named like a hook.
 - :func:`shadowed_commands`: plugin commands that would replace a built-in one.
+- :class:`PluginAPIDeprecation`: what a deprecated way of writing a plugin
+  warns with while the plugin is imported; the loader turns it into one line
+  naming the plugin.
 - :func:`check_callback_class`, :func:`check_callback`: a callback has the
   methods the trainer calls, and none named like a hook that does not exist.
 """
@@ -32,6 +35,16 @@ from nanogpt_core.plugins.options import suggest
 from nanogpt_core.train.callbacks import CALLBACK_HOOKS, CALLBACK_METHODS
 
 DECLARATION = "NANOGPT_API"
+
+
+class PluginAPIDeprecation(FutureWarning):
+    """A documented way of writing a plugin that a later major API version removes.
+
+    Its message says what the plugin does, what to change, and the API version
+    that removes it; the loader prefixes the plugin's name. (A FutureWarning, so
+    Python shows it by default where the loader does not catch it.)
+    """
+
 
 HOOK_NAMES = sorted(
     name

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -122,13 +123,20 @@ class Plugins:
 
     # -- loading ---------------------------------------------------------------
 
-    def register(self, plugin: object, name: str, info: PluginInfo | None = None) -> bool:
+    def register(
+        self,
+        plugin: object,
+        name: str,
+        info: PluginInfo | None = None,
+        deprecations: Iterable[str] = (),
+    ) -> bool:
         """Register a plugin object (entry points, tests, embedding applications).
 
         Returns whether it was accepted. A plugin with a misspelled hook, wrong
         argument names, a wrapper on a ``register_*`` hook, or a ``register_*``
         hook that fails or registers something invalid is refused: it is
-        unregistered and recorded in :attr:`broken`.
+        unregistered and recorded in :attr:`broken`. ``deprecations`` (what
+        importing it warned, see :func:`load_plugins`) become warning lines.
         """
         info = info or PluginInfo(name=name, module=getattr(plugin, "__name__", repr(plugin)))
         unknown = contract.unknown_hooks(self.manager, plugin)
@@ -152,6 +160,7 @@ class Plugins:
         self._registries = None
         mismatch = contract.api_mismatch(plugin, info.origin)
         lines = [mismatch] if mismatch else []
+        lines += [f"{info.origin} {message}" for message in deprecations]
         lines += contract.hook_warnings(self.manager, plugin, info.origin)
         if lines:
             self.warnings[name] = lines
@@ -397,9 +406,28 @@ def load_plugins(*, entry_points: bool = True, disabled: Iterable[str] | None = 
         version = ep.dist.version if ep.dist else None
         info = PluginInfo(name=ep.name, module=ep.value, distribution=dist, version=version)
         try:
-            module = ep.load()
+            module, deprecations = _load_entry_point(ep)
         except Exception as exc:  # a broken third-party plugin must not stop the program
             plugins.broken.append(attrs.evolve(info, error=f"{type(exc).__name__}: {exc}"))
             continue
-        plugins.register(module, name=ep.name, info=info)
+        plugins.register(module, name=ep.name, info=info, deprecations=deprecations)
     return plugins
+
+
+def _load_entry_point(ep: importlib.metadata.EntryPoint) -> tuple[Any, list[str]]:
+    """Import an entry point; what it warned as :class:`PluginAPIDeprecation`, one message each.
+
+    Other warnings are shown as Python would have shown them.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", contract.PluginAPIDeprecation)
+        module = ep.load()
+    deprecations = []
+    for warning in caught:
+        if issubclass(warning.category, contract.PluginAPIDeprecation):
+            deprecations.append(str(warning.message))
+        else:
+            warnings.showwarning(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
+    return module, deprecations

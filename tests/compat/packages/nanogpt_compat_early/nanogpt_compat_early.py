@@ -4,15 +4,18 @@ A dataset that defines only ``split_documents(downloads)`` (the README's
 alternative to ``documents``), a ``Callback`` subclass with every method of that
 README's table, and a command. It imports what that README named:
 ``hookimpl``, ``option`` and ``Callback`` from ``nanogpt_core``, ``DataError``
-from ``nanogpt_core.errors``.
+from ``nanogpt_core.errors`` and a file reader from ``nanogpt_core.documents``
+(deprecated since: a warning line, until API 2.0).
 """
 
 import hashlib
 import json
+from pathlib import Path
 
 import attrs
 
 from nanogpt_core import Callback, hookimpl, option
+from nanogpt_core.documents import read_texts
 from nanogpt_core.errors import DataError
 
 
@@ -22,6 +25,9 @@ class WordsOptions:
 
     documents: int = option(600, "How many documents to generate.")
     val_percent: int = option(10, "Share of documents held out, by a hash of the text.")
+    path: str = option(
+        "", "A local .txt file of documents to use instead (read by nanogpt_core.documents)."
+    )
 
 
 class WordsSource:
@@ -34,12 +40,18 @@ class WordsSource:
         if not 0 < options.val_percent < 100:
             raise DataError(f"dataset.val_percent: must be 1 to 99, got {options.val_percent}")
         self.options = options
-        self.variant = f"words{options.documents}"
+        self.variant = "file" if options.path else f"words{options.documents}"
 
-    def split_documents(self, downloads):
+    def _texts(self):
+        if self.options.path:
+            yield from read_texts(Path(self.options.path))
+            return
         words = ["one", "two", "three", "four", "five", "six", "seven"]
         for i in range(self.options.documents):
-            text = " ".join(words[: i % len(words) + 1]) + f" and {i}.\n"
+            yield " ".join(words[: i % len(words) + 1]) + f" and {i}.\n"
+
+    def split_documents(self, downloads):
+        for text in self._texts():
             bucket = int(hashlib.sha256(text.encode()).hexdigest(), 16) % 100
             yield ("val" if bucket < self.options.val_percent else "train"), text
 
