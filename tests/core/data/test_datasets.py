@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 
 from nanogpt_core.config.experiment_file import load_experiment
+from nanogpt_core.data.plugins import check_source
 from nanogpt_core.data.preparation import prepare_dataset
 from nanogpt_core.data.prepared import open_prepared, token_dtype
 from nanogpt_core.data.tokenizers import UnknownCharacterError, gpt2_encoding
-from nanogpt_core.errors import DataError
+from nanogpt_core.errors import DataError, PluginError
 from nanogpt_core.plugins.registry import load_plugins
 from nanogpt_plugins.tokenizers.char import CharTokenizer
 from nanogpt_plugins.tokenizers.gpt2 import GPT2Tokenizer
@@ -279,3 +280,27 @@ def test_gpt2_files_that_fail_the_hash_check_are_refused(monkeypatch):
             gpt2_encoding()
     finally:
         gpt2_encoding.cache_clear()
+
+
+def test_a_source_defines_documents_or_split_documents_or_both():
+    """One rule (DatasetSource, docs/plugins.md): either way of yielding documents is enough."""
+
+    class Base:
+        variant, tokenizer, description = "v", "char", "a source"
+
+    class SplitOnly(Base):
+        def split_documents(self, downloads):
+            yield "train", "text"
+
+    class DocumentsOnly(Base):
+        def documents(self, split, downloads):
+            yield "text"
+
+    check_source(SplitOnly(), "dataset plugin 'x'")
+    check_source(DocumentsOnly(), "dataset plugin 'x'")
+    with pytest.raises(PluginError) as refused:
+        check_source(Base(), "dataset plugin 'x'")
+    assert str(refused.value) == (
+        "dataset plugin 'x': its factory returned Base, which lacks documents or "
+        "split_documents (a method); see nanogpt_core.DatasetSource"
+    )
