@@ -108,7 +108,8 @@ def _marked(manager: pluggy.PluginManager, plugin: object, name: str) -> dict[st
 def unknown_hooks(manager: pluggy.PluginManager, plugin: object) -> str | None:
     """One line (the plugin's error) for its ``@hookimpl`` functions named like no hook, or None."""
     problems = []
-    for name in _own_functions(plugin):
+    # Every attribute, as pluggy registers them: a hook imported from a submodule counts.
+    for name in dir(plugin):
         opts = _marked(manager, plugin, name)
         if opts is None:
             continue
@@ -124,17 +125,15 @@ def unknown_hooks(manager: pluggy.PluginManager, plugin: object) -> str | None:
 
 
 def hook_warnings(manager: pluggy.PluginManager, plugin: object, origin: str) -> list[str]:
-    """Warning lines for a plugin whose hooks would silently never be called.
+    """Warning lines for a registered plugin whose hooks would silently never be called.
 
     An unmarked function named exactly like a hook, or close to one
     (``register_optimiser``), gets a line each; a plugin with no ``@hookimpl``
     at all and no such function gets one line saying it registers nothing.
     """
     lines = []
-    any_marked = False
     for name in _own_functions(plugin):
         if _marked(manager, plugin, name) is not None:
-            any_marked = True
             continue
         close = did_you_mean(name, HOOK_NAMES, cutoff=0.85)
         if close == name:
@@ -146,7 +145,8 @@ def hook_warnings(manager: pluggy.PluginManager, plugin: object, origin: str) ->
                 f'{origin}: {name} matches no hook (did you mean "{close}"?) and is not '
                 "marked @nanogpt_core.hookimpl, so it is never called"
             )
-    if not any_marked and not lines:
+    # Registered hooks, its own or imported from a submodule; called after registration.
+    if not manager.get_hookcallers(plugin) and not lines:
         lines.append(
             f"{origin} implements no hook, so it registers nothing: mark its hook "
             f"functions with @nanogpt_core.hookimpl (hooks are {', '.join(HOOK_NAMES)})"

@@ -179,6 +179,9 @@ def test_hooks_that_would_never_be_called_are_warnings_with_a_did_you_mean(tmp_p
     install(site, "nohook", NO_HOOK)
     install(site, "unmarked", UNMARKED)
     install(site, "close", CLOSE_NAMES)
+    # Hooks imported from another module are the plugin's too: no warning.
+    (site / "imported_hooks.py").write_text(textwrap.dedent(hello("imported")))
+    install(site, "reexport", "from imported_hooks import register_commands\n")
     result = gpt("--help", site=site, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     hooks = ", ".join(sorted(n for n in dir(hookspecs) if n.startswith("register_")))
@@ -196,6 +199,8 @@ def test_hooks_that_would_never_be_called_are_warnings_with_a_did_you_mean(tmp_p
     ]
     entries = listing(site, tmp_path)
     assert len(entries["close"]["warnings"]) == 2
+    assert entries["reexport"]["warnings"] == []
+    assert gpt("hello-imported", site=site, cwd=tmp_path).stdout == "hello imported\n"
     assert "error" not in entries["nohook"] and entries["unmarked"]["registers"] == []
 
 
