@@ -15,6 +15,7 @@ import importlib.resources
 import json
 import secrets
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,7 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanogpt_core.data.templates import Template
-from nanogpt_core.errors import NanoGPTError
+from nanogpt_core.errors import NanoGPTError, PluginFault
 from nanogpt_core.generate.openai_shapes import ChatShape, CompletionShape, usage
 from nanogpt_core.generate.sampling import LoadedModel, encode_prompt
 from nanogpt_core.generate.serve_api import (
@@ -211,6 +212,12 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def bad_text(_request: Request, exc: NanoGPTError) -> JSONResponse:
         return APIError(400, str(exc)).response()
 
+    @app.exception_handler(PluginFault)
+    async def plugin_fault(_request: Request, exc: PluginFault) -> JSONResponse:
+        # The server's fault, not the request's: a 500, and one line for the operator.
+        print(f"Error: {exc}", file=sys.stderr, flush=True)
+        return APIError(500, str(exc), type="server_error").response()
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
@@ -372,11 +379,16 @@ def serve(
     import click
     import uvicorn
 
-    from nanogpt_core.data.templates import template_from_description
-    from nanogpt_core.generate.sampling import load_model
+    from nanogpt_core.generate.sampling import contained_from_description, load_model
+    from nanogpt_core.plugins.registry import load_plugins
 
-    loaded = load_model(ckpt, device)
-    template = None if loaded.template is None else template_from_description(loaded.template)
+    plugins = load_plugins()
+    loaded = load_model(ckpt, device, plugins)
+    template = (
+        None
+        if loaded.template is None
+        else contained_from_description("template", loaded.template, plugins)
+    )
     name = model_name_of(ckpt)
     app = create_app(
         loaded,
