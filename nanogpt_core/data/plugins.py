@@ -143,11 +143,6 @@ class Contained:
         self._target = target
         self._who = who
 
-    @property
-    def target(self) -> Any:
-        """The plugin's own object."""
-        return self._target
-
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._target, name)
         if name.startswith("_") or not callable(value):
@@ -159,6 +154,15 @@ class Contained:
                 return value(*args, **kwargs)
 
         return call
+
+
+def unwrapped(made: Any) -> Any:
+    """The plugin's own object inside a :class:`Contained`, for handing to other plugins.
+
+    Their code may catch what the object raises (a ``ValueError`` from
+    ``encode``, say), which must reach them as it was raised.
+    """
+    return made._target if isinstance(made, Contained) else made
 
 
 # The dataset source.

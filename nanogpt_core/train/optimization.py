@@ -83,7 +83,7 @@ def _make(plugins: Plugins, kind: str, name: str, train: TrainConfig) -> tuple[A
         raise
     except Exception as exc:
         raise PluginFault(
-            f"plugin {registration.plugin!r}: {kind} {name!r}: its factory failed: "
+            f"plugin {registration.plugin!r}: {kind} {name!r} failed in its factory: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
 
