@@ -144,7 +144,9 @@ class Contained:
         self._who = who
 
     def __getattr__(self, name: str) -> Any:
-        value = getattr(self._target, name)
+        # Not self._target: while a copy or unpickling builds the object, the slot
+        # is empty and that lookup would come back here forever.
+        value = getattr(object.__getattribute__(self, "_target"), name)
         if name.startswith("_") or not callable(value):
             return value
         who = self._who

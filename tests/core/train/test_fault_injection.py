@@ -381,3 +381,55 @@ def test_gpt_serve_ends_a_stream_with_the_fault_as_its_last_event(faulty):
     events = [e for e in body.split("\n\n") if e.startswith("data: ")]
     assert status == 200 and line in events[-1] and '"error"' in events[-1]
     assert f"Error: {line}" in stderr and "Traceback" not in stderr
+
+
+def test_plain_data_is_what_a_checkpoint_loads_back_and_the_problem_names_its_place():
+    import collections
+
+    import numpy as np
+    import torch
+
+    from nanogpt_core.train.checkpoints import plain_data_problem
+
+    plain = {
+        "n": 1, "x": 0.5, "ok": True, "none": None, "s": "a", "t": torch.ones(2),
+        "nested": [(1, 2), {"k": [torch.nn.Parameter(torch.zeros(1))]}],
+        "ordered": collections.OrderedDict(a=1), "by_int": {3: "three"},
+    }  # fmt: skip
+    assert plain_data_problem(plain, "state") is None
+    assert plain_data_problem({"a": [1, np.int64(2)]}, "state") == "state['a'][1] is a numpy.int64"
+    assert plain_data_problem({"a": {1, 2}}, "state") == "state['a'] is a set"
+    assert plain_data_problem({(1, 2): 0}, "state") == (
+        "state has the key (1, 2), a tuple, not a string"
+    )
+    cycle: list = []
+    cycle.append(cycle)
+    assert "nests deeper than" in plain_data_problem(cycle, "state")
+
+
+def test_only_a_raise_inside_the_optimizer_is_blamed_on_its_plugin():
+    import torch
+
+    from nanogpt_core.errors import PluginFault
+    from nanogpt_core.train.optimization import prepare_contained
+
+    class Broken(torch.optim.SGD):
+        def state_dict(self):
+            raise KeyError("lr")
+
+    class Accelerator:  # as Accelerate's prepare does: it asks the optimizer for its state
+        def prepare(self, model, optimizer):
+            optimizer.state_dict()
+            return model, optimizer
+
+    class OwnBug:
+        def prepare(self, model, optimizer):
+            raise ValueError("accelerate's own")
+
+    model = torch.nn.Linear(2, 2)
+    broken = Broken(model.parameters(), lr=0.1)
+    with pytest.raises(PluginFault) as fault:
+        prepare_contained(Accelerator(), model, broken, "plugin 'p': optimizer 'o'")
+    assert str(fault.value) == "plugin 'p': optimizer 'o' failed in state_dict: KeyError: 'lr'"
+    with pytest.raises(ValueError, match="accelerate's own"):
+        prepare_contained(OwnBug(), model, broken, "plugin 'p': optimizer 'o'")
