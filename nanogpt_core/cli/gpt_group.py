@@ -2,7 +2,8 @@
 
 A user error (:class:`NanoGPTError`) ends a command with ``Error:`` lines and
 the error's exit status, not a traceback, unless ``--debug`` or ``GPT_DEBUG=1``
-asks for one. The group's context object is the :class:`Plugins` of this
+asks for one; anything else a plugin's command raises is one
+:class:`PluginFault` line naming it (exit 1). The group's context object is the :class:`Plugins` of this
 invocation, which commands read with :func:`plugins_of`.
 """
 
@@ -14,7 +15,8 @@ from typing import Any
 import click
 
 from nanogpt_core import __version__
-from nanogpt_core.errors import NanoGPTError
+from nanogpt_core.data.plugins import plugin_who
+from nanogpt_core.errors import NanoGPTError, PluginFault
 from nanogpt_core.main_process import end_process_group
 from nanogpt_core.plugins.registry import Plugins, load_plugins
 
@@ -57,8 +59,41 @@ class GptGroup(click.Group):
                 raise
             click.echo("Interrupted.", err=True)
             ctx.exit(INTERRUPTED)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise  # click reports these itself
+        except Exception as exc:
+            fault = plugin_command_fault(ctx, exc)
+            if fault is None or debug_enabled(ctx):
+                raise  # the core's own bug: its traceback is what a report needs
+            report(fault)
+            ctx.exit(fault.exit_code)
         finally:
             end_process_group()
+
+
+def plugin_command_fault(ctx: click.Context, exc: Exception) -> PluginFault | None:
+    """The one line a plugin's command that raised ``exc`` becomes; None for a core command.
+
+    A command is a plugin's when its callback is defined outside ``nanogpt_core``;
+    the plugin is the registered module (or class) the callback comes from.
+    """
+    name = ctx.invoked_subcommand
+    command = (
+        ctx.command.get_command(ctx, name)
+        if name and isinstance(ctx.command, click.Group)
+        else None
+    )
+    module = getattr(getattr(command, "callback", None), "__module__", None) or ""
+    if command is None or module.split(".")[0] == "nanogpt_core":
+        return None
+    plugin = module
+    plugins = ctx.find_object(Plugins)
+    for plugin_name, registered in plugins.manager.list_name_plugin() if plugins else ():
+        if module in (getattr(registered, "__name__", None), type(registered).__module__):
+            plugin = plugin_name
+            break
+    who = plugin_who("command", name, plugin)
+    return PluginFault(f"{who} failed: {type(exc).__name__}: {exc}")
 
 
 def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:

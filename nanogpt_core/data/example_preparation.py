@@ -83,13 +83,25 @@ ROWS_FILES = tuple(f"{split}.examples.rows" for split in SPLITS)
 
 @attrs.frozen
 class ExamplePlan:
-    """How one experiment's examples are made: the template and the block size they fit."""
+    """How one experiment's examples are made: the template and the block size they fit.
+
+    ``template`` is :class:`~nanogpt_core.data.plugins.Contained`: a raise in any
+    of its methods is one line naming it.
+    """
 
     choice: TemplateChoice
     template: Any
     description: dict[str, Any]
     block_size: int
     default_name: str
+
+    def prompt(self, record: dict[str, str]) -> str:
+        """The template's prompt for ``record``; a fault or a non-string names the template."""
+        prompt = self.template.prompt(record["instruction"], record["input"])
+        if not isinstance(prompt, str):
+            who = plugin_who("template", self.choice.name, self.choice.registration.plugin)
+            raise PluginFault(f"{who}: prompt returned a {type(prompt).__name__}, not a string")
+        return prompt
 
     def folder(self, folder: Path) -> Path:
         """The data folder; a ``[template]`` table other than the default adds a tag.
@@ -290,7 +302,7 @@ def write_examples(
 def _texts(plan: ExamplePlan, stream: Iterator[tuple[str, dict[str, str]]]) -> Iterator[str]:
     """Every prompt and response, for tokenizers that learn their vocabulary from the corpus."""
     for _, record in stream:
-        yield plan.template.prompt(record["instruction"], record["input"])
+        yield plan.prompt(record)
         yield record["output"]
 
 
@@ -313,7 +325,7 @@ def _write_splits(
         )
         writers = {s: ExampleWriter(folder, s, dtype, stack) for s in SPLITS}
         for split, record in stream:
-            prompt = plan.template.prompt(record["instruction"], record["input"])
+            prompt = plan.prompt(record)
             with plugin_call(tokenizer_who, "encode"):
                 prompt_ids = list(encoder.encode(prompt))
                 response_ids = [*encoder.encode(record["output"]), encoder.eot_id]

@@ -121,7 +121,55 @@ def plugin_call(who: str, method: str) -> Iterator[None]:
     except NanoGPTError:
         raise
     except Exception as exc:
-        raise PluginFault(f"{who} failed in {method}: {type(exc).__name__}: {exc}") from exc
+        raise plugin_fault(who, method, exc) from exc
+
+
+def plugin_fault(who: str, method: str, exc: BaseException) -> PluginFault:
+    """The one line an exception ``exc`` raised in a plugin's ``method`` becomes.
+
+    For call sites that cannot afford a context manager (the training step);
+    the caller raises it ``from exc`` and lets a :class:`NanoGPTError` pass.
+    """
+    return PluginFault(f"{who} failed in {method}: {type(exc).__name__}: {exc}")
+
+
+class Contained:
+    """A plugin's object (a tokenizer, a template) whose method calls are each a :func:`plugin_call`.
+
+    Attributes read through unchanged; calling a public method reports what it
+    raises as one line naming ``who`` and the method. Sampling, chat and
+    serving hold their rebuilt tokenizer and template this way, so a fault deep
+    in a streamed answer still names the plugin.
+    """
+
+    __slots__ = ("_target", "_who")
+
+    def __init__(self, target: Any, who: str) -> None:
+        self._target = target
+        self._who = who
+
+    def __getattr__(self, name: str) -> Any:
+        # Not self._target: while a copy or unpickling builds the object, the slot
+        # is empty and that lookup would come back here forever.
+        value = getattr(object.__getattribute__(self, "_target"), name)
+        if name.startswith("_") or not callable(value):
+            return value
+        who = self._who
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with plugin_call(who, name):
+                return value(*args, **kwargs)
+
+        return call
+
+
+def unwrapped(made: Any) -> Any:
+    """The plugin's own object inside a :class:`Contained`, for handing to other plugins.
+
+    Their code may catch what the object raises (a ``ValueError`` from
+    ``encode``, say), which must reach them as it was raised.
+    """
+    return made._target if isinstance(made, Contained) else made
 
 
 # The dataset source.
@@ -294,11 +342,11 @@ def check_tokenizer(tokenizer: Any, choice: TokenizerChoice) -> dict[str, Any]:
 
 
 def make_template(choice: TemplateChoice) -> tuple[Template, dict[str, Any]]:
-    """A template from its registration and options, and its checked description."""
+    """A template from its registration and options (:class:`Contained`), and its checked description."""
     who = plugin_who("template", choice.name, choice.registration.plugin)
     with plugin_call(who, "its factory"):
         template = choice.registration.factory(choice.options)
-    return template, _checked_description(template, choice, who)
+    return Contained(template, who), _checked_description(template, choice, who)
 
 
 def _checked_description(made: Any, choice: PluginChoice, who: str) -> dict[str, Any]:

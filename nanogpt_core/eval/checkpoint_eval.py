@@ -80,6 +80,7 @@ def evaluate_checkpoint(
 ) -> CheckpointEval:
     """Load the checkpoint, prepare the experiment's data if given, and run the tasks."""
     from nanogpt_core.config.experiment import TrainConfig
+    from nanogpt_core.data.plugins import unwrapped
     from nanogpt_core.generate.sampling import load_model, pick_device
     from nanogpt_core.train.run import make_accelerator
 
@@ -92,7 +93,7 @@ def evaluate_checkpoint(
     suite = EvalSuite.build(tasks, options, plugins)
     evaluator = Evaluator(
         model=loaded.model,
-        tokenizer=loaded.tokenizer,
+        tokenizer=unwrapped(loaded.tokenizer),  # as raised: a task may catch what it raises
         accelerator=accelerator,
         batch_size=batch_size,
         limit=limit,

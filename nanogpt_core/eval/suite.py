@@ -85,7 +85,7 @@ def make_tasks(
             raise
         except Exception as exc:
             raise PluginFault(
-                f"plugin {registration.plugin!r}: eval task {name!r} failed to start: "
+                f"plugin {registration.plugin!r}: eval task {name!r} failed in its factory: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
         if not callable(getattr(task, "evaluate", None)):

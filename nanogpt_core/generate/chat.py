@@ -21,9 +21,14 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import click
 
-from nanogpt_core.data.templates import Template, template_from_description
-from nanogpt_core.errors import NanoGPTError
-from nanogpt_core.generate.sampling import LoadedModel, load_model, stream_pieces
+from nanogpt_core.data.templates import Template
+from nanogpt_core.errors import NanoGPTError, PluginFault
+from nanogpt_core.generate.sampling import (
+    LoadedModel,
+    contained_from_description,
+    load_model,
+    stream_pieces,
+)
 from nanogpt_core.generate.sampling_settings import (
     MAX_TEMPERATURE,
     MIN_TEMPERATURE,
@@ -51,14 +56,14 @@ def load_chat_model(
     ckpt: Path, device: str, plugins: Plugins | None = None
 ) -> tuple[LoadedModel, Template]:
     """The checkpoint's model and its template; refuse a checkpoint that has none."""
-    loaded = load_model(ckpt, device)
+    loaded = load_model(ckpt, device, plugins)
     if loaded.template is None:
         raise NanoGPTError(
             f"{ckpt}: this checkpoint has no prompt template (it was not fine-tuned on "
             f"instructions), so there is nothing to chat with; continue text with "
             f"`gpt sample --ckpt {ckpt}` instead"
         )
-    return loaded, template_from_description(loaded.template, plugins)
+    return loaded, contained_from_description("template", loaded.template, plugins)
 
 
 class Conversation:
@@ -98,6 +103,8 @@ class Conversation:
         text = self.template.prompt(instruction, input)
         try:
             prompt = self.loaded.tokenizer.encode(text)
+        except PluginFault:
+            raise
         except NanoGPTError as exc:
             raise NanoGPTError(f"question: {exc}") from None
         ids = self.history + prompt
@@ -197,7 +204,8 @@ def chat_loop(
     """Answer each line ``read`` returns until it returns None or ``/quit``.
 
     ``read`` raises KeyboardInterrupt for Ctrl-C at the prompt, which ends the
-    conversation; Ctrl-C during an answer stops that answer only.
+    conversation; Ctrl-C during an answer stops that answer only. A bad line is
+    one error line and the conversation goes on; a plugin's fault ends it.
 
     :param independent: answer every line on its own, without the earlier turns
         (a script's questions, one per line, are separate questions).
@@ -224,6 +232,8 @@ def chat_loop(
         except KeyboardInterrupt:
             write_stdout("\n")
             click.echo("(answer stopped)", err=True)
+        except PluginFault:
+            raise  # the template or tokenizer is broken: every later question would fail too
         except NanoGPTError as error:
             click.echo(f"Error: {error}", err=True)
 

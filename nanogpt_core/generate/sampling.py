@@ -8,13 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from nanogpt_core.data.tokenizers import Tokenizer, tokenizer_from_description
-from nanogpt_core.errors import NanoGPTError
+from nanogpt_core.data.plugins import Contained, plugin_who
+from nanogpt_core.data.tokenizers import Tokenizer
+from nanogpt_core.errors import NanoGPTError, PluginFault
 from nanogpt_core.train.checkpoints import CheckpointError, load_checkpoint
+
+if TYPE_CHECKING:
+    from nanogpt_core.plugins.registry import Plugins
 
 
 @attrs.frozen
@@ -27,7 +31,7 @@ class LoadedModel:
     """
 
     model: Any
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer  # held as Contained: a raise in it names its plugin
     step: int
     device: Any
     template: dict[str, Any] | None = None
@@ -44,8 +48,26 @@ def pick_device(name: str) -> Any:
     return torch.device(name)
 
 
-def load_model(path: Path, device: str = "auto") -> LoadedModel:
-    """Rebuild the model and tokenizer a checkpoint describes."""
+def contained_from_description(
+    kind: str, description: dict[str, Any], plugins: Plugins | None = None
+) -> Any:
+    """A tokenizer or template rebuilt from its description, whose method calls name its plugin.
+
+    :param plugins: where ``kind`` is looked up; the installed plugins when None.
+    """
+    from nanogpt_core.plugins.registry import load_plugins, rebuild_from_description
+
+    plugins = plugins or load_plugins()
+    made = rebuild_from_description(kind, description, plugins)
+    name = description["kind"]  # rebuild_from_description found it
+    return Contained(made, plugin_who(kind, name, plugins.registry(kind)[name].plugin))
+
+
+def load_model(path: Path, device: str = "auto", plugins: Plugins | None = None) -> LoadedModel:
+    """Rebuild the model and tokenizer a checkpoint describes.
+
+    :param plugins: where the tokenizer is looked up; the installed plugins when None.
+    """
     from nanogpt_core.model.gpt import GPT, GPTConfig
 
     checkpoint = load_checkpoint(path)
@@ -62,7 +84,7 @@ def load_model(path: Path, device: str = "auto") -> LoadedModel:
     model.to(target).eval()
     return LoadedModel(
         model,
-        tokenizer_from_description(checkpoint["tokenizer"]),
+        contained_from_description("tokenizer", checkpoint["tokenizer"], plugins),
         int(checkpoint["step"]),
         target,
         template=checkpoint_template(path, checkpoint),
@@ -85,6 +107,8 @@ def encode_prompt(loaded: LoadedModel, prompt: str | None) -> tuple[list[int], i
     if prompt:
         try:
             ids = tokenizer.encode(prompt)
+        except PluginFault:
+            raise
         except NanoGPTError as exc:
             raise NanoGPTError(f"prompt: {exc}") from None
     else:

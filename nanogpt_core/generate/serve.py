@@ -4,7 +4,8 @@
 too); :func:`serve` loads a checkpoint and runs it under uvicorn. Generation
 itself (the queue, worker threads, stop strings) is in
 :mod:`nanogpt_core.generate.serve_generation`, the request bodies and chat rendering in
-:mod:`nanogpt_core.generate.serve_api`.
+:mod:`nanogpt_core.generate.serve_api`, the error answers in
+:mod:`nanogpt_core.generate.serve_errors`.
 """
 
 from __future__ import annotations
@@ -21,12 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanogpt_core.data.templates import Template
-from nanogpt_core.errors import NanoGPTError
+from nanogpt_core.errors import PluginFault
 from nanogpt_core.generate.openai_shapes import ChatShape, CompletionShape, usage
 from nanogpt_core.generate.sampling import LoadedModel, encode_prompt
 from nanogpt_core.generate.serve_api import (
@@ -37,11 +36,11 @@ from nanogpt_core.generate.serve_api import (
     plain_context,
     template_context,
 )
+from nanogpt_core.generate.serve_errors import APIError, add_error_handlers, server_fault
 from nanogpt_core.generate.serve_generation import (
     Engine,
     Finish,
     Piece,
-    QueueFull,
     Sampling,
     Ticket,
 )
@@ -54,33 +53,6 @@ PLACEHOLDER_PAGE = (
     "<body><h1>nanogpt</h1><p>The chat page is not installed; the API is at /v1/.</p>"
     "</body></html>"
 )
-
-
-class APIError(Exception):
-    """An error answered with OpenAI's error object."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = (
-            status,
-            message,
-            type,
-            param,
-            code,
-        )
-
-    def response(self) -> JSONResponse:
-        """The HTTP response: ``{"error": {"message", "type", "param", "code"}}``."""
-        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
-        return JSONResponse({"error": error}, status_code=self.status)
 
 
 def model_name_of(ckpt: Path) -> str:
@@ -157,7 +129,7 @@ def create_app(
     app = FastAPI(title="nanogpt", lifespan=lifespan, docs_url=None, redoc_url=None)
     if api_key:
         app.add_middleware(RequireKey, api_key=api_key)
-    _add_error_handlers(app)
+    add_error_handlers(app)
     served = Served(loaded, template, model_name)
     _add_routes(app, served)
     return app
@@ -192,42 +164,6 @@ class Served:
             seed=body.seed,
             n=body.n or 1,
         )
-
-
-def _add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def api_error(_request: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error(exc).response()
-
-    @app.exception_handler(QueueFull)
-    async def busy(_request: Request, exc: QueueFull) -> JSONResponse:
-        return APIError(429, str(exc), type="rate_limit_error", code="queue_full").response()
-
-    @app.exception_handler(NanoGPTError)
-    async def bad_text(_request: Request, exc: NanoGPTError) -> JSONResponse:
-        return APIError(400, str(exc)).response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return APIError(exc.status_code, str(exc.detail), type=kind).response()
-
-
-def _validation_error(exc: RequestValidationError) -> APIError:
-    """The first problem of a request body as OpenAI's 400 error."""
-    first = exc.errors()[0]
-    if first.get("type") == "json_invalid":
-        return APIError(400, "the request body is not valid JSON", code="invalid_json")
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(loc) or None
-    message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
-    if param and not message.startswith(f"{param}:"):
-        message = f"{param}: {message}"
-    return APIError(400, message, param=param or None)
 
 
 def _add_routes(app: FastAPI, served: Served) -> None:
@@ -341,17 +277,22 @@ async def _events(
     started: set[int] = set()
     generated = 0
     async with contextlib.aclosing(engine.generate(ids, sampling)) as items:
-        async for item in items:
-            if item.index not in started:
-                started.add(item.index)
-                if (opening := shape.start(item.index)) is not None:
-                    yield event([opening])
-            if isinstance(item, Piece):
-                yield event([shape.piece(item.index, item.text)])
-            else:
-                assert isinstance(item, Finish)
-                generated += item.completion_tokens
-                yield event([shape.piece(item.index, "", item.reason)])
+        try:
+            async for item in items:
+                if item.index not in started:
+                    started.add(item.index)
+                    if (opening := shape.start(item.index)) is not None:
+                        yield event([opening])
+                if isinstance(item, Piece):
+                    yield event([shape.piece(item.index, item.text)])
+                else:
+                    assert isinstance(item, Finish)
+                    generated += item.completion_tokens
+                    yield event([shape.piece(item.index, "", item.reason)])
+        except PluginFault as exc:  # the headers went out: the error is the stream's last event
+            fault = server_fault(exc)
+            yield f"data: {json.dumps({'error': fault.fields()})}\n\n"
+            return
     if include_usage:
         yield event([], usage=usage(len(ids), generated))
     yield "data: [DONE]\n\n"
@@ -372,11 +313,16 @@ def serve(
     import click
     import uvicorn
 
-    from nanogpt_core.data.templates import template_from_description
-    from nanogpt_core.generate.sampling import load_model
+    from nanogpt_core.generate.sampling import contained_from_description, load_model
+    from nanogpt_core.plugins.registry import load_plugins
 
-    loaded = load_model(ckpt, device)
-    template = None if loaded.template is None else template_from_description(loaded.template)
+    plugins = load_plugins()
+    loaded = load_model(ckpt, device, plugins)
+    template = (
+        None
+        if loaded.template is None
+        else contained_from_description("template", loaded.template, plugins)
+    )
     name = model_name_of(ckpt)
     app = create_app(
         loaded,

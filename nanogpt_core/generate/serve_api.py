@@ -20,7 +20,7 @@ from pydantic import (
 )
 
 from nanogpt_core.data.templates import Template
-from nanogpt_core.errors import NanoGPTError
+from nanogpt_core.errors import NanoGPTError, PluginFault
 from nanogpt_core.generate.chat import ChatSettings, Conversation
 from nanogpt_core.generate.sampling import LoadedModel, encode_prompt
 from nanogpt_core.generate.sampling_settings import sampling_problem
@@ -182,5 +182,7 @@ def plain_context(loaded: LoadedModel, messages: list[Message]) -> tuple[list[in
 def _encode(loaded: LoadedModel, text: str) -> list[int]:
     try:
         return loaded.tokenizer.encode(text)
+    except PluginFault:
+        raise  # the server's fault (a 500), not the request's
     except NanoGPTError as exc:
         raise NanoGPTError(f"messages: {exc}") from None

@@ -25,11 +25,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nanogpt_core.data.templates import template_from_description
 from nanogpt_core.data.tokenizers import Tokenizer, tokenizer_from_description
 from nanogpt_core.errors import NanoGPTError, PluginFault
 from nanogpt_core.files import temporary_path
-from nanogpt_core.generate.sampling import checkpoint_template
+from nanogpt_core.generate.sampling import checkpoint_template, contained_from_description
 from nanogpt_core.train.checkpoints import load_checkpoint
 
 if TYPE_CHECKING:
@@ -65,7 +64,9 @@ def export_hf(ckpt: Path, out: Path, plugins: Plugins | None = None) -> list[str
     template = checkpoint_template(Path(ckpt), checkpoint)
     # Rebuilt before anything is written, so a template that is not installed fails early.
     chat_template = (
-        None if template is None else template_from_description(template, plugins).chat_template()
+        None
+        if template is None
+        else contained_from_description("template", template, plugins).chat_template()
     )
 
     state, hf_config = weights_and_config(model)

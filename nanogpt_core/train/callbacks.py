@@ -282,7 +282,12 @@ class Callback:
         return 0
 
     def state_dict(self) -> dict[str, Any]:
-        """This callback's own state, saved in checkpoints (tensors and plain containers only)."""
+        """This callback's own state, saved in checkpoints: a dict of plain data only.
+
+        Numbers, strings, bools, None, lists, tuples, dicts with string keys and
+        tensors (exact types: a numpy number is not one); anything else stops the
+        save, naming the callback, before a checkpoint is replaced.
+        """
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

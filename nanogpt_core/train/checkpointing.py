@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from nanogpt_core import __version__
+from nanogpt_core.data.plugins import plugin_call
 from nanogpt_core.errors import TrainingError
 from nanogpt_core.train.callbacks import LAST_CHECKPOINT, RunPaths
 from nanogpt_core.train.checkpoints import FORMAT as CHECKPOINT_FORMAT
@@ -156,6 +157,7 @@ class RunCheckpoints:
     :param throughput: the run's clock and token counts.
     :param paths: the run's results folder.
     :param echo: prints a line on the main process.
+    :param optimizer_who: how messages name the optimizer plugin.
     """
 
     def __init__(
@@ -171,6 +173,7 @@ class RunCheckpoints:
         throughput: Throughput,
         paths: RunPaths,
         echo: Callable[[str], None],
+        optimizer_who: str = "the optimizer",
     ) -> None:
         self.config = config
         self.data = data
@@ -182,6 +185,7 @@ class RunCheckpoints:
         self.throughput = throughput
         self.paths = paths
         self.echo = echo
+        self.optimizer_who = optimizer_who
 
     # -- writing -------------------------------------------------------------
 
@@ -197,12 +201,14 @@ class RunCheckpoints:
         per_rank = {"sampler": self.sampler.state_dict(), "rng": rng_state(self.accelerator.device)}
         ranks = gather_object([per_rank]) if self.accelerator.num_processes > 1 else [per_rank]
         scaler = self.accelerator.scaler
+        with plugin_call(self.optimizer_who, "state_dict"):
+            optimizer_state = self.optimizer.state_dict()
         return {
             "format": CHECKPOINT_FORMAT,
             "version": __version__,
             "model_args": attrs.asdict(self.model.config),
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scaler": scaler.state_dict() if scaler else None,
             "step": state.step,
             "epoch": state.epoch,
@@ -302,7 +308,8 @@ class RunCheckpoints:
 
     def _restore(self, checkpoint: dict[str, Any], states: dict[int, dict[str, Any]]) -> None:
         self.model.load_state_dict(checkpoint["model"])
-        load_optimizer_state(self.optimizer, checkpoint["optimizer"])
+        with plugin_call(self.optimizer_who, "load_state_dict"):
+            load_optimizer_state(self.optimizer, checkpoint["optimizer"])
         if self.accelerator.scaler and checkpoint.get("scaler"):
             self.accelerator.scaler.load_state_dict(checkpoint["scaler"])
         ranks = checkpoint["ranks"]

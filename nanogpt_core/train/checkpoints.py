@@ -32,6 +32,7 @@ Keys (``FORMAT`` 2):
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import pickle
 import zipfile
@@ -105,6 +106,55 @@ def payload_checksum(checkpoint: dict[str, Any]) -> str:
         else:
             digest.update(repr(leaf).encode())
     return digest.hexdigest()
+
+
+# -- plain data ----------------------------------------------------------------
+
+# What a checkpoint may hold besides tensors: what torch.load(weights_only=True)
+# reads back without running code, and what payload_checksum walks in a stable
+# order. Exact types: a numpy float or a str enum is a subclass that pickles as
+# its own class, which the loader then refuses.
+PLAIN_LEAVES = (type(None), bool, int, float, str)
+PLAIN_DEPTH = 64
+PLAIN_DATA = "numbers, strings, bools, None, lists, tuples, dicts with string keys, tensors"
+
+
+def plain_data_problem(value: Any, where: str, depth: int = 0) -> str | None:
+    """What in ``value`` is not plain data, naming where it sits; None when all of it is.
+
+    Plain data is :data:`PLAIN_DATA` (integer dict keys pass too: they load).
+    """
+    import torch
+
+    kind = type(value)
+    if kind in PLAIN_LEAVES or kind in (torch.Tensor, torch.nn.Parameter):
+        return None
+    if depth > PLAIN_DEPTH:
+        return f"{where} nests deeper than {PLAIN_DEPTH} levels (a cycle?)"
+    if kind in (dict, collections.OrderedDict):
+        for key, item in value.items():
+            if type(key) not in (str, int):
+                return f"{where} has the key {key!r:.40}, a {_qualified(key)}, not a string"
+            problem = plain_data_problem(item, f"{where}[{key!r}]", depth + 1)
+            if problem:
+                return problem
+        return None
+    if kind in (list, tuple):
+        for index, item in enumerate(value):
+            problem = plain_data_problem(item, f"{where}[{index}]", depth + 1)
+            if problem:
+                return problem
+        return None
+    return f"{where} is a {_qualified(value)}"
+
+
+def _qualified(value: Any) -> str:
+    kind = type(value)
+    return (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
 
 
 # -- writing -------------------------------------------------------------------

@@ -17,8 +17,10 @@ from typing import Any
 
 import attrs
 
+from nanogpt_core.data.plugins import plugin_call
 from nanogpt_core.errors import NanoGPTError, PluginFault
 from nanogpt_core.train.callbacks import Callback, Requests, TrainerState
+from nanogpt_core.train.checkpoints import PLAIN_DATA, plain_data_problem
 from nanogpt_core.train.metrics import MetricsLog
 
 
@@ -129,14 +131,37 @@ class HookDispatch:
         self.update(metrics={**self.state.metrics, **logged})
         self.call("on_metrics", MappingProxyType(record))
 
+    def who(self, position: int) -> str:
+        """How messages name the callback at ``position``: ``callback 'x' (callbacks[i])``."""
+        return f"callback {self.plugins[position]!r} (callbacks[{position}])"
+
     def callback_states(self) -> list[dict[str, Any]]:
-        """Each callback's ``state_dict``, with where it sits, as a checkpoint keeps them."""
-        return [
-            {"position": i, "plugin": plugin, "state": callback.state_dict()}
-            for i, (plugin, callback) in enumerate(zip(self.plugins, self.callbacks, strict=True))
-        ]
+        """Each callback's ``state_dict``, with where it sits, as a checkpoint keeps them.
+
+        Checked before any file is written: a state that is not a dict of plain
+        data (:data:`~nanogpt_core.train.checkpoints.PLAIN_DATA`) would make the
+        checkpoint unloadable, so it stops the run naming the callback (exit 1).
+        """
+        states = []
+        for position, (plugin, callback) in enumerate(
+            zip(self.plugins, self.callbacks, strict=True)
+        ):
+            with plugin_call(self.who(position), "state_dict"):
+                state = callback.state_dict()
+            if type(state) is not dict:
+                problem: str | None = f"it returned a {type(state).__name__}, not a dict"
+            else:
+                problem = plain_data_problem(state, "state_dict()")
+            if problem:
+                raise PluginFault(
+                    f"{self.who(position)}: {problem}; a checkpoint holds only plain data "
+                    f"({PLAIN_DATA}), so nothing was saved"
+                )
+            states.append({"position": position, "plugin": plugin, "state": state})
+        return states
 
     def load_callback_states(self, states: dict[int, dict[str, Any]]) -> None:
-        """Give each callback back its saved state, by position."""
+        """Give each callback back its saved state, by position; a raise names the callback."""
         for position, state in states.items():
-            self.callbacks[position].load_state_dict(state)
+            with plugin_call(self.who(position), "load_state_dict"):
+                self.callbacks[position].load_state_dict(state)

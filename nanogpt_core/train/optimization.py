@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
+from nanogpt_core.data.plugins import plugin_fault
 from nanogpt_core.errors import NanoGPTError, PluginError, PluginFault
 from nanogpt_core.plugins.options import OptionProblems, structure
 
@@ -82,7 +83,7 @@ def _make(plugins: Plugins, kind: str, name: str, train: TrainConfig) -> tuple[A
         raise
     except Exception as exc:
         raise PluginFault(
-            f"plugin {registration.plugin!r}: {kind} {name!r}: its factory failed: "
+            f"plugin {registration.plugin!r}: {kind} {name!r} failed in its factory: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
 
@@ -117,6 +118,67 @@ def make_optimizer(
     for group in optimizer.param_groups:
         group.setdefault("peak_lr", group["lr"])
     return optimizer
+
+
+def optimizer_who(plugins: Plugins, train: TrainConfig) -> str:
+    """How messages name the experiment's optimizer: ``plugin 'p': optimizer 'x'``."""
+    registration = _registration(plugins, "optimizer", train.optimizer)
+    return f"plugin {registration.plugin!r}: optimizer {train.optimizer!r}"
+
+
+def optimizer_step(optimizer: Any, who: str) -> None:
+    """Update the weights, then drop the gradients; a raise is one line naming the plugin.
+
+    A bare ``try`` costs nothing on the step's path (no context manager, no
+    host read); nothing is saved from a step that failed.
+    """
+    try:
+        optimizer.step()
+    except NanoGPTError:
+        raise
+    except Exception as exc:
+        raise plugin_fault(who, "step", exc) from exc
+    try:
+        optimizer.zero_grad(set_to_none=True)
+    except NanoGPTError:
+        raise
+    except Exception as exc:
+        raise plugin_fault(who, "zero_grad", exc) from exc
+
+
+def fault_inside(exc: BaseException, obj: Any, who: str) -> PluginFault | None:
+    """A :class:`PluginFault` when ``exc`` was raised inside a method of ``obj``; else None.
+
+    For calls into a library that calls the plugin's object in turn (Accelerate's
+    ``prepare`` calls the optimizer's ``state_dict`` and ``load_state_dict``): the
+    innermost frame running a method of ``obj`` names the method, and an error
+    of the library's own keeps its traceback.
+    """
+    method = None
+    traceback = exc.__traceback__
+    while traceback is not None:
+        frame = traceback.tb_frame
+        if frame.f_locals.get("self") is obj:
+            method = frame.f_code.co_name
+        traceback = traceback.tb_next
+    return None if method is None else plugin_fault(who, method, exc)
+
+
+def prepare_contained(accelerator: Any, model: Any, optimizer: Any, who: str) -> Any:
+    """``accelerator.prepare(model, optimizer)``; a raise inside the optimizer names its plugin.
+
+    Accelerate calls the optimizer's ``state_dict`` and ``load_state_dict`` while
+    it wraps it; an error of its own, or of the model's, keeps its traceback.
+    """
+    try:
+        return accelerator.prepare(model, optimizer)
+    except NanoGPTError:
+        raise
+    except Exception as exc:
+        fault = fault_inside(exc, optimizer, who)
+        if fault is None:
+            raise
+        raise fault from exc
 
 
 def make_schedule(plugins: Plugins, train: TrainConfig) -> tuple[Schedule, str]:

@@ -236,7 +236,7 @@ def make_callbacks(config: ExperimentConfig, plugins: Plugins) -> list[Any]:
             raise
         except Exception as exc:
             raise PluginFault(
-                f"callback {spec.plugin!r} (callbacks[{position}]): its factory failed: "
+                f"callback {spec.plugin!r} (callbacks[{position}]) failed in its factory: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
         check_callback(callback, spec.plugin, registration.plugin)

@@ -34,7 +34,14 @@ from nanogpt_core.train.hook_dispatch import HookDispatch
 from nanogpt_core.train.loss_estimate import estimate_loss
 from nanogpt_core.train.metrics import MetricsLog
 from nanogpt_core.train.model_setup import build_model, model_config_for
-from nanogpt_core.train.optimization import LearningRates, make_optimizer, make_schedule
+from nanogpt_core.train.optimization import (
+    LearningRates,
+    make_optimizer,
+    make_schedule,
+    optimizer_step,
+    optimizer_who,
+    prepare_contained,
+)
 from nanogpt_core.train.stopping import StopRequest, TrainingInterrupted
 from nanogpt_core.train.throughput import Throughput
 from nanogpt_core.train.training_data import steps_per_epoch, to_device, training_batches
@@ -118,6 +125,7 @@ class Trainer:
         set_seed(config.seed)
         self.model_config = model_config_for(config, data)
         self.raw_model = self._build_model()
+        self.optimizer_who = optimizer_who(plugins, train)
         self.model, self.optimizer = self._prepare_for_training()
         if accelerator.num_processes > 1:
             # The same weights came from the same seed; from here on each process
@@ -165,6 +173,7 @@ class Trainer:
             throughput=self.throughput,
             paths=paths,
             echo=self.echo,
+            optimizer_who=self.optimizer_who,
         )
 
     @property
@@ -199,7 +208,7 @@ class Trainer:
         model: torch.nn.Module = self.raw_model
         if self.train_cfg.compile:
             model = torch.compile(model)
-        return self.accelerator.prepare(model, optimizer)
+        return prepare_contained(self.accelerator, model, optimizer, self.optimizer_who)
 
     # -- the loop ------------------------------------------------------------
 
@@ -351,8 +360,7 @@ class Trainer:
 
     def _optimizer_step(self) -> None:
         """Update the weights (through the fp16 loss scaler when there is one), then drop the gradients."""
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer_step(self.optimizer, self.optimizer_who)
 
     def evaluate(self, step: int, epoch: int) -> dict[str, float]:
         """Estimate the train and val losses and print them: ``{"train_loss": ..., "val_loss": ...}``."""
