@@ -25,6 +25,7 @@ import pluggy
 
 from nanogpt_core.errors import PluginError
 from nanogpt_core.plugins import hookspecs
+from nanogpt_core.plugins.option_types import fields_problem
 from nanogpt_core.plugins.options import suggest
 from nanogpt_core.train.callbacks import CALLBACK_HOOKS, CALLBACK_METHODS
 
@@ -199,6 +200,10 @@ class Plugins:
                     f"plugin {plugin_name!r}: {kind} {name!r}: options must be an attrs class, "
                     f"got {options!r}"
                 )
+            # A type config.json cannot hold would refuse every resume of the run.
+            problem = fields_problem(options)
+            if problem:
+                raise PluginError(f"plugin {plugin_name!r}: {kind} {name!r}: {problem}")
             if not callable(factory):
                 raise PluginError(
                     f"plugin {plugin_name!r}: {kind} {name!r}: factory {factory!r} is not callable"
