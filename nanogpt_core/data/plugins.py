@@ -58,7 +58,7 @@ class DatasetSource(Protocol):
       read from local files; never a download and never a pass over the text.
       :func:`nanogpt_core.tokens_from_text_bytes` turns bytes of text into
       tokens for the built-in tokenizers. Raise
-      :class:`~nanogpt_core.errors.DataError` for bad input (a missing file).
+      :class:`~nanogpt_core.DataError` for bad input (a missing file).
     """
 
     variant: str
@@ -73,7 +73,7 @@ class DatasetSource(Protocol):
         A source that decides the split while reading (holding out documents by
         hash, say) may also define ``split_documents(downloads)`` yielding
         ``(split, document)`` pairs in one pass; it is then used instead.
-        Raise :class:`~nanogpt_core.errors.DataError` for bad input; any other
+        Raise :class:`~nanogpt_core.DataError` for bad input; any other
         exception is reported as a fault of the plugin (exit status 1).
         """
 

@@ -67,7 +67,14 @@ def path_fields(cls: type) -> list[str]:
 
 
 class OptionValueError(ValueError):
-    """A value of the right type that is still not allowed (raised by validators)."""
+    """A value of the right type that is still not allowed: ``OptionValueError(field, message)``.
+
+    Raise it from a validator (``field`` is ``attribute.name``) or from an options
+    class's ``__attrs_post_init__`` (the name of the option at fault). The user
+    sees one line, ``<file>: <table>.<field>: <message>``, and exit status 2; so
+    ``message`` says what is wrong and what is allowed, e.g. ``"must be in
+    [0, 1), got 1.5"``.
+    """
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
