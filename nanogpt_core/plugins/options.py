@@ -299,7 +299,8 @@ def describe_fields(cls: type) -> list[dict[str, Any]]:
                 "name": field.name,
                 # A string until the registration check resolved it: the annotation as written.
                 "type": field.type if isinstance(field.type, str) else show_type(field.type),
-                "default": default,
+                # As config.json would hold it: an enum's value, a path's string.
+                "default": unstructure(default),
                 "required": required,
                 "doc": field.metadata.get(DOC_KEY, ""),
             }

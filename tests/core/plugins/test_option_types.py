@@ -147,6 +147,20 @@ def test_every_option_type_is_read_written_and_resumed_unchanged(
     assert [json.loads(r)["step"] for r in records][-1] == 8
 
 
+def test_gpt_plugins_shows_every_default_as_the_toml_would_write_it():
+    from click.testing import CliRunner
+
+    from nanogpt_core.cli import make_cli
+
+    result = CliRunner().invoke(make_cli(typed_plugins()), ["plugins"])
+    assert result.exit_code == 0, result.output
+    shown = result.output.splitlines()
+    assert "    betas (default [0.9, 0.99]): Lion's betas." in shown
+    assert '    mode (default "fast"): An enum.' in shown
+    assert '    where (default "."): A path.' in shown
+    assert '    inner (default {"sizes": [1]}): A nested table.' in shown
+
+
 def test_a_changed_tuple_option_is_still_a_difference(tmp_path):
     saved = {"train": {"typed": {"betas": [0.9, 0.99]}}}
     assert config_differences(saved, {"train": {"typed": {"betas": (0.9, 0.99)}}}) == []
