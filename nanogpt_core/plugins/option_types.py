@@ -24,7 +24,7 @@ from typing import Any
 
 import attrs
 import cattrs
-from cattrs.cols import is_mapping, mapping_structure_factory
+from cattrs.errors import IterableValidationError, IterableValidationNote
 
 # What TOML scalars, and so option values, are: the values a Literal or an enum may hold.
 PLAIN_SCALARS = (str, int, float, bool)
@@ -56,6 +56,10 @@ def _is_tuple(type_: Any) -> bool:
     return typing.get_origin(type_) is tuple or type_ is tuple
 
 
+def _is_dict(type_: Any) -> bool:
+    return type_ is dict or typing.get_origin(type_) in (dict, Mapping)
+
+
 def _is_literal(type_: Any) -> bool:
     return typing.get_origin(type_) is typing.Literal
 
@@ -76,24 +80,39 @@ def register_type_hooks(converter: cattrs.Converter) -> None:
     and pass a ``dict[str, X]``'s values through unchecked; these do not.
     """
 
+    def items(pairs: list[tuple[Any, Any, Any]], type_: Any) -> list[Any]:
+        # Each (index or key, value, type) structured; every failure is kept, with
+        # its index or key noted, so describe() names each as `path[1]` or `path.key`.
+        done, errors = [], []
+        for index, value, arg in pairs:
+            try:
+                done.append(converter.structure(value, arg))
+            except Exception as exc:
+                exc.__notes__ = [
+                    *getattr(exc, "__notes__", []),
+                    IterableValidationNote(f"Structuring {type_} @ {index!r}", index, arg),
+                ]
+                errors.append(exc)
+        if errors:
+            raise IterableValidationError(f"While structuring {show_type(type_)}", errors, type_)
+        return done
+
     def tuple_factory(type_: Any) -> Callable[[Any, Any], Any]:
         args = typing.get_args(type_)
-        if len(args) == 2 and args[1] is Ellipsis:
-            inner = converter.get_structure_hook(list[args[0]])  # type: ignore[valid-type]
+        variadic = len(args) == 2 and args[1] is Ellipsis
 
-            def structure_variadic(value: Any, _type: Any) -> tuple:
-                return tuple(inner(value, list[args[0]]))  # type: ignore[valid-type]
-
-            return structure_variadic
-
-        def structure_fixed(value: Any, type_: Any) -> tuple:
+        def structure_tuple(value: Any, type_: Any) -> tuple:
             if not isinstance(value, list):
                 raise TypeError(f"expected an array, got {show(value)}")
+            if variadic:
+                return tuple(items([(i, v, args[0]) for i, v in enumerate(value)], type_))
             if len(value) != len(args):
                 raise TypeError(f"expected an array of {len(args)} values, got {len(value)}")
-            return converter._structure_tuple(value, type_)
+            return tuple(
+                items([(i, *pair) for i, pair in enumerate(zip(value, args, strict=True))], type_)
+            )
 
-        return structure_fixed
+        return structure_tuple
 
     def literal(value: Any, type_: Any) -> Any:
         choices = list(typing.get_args(type_))
@@ -112,19 +131,17 @@ def register_type_hooks(converter: cattrs.Converter) -> None:
             raise TypeError(f"expected a path (a string), got {show(value)}")
         return type_(value)
 
-    def mapping_factory(type_: Any) -> Callable[[Any, Any], Any]:
-        # A bare `dict` (or `dict[str, Any]`) holds the table as written.
+    def mapping(value: Any, type_: Any) -> Any:
+        if not isinstance(value, dict):
+            raise TypeError(f"expected a table, got {show(value)}")
         args = typing.get_args(type_)
-        inner = mapping_structure_factory(type_, converter) if args and args[1] is not Any else None
+        if not args or args[1] is Any:  # a bare dict holds the table as written
+            return value
+        keys = items([(k, k, args[0]) for k in value], type_)
+        values = items([(k, v, args[1]) for k, v in value.items()], type_)
+        return dict(zip(keys, values, strict=True))
 
-        def structure_mapping(value: Any, type_: Any) -> Any:
-            if not isinstance(value, dict):
-                raise TypeError(f"expected a table, got {show(value)}")
-            return inner(value, type_) if inner else value
-
-        return structure_mapping
-
-    converter.register_structure_hook_factory(is_mapping, mapping_factory)
+    converter.register_structure_hook_func(_is_dict, mapping)
     converter.register_structure_hook_factory(_is_tuple, tuple_factory)
     converter.register_structure_hook_func(_is_literal, literal)
     converter.register_structure_hook_func(_is_enum, enum_member)

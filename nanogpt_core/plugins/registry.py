@@ -200,9 +200,7 @@ class Plugins:
                     f"plugin {plugin_name!r}: {kind} {name!r}: options must be an attrs class, "
                     f"got {options!r}"
                 )
-            # A type config.json cannot hold would refuse every resume of the run.
-            problem = fields_problem(options)
-            if problem:
+            if problem := fields_problem(options):  # config.json could not hold its values
                 raise PluginError(f"plugin {plugin_name!r}: {kind} {name!r}: {problem}")
             if not callable(factory):
                 raise PluginError(
