@@ -3,7 +3,10 @@
 This module is the whole public surface a plugin needs: ``hookimpl`` to mark its
 hook functions, ``option`` and the validators to declare its options, the
 ``Callback`` base class and the state objects callbacks are handed, the
-``Evaluator`` eval tasks are handed and what they return, the errors to raise,
+experiment (``ExperimentConfig``, and ``TrainConfig`` an optimizer's ``build``
+is handed), the ``Evaluator`` eval tasks are handed, the ``Request`` they ask it
+to score and what it returns, the errors to raise (``OptionValueError`` from an
+option's validator, ``EvalInputError`` from the evaluator),
 the helpers dataset plugins use to read files and write them safely, and
 ``tokens_from_text_bytes`` for their token estimates; ``API_VERSION`` is the
 version of this surface (docs/plugins.md, "API version").
@@ -11,6 +14,7 @@ Plugins import from here only; everything else is the core's own business and
 may change. Importing this package never imports torch.
 """
 
+from nanogpt_core.config.experiment import ExperimentConfig, TrainConfig
 from nanogpt_core.data.documents import (
     expand_files,
     hub_rows,
@@ -32,8 +36,22 @@ from nanogpt_core.data.tokenizers import (
     gpt2_files,
     tokenizer_from_description,
 )
-from nanogpt_core.errors import ConfigError, DataError, NanoGPTError, PluginError, PluginFault
-from nanogpt_core.eval.evaluator import Continuation, EvalResult, Evaluator, SplitLoss
+from nanogpt_core.errors import (
+    ConfigError,
+    DataError,
+    NanoGPTError,
+    PluginError,
+    PluginFault,
+    StorageError,
+)
+from nanogpt_core.eval.evaluator import (
+    Continuation,
+    EvalInputError,
+    EvalResult,
+    Evaluator,
+    Request,
+    SplitLoss,
+)
 from nanogpt_core.eval.suite import EvalSuite, TaskReport, eval_metrics
 from nanogpt_core.files import atomic_write, atomic_write_text
 from nanogpt_core.plugins.hookspecs import API_VERSION, hookimpl
@@ -59,19 +77,24 @@ __all__ = [
     "Continuation",
     "DataError",
     "DatasetSource",
+    "EvalInputError",
     "EvalResult",
     "EvalSuite",
     "Evaluator",
+    "ExperimentConfig",
     "NanoGPTError",
     "OptionValueError",
     "PluginError",
     "PluginFault",
     "PreparedData",
+    "Request",
     "RunPaths",
     "SplitLoss",
+    "StorageError",
     "TaskReport",
     "Template",
     "Tokenizer",
+    "TrainConfig",
     "TrainerState",
     "UnknownCharacterError",
     "__version__",

@@ -8,6 +8,7 @@ loading of the experiment file such commands name (:func:`load_runnable`).
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -143,8 +144,16 @@ def ckpt_option(help: str) -> Any:
 def load_runnable(
     ctx: click.Context, experiment: Path, overrides: tuple[str, ...]
 ) -> ExperimentConfig:
-    """Load an experiment with its plugins' options checked; refuse abstract bases."""
-    config = load_experiment(experiment, overrides, plugins_of(ctx))
+    """Load an experiment with its plugins' options checked; refuse abstract bases.
+
+    Options that nothing uses are one ``warning:`` line each on stderr, printed by
+    the main process only: ``accelerate launch`` starts one ``gpt`` per GPU.
+    """
+    warnings: list[str] = []
+    config = load_experiment(experiment, overrides, plugins_of(ctx), warnings)
+    if os.environ.get("RANK", "0") == "0":
+        for line in warnings:
+            click.echo(f"warning: {line}", err=True)
     if config.abstract:
         raise ConfigError(
             [

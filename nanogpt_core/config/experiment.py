@@ -102,7 +102,7 @@ class TrainConfig:
     )
     learning_rate: float = option(
         6e-4,
-        "Peak learning rate, reached after warmup (AdamW's, and the one metrics.jsonl shows).",
+        "Peak learning rate, reached after warmup (AdamW's; other optimizers' groups may have their own peaks).",
         validator=positive,
     )
     min_lr: float = option(

@@ -21,7 +21,7 @@ import attrs
 from nanogpt_core.config.experiment import ExperimentConfig, TrainConfig
 from nanogpt_core.config.overrides import apply_override
 from nanogpt_core.config.paths import Origins, leaf_origins, resolve_paths, set_origin
-from nanogpt_core.config.plugin_options import resolve_plugins
+from nanogpt_core.config.plugin_options import resolve_plugins, unselected
 from nanogpt_core.errors import ConfigError
 from nanogpt_core.plugins.options import OptionProblems, structure
 
@@ -125,11 +125,15 @@ def load_experiment(
     path: str | Path,
     overrides: tuple[str, ...] | list[str] = (),
     plugins: Plugins | None = None,
+    warnings: list[str] | None = None,
 ) -> ExperimentConfig:
     """Load an experiment file, apply ``--set`` overrides and check every option.
 
     :param plugins: when given, each plugin table is checked against the options
         class its plugin registered (the second pass); without it options stay dicts.
+    :param warnings: where a line is appended for each option that nothing uses
+        (``[train.muon]`` with adamw, ``model.rope_theta`` with learned
+        positions): such an option is checked, then left out of the experiment.
     :raises ConfigError: listing every problem, one line each.
     """
     shown = str(path)
@@ -156,8 +160,14 @@ def load_experiment(
         raise ConfigError([f"{shown}: {_tidy(p)}" for p in exc.problems]) from None
     if train_tables:
         config = attrs.evolve(config, train=attrs.evolve(config.train, plugin_options=train_tables))
+    model = config.model
+    if model.rope_theta is not None and model.position != "rope":
+        if warnings is not None:
+            line = unselected("model.rope_theta", "model.position", "rope", model.position)
+            warnings.append(f"{shown}: {line}")
+        config = attrs.evolve(config, model=attrs.evolve(model, rope_theta=None))
     if plugins is not None:
-        config = resolve_plugins(config, plugins, shown)
+        config = resolve_plugins(config, plugins, shown, warnings)
     return config
 
 

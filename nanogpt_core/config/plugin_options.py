@@ -17,18 +17,26 @@ import attrs
 from nanogpt_core.config.experiment import ExperimentConfig, PluginSpec, TrainConfig
 from nanogpt_core.errors import ConfigError, PluginError
 from nanogpt_core.eval.suite import check_task_names
-from nanogpt_core.plugins.options import OptionProblems, join, structure, suggest
+from nanogpt_core.plugins.options import OptionProblems, join, show, structure, suggest
 
 if TYPE_CHECKING:
     from nanogpt_core.plugins.registry import Plugins
 
 
-def resolve_plugins(config: ExperimentConfig, plugins: Plugins, source: str) -> ExperimentConfig:
+def resolve_plugins(
+    config: ExperimentConfig,
+    plugins: Plugins,
+    source: str,
+    warnings: list[str] | None = None,
+) -> ExperimentConfig:
     """Second pass: structure each plugin table into its plugin's options class.
 
     :param source: the experiment file's name, which starts every problem line.
+    :param warnings: where a line for each table of a plugin that is not
+        selected (``[train.muon]`` with adamw) is appended.
     """
     problems: list[str] = []
+    ignored: list[str] = []
     datasets = plugins.datasets()
     callbacks = plugins.callbacks()
     tokenizers = plugins.tokenizers()
@@ -66,9 +74,11 @@ def resolve_plugins(config: ExperimentConfig, plugins: Plugins, source: str) -> 
     for i, name in enumerate(names):
         if name in names[:i]:
             problems.append(f"callbacks[{i}].plugin: {name!r} is already enabled above")
-    train = resolve_train_tables(config.train, plugins, problems)
+    train = resolve_train_tables(config.train, plugins, problems, ignored)
     if problems:
         raise ConfigError([f"{source}: {p}" for p in problems])
+    if warnings is not None:
+        warnings.extend(f"{source}: {line}" for line in ignored)
     return attrs.evolve(
         config,
         dataset=dataset,
@@ -96,14 +106,16 @@ def resolve_eval_table(task: str, table: Any, plugins: Plugins, problems: list[s
         return table
 
 
-def resolve_train_tables(train: TrainConfig, plugins: Plugins, problems: list[str]) -> TrainConfig:
+def resolve_train_tables(
+    train: TrainConfig, plugins: Plugins, problems: list[str], ignored: list[str] | None = None
+) -> TrainConfig:
     """Second pass for ``[train]``: the selected optimizer and schedule, and their tables.
 
     The selected plugins' tables (absent ones too: their defaults) become their
     options instances. A table for a registered optimizer or schedule that is not
     selected is checked and then left out, so ``--set train.optimizer=adamw`` works on
-    an experiment with a ``[train.muon]`` table. A table naming neither is a problem.
-    Problems are appended to ``problems``.
+    an experiment with a ``[train.muon]`` table; a line saying so is appended to
+    ``ignored``. A table naming neither is a problem, appended to ``problems``.
     """
     resolved: dict[str, Any] = {}
     selected = {"optimizer": train.optimizer, "schedule": train.schedule}
@@ -142,7 +154,21 @@ def resolve_train_tables(train: TrainConfig, plugins: Plugins, problems: list[st
             )
             continue
         _structure_train_table(train, name, registration, problems)  # checked, not used
+        if ignored is not None:
+            ignored.append(
+                unselected(
+                    f"[train.{name}]",
+                    f"train.{registration.kind}",
+                    name,
+                    selected[registration.kind],
+                )
+            )
     return attrs.evolve(train, plugin_options=resolved)
+
+
+def unselected(table: str, key: str, wanted: str, actual: str) -> str:
+    """The warning for options that nothing uses: one rule for plugin tables and model keys."""
+    return f"{table} is ignored: {key} is {show(actual)}; remove it or set {key} = {show(wanted)}"
 
 
 def _structure_train_table(

@@ -65,7 +65,7 @@ class DatasetSource(Protocol):
       read from local files; never a download and never a pass over the text.
       :func:`nanogpt_core.tokens_from_text_bytes` turns bytes of text into
       tokens for the built-in tokenizers. Raise
-      :class:`~nanogpt_core.errors.DataError` for bad input (a missing file).
+      :class:`~nanogpt_core.DataError` for bad input (a missing file).
     """
 
     variant: str
@@ -78,7 +78,7 @@ class DatasetSource(Protocol):
         :param downloads: a folder the plugin may cache downloads in.
 
         Optional when the source defines ``split_documents(downloads)`` instead
-        (see the class). Raise :class:`~nanogpt_core.errors.DataError` for bad input; any other
+        (see the class). Raise :class:`~nanogpt_core.DataError` for bad input; any other
         exception is reported as a fault of the plugin (exit status 1).
         """
 

@@ -75,7 +75,7 @@ def estimate_tokens(
 
     ``who`` names the plugin in messages (``dataset plugin 'x'``). An exception
     the method raises is one :class:`~nanogpt_core.errors.PluginFault` line (a
-    :class:`~nanogpt_core.errors.DataError` it raises, for a missing file say,
+    :class:`~nanogpt_core.DataError` it raises, for a missing file say,
     passes unchanged); a result other than None or a mapping with ``train`` and
     ``val`` (and optionally ``train_examples`` and ``val_examples``) to
     non-negative integers is one :class:`~nanogpt_core.errors.PluginError` line.

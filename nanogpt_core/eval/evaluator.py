@@ -39,8 +39,8 @@ if TYPE_CHECKING:
 # trainer's seed offset, so `gpt eval --task val_loss` sees the trainer's batches.
 EVAL_SEED_OFFSET = 1_000_003
 
-# A (context ids, continuation ids) pair, and the requests of one example.
 Request = tuple[Sequence[int], Sequence[int]]
+"""One thing to score: ``(context_ids, continuation_ids)``; an example is a list of them."""
 T = TypeVar("T")
 
 
@@ -93,7 +93,12 @@ class SplitLoss:
 
 
 class EvalInputError(NanoGPTError):
-    """A request the model cannot score (a continuation longer than its context)."""
+    """A request the model cannot score: an empty continuation, or one longer than ``block_size``.
+
+    ``EvalInputError(message)``; :meth:`Evaluator.loglikelihood` raises it with the
+    example's number. A task may catch it to skip such examples; uncaught, it is
+    one line and exit status 2, like any :class:`NanoGPTError`.
+    """
 
 
 @attrs.define

@@ -117,10 +117,20 @@ def run_tasks(tasks: Sequence[tuple[str, Any]], evaluator: Evaluator) -> list[Ta
                 metrics={key: float(value) for key, value in result.metrics.items()},
                 n=int(result.n),
                 seconds=time.perf_counter() - started,
-                notes=tuple(result.notes),
+                notes=tuple(_unprefixed(name, str(note)) for note in result.notes),
             )
         )
     return reports
+
+
+def _unprefixed(task: str, note: str) -> str:
+    """A note without the task's name in front: whoever shows notes puts it there, once.
+
+    Tasks often word their lines as errors are worded (``hellaswag: ...``); shown
+    as ``note: <task>: <note>``, that would name the task twice.
+    """
+    prefix = f"{task}: "
+    return note[len(prefix) :] if note.startswith(prefix) else note
 
 
 def _check_result(name: str, result: Any) -> None:

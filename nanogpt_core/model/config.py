@@ -68,7 +68,8 @@ class GPTConfig:
     # Pair i of a head rotates at theta ** (-2i / head_size) radians per position.
     rope_theta: float | None = option(
         None,
-        f'RoPE base frequency; {DEFAULT_ROPE_THETA} when left out. Only with position = "rope".',
+        f"RoPE base frequency; {DEFAULT_ROPE_THETA} when left out. Only with "
+        'position = "rope" (ignored, with a warning, otherwise).',
         validator=positive,
     )
     # RMSNorm: scale only, no centring, no bias (Zhang & Sennrich 2019).
@@ -117,11 +118,6 @@ class GPTConfig:
                 "position",
                 f'"rope" rotates pairs of channels and needs an even head size, but n_embd / '
                 f"n_head = {self.n_embd} / {self.n_head} = {head_size}",
-            )
-        if self.rope_theta is not None and self.position != "rope":
-            raise OptionValueError(
-                "rope_theta",
-                'is only used with position = "rope"; remove it or set position = "rope"',
             )
 
     @property

@@ -42,7 +42,7 @@ def register_callbacks(register: Any) -> None:
     """Register training callbacks.
 
     :param register: call ``register(name, factory, options=OptionsClass)`` once per
-        callback. ``factory(options)`` returns a :class:`nanogpt_core.train.callbacks.Callback`;
+        callback. ``factory(options)`` returns a :class:`nanogpt_core.Callback`;
         it is called once per run in which an experiment's ``[[callbacks]]`` names it.
     """
 

@@ -11,7 +11,6 @@ else is converted. Problems come back as one line each, ``path: message``.
 from __future__ import annotations
 
 import difflib
-import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -25,6 +24,8 @@ from cattrs.errors import (
     IterableValidationError,
 )
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
+
+from nanogpt_core.plugins.option_types import plain, register_type_hooks, show, show_type
 
 T = TypeVar("T")
 
@@ -66,25 +67,19 @@ def path_fields(cls: type) -> list[str]:
 
 
 class OptionValueError(ValueError):
-    """A value of the right type that is still not allowed (raised by validators)."""
+    """A value of the right type that is still not allowed: ``OptionValueError(field, message)``.
+
+    Raise it from a validator (``field`` is ``attribute.name``) or from an options
+    class's ``__attrs_post_init__`` (the name of the option at fault). The user
+    sees one line, ``<file>: <table>.<field>: <message>``, and exit status 2; so
+    ``message`` says what is wrong and what is allowed, e.g. ``"must be in
+    [0, 1), got 1.5"``.
+    """
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
-
-
-def show(value: Any) -> str:
-    """Render a value the way the user wrote it in TOML (strings quoted, true/false)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, list):
-        return "an array"
-    return repr(value)
 
 
 # Validators: each raises OptionValueError so the message keeps the field's name.
@@ -153,12 +148,6 @@ def _strict_str(value: Any, _type: type) -> str:
     return value
 
 
-def _strict_dict(value: Any, _type: type) -> dict:
-    if not isinstance(value, dict):
-        raise TypeError(f"expected a table, got {show(value)}")
-    return value
-
-
 def make_converter() -> cattrs.Converter:
     """Build the strict converter used for every table of an experiment file."""
     converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
@@ -166,9 +155,6 @@ def make_converter() -> cattrs.Converter:
     converter.register_structure_hook(float, _strict_float)
     converter.register_structure_hook(bool, _strict_bool)
     converter.register_structure_hook(str, _strict_str)
-    converter.register_structure_hook_func(
-        lambda t: t is dict or getattr(t, "__origin__", None) is dict, _strict_dict
-    )
 
     # cattrs turns any iterable into a list, so "abc" would become ["a", "b", "c"].
     def strict_list_factory(type_: Any, conv: cattrs.Converter) -> Callable[[Any, Any], Any]:
@@ -182,6 +168,8 @@ def make_converter() -> cattrs.Converter:
         return structure_list
 
     converter.register_structure_hook_factory(is_sequence, strict_list_factory)
+    # Tuples, literals, enums, paths and dict[str, X] (registered later, so they win).
+    register_type_hooks(converter)
 
     # Without this, `train = []` or `[[model]]` reaches cattrs' generated code and
     # fails with an AttributeError about `.keys()` instead of naming the table.
@@ -235,8 +223,12 @@ def structure(data: Any, cls: type[T], path: str = "") -> T:
 
 
 def unstructure(instance: Any) -> Any:
-    """Turn an options instance back into plain TOML/JSON-able data."""
-    return make_converter().unstructure(instance)
+    """Turn an options instance back into plain JSON data: what ``config.json`` holds.
+
+    Tuples become lists, enums their values and paths strings (:func:`plain`), so
+    the value read back from ``config.json`` compares equal to it.
+    """
+    return plain(make_converter().unstructure(instance))
 
 
 class OptionProblems(ValueError):
@@ -305,8 +297,10 @@ def describe_fields(cls: type) -> list[dict[str, Any]]:
         fields.append(
             {
                 "name": field.name,
-                "type": getattr(field.type, "__name__", None) or str(field.type),
-                "default": default,
+                # A string until the registration check resolved it: the annotation as written.
+                "type": field.type if isinstance(field.type, str) else show_type(field.type),
+                # As config.json would hold it: an enum's value, a path's string.
+                "default": unstructure(default),
                 "required": required,
                 "doc": field.metadata.get(DOC_KEY, ""),
             }

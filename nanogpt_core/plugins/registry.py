@@ -32,6 +32,7 @@ from nanogpt_core.plugins import contract, hookspecs
 # check_callback is imported from here by the trainer; it lives with the other load-time checks.
 from nanogpt_core.plugins.contract import check_callback as check_callback
 from nanogpt_core.plugins.contract import check_callback_class
+from nanogpt_core.plugins.option_types import fields_problem
 
 ENTRY_POINT_GROUP = "nanogpt"
 DISABLE_ENV = "GPT_DISABLE_PLUGINS"
@@ -204,6 +205,8 @@ class Plugins:
                     f"plugin {plugin_name!r}: {kind} {name!r}: options must be an attrs class, "
                     f"got {options!r}"
                 )
+            if problem := fields_problem(options):  # config.json could not hold its values
+                raise PluginError(f"plugin {plugin_name!r}: {kind} {name!r}: {problem}")
             if not callable(factory):
                 raise PluginError(
                     f"plugin {plugin_name!r}: {kind} {name!r}: factory {factory!r} is not callable"

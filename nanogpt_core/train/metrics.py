@@ -94,7 +94,8 @@ class MetricsLog:
     ) -> dict[str, Any]:
         """Build a training step's line once, append it, and return it (callbacks get the same).
 
-        :param metrics: the step's ``tokens``, ``train_loss``, ``lr`` and ``grad_norm``.
+        :param metrics: the step's ``tokens``, ``train_loss``, ``lr`` (and each
+            group's ``lr/<name>`` where they differ) and ``grad_norm``.
         :param measured: throughput (``tokens_per_sec``, ``mfu``, ...) and, at an
             evaluation, the estimated ``train_loss`` and ``val_loss`` (which
             replace the step's own ``train_loss``).
@@ -102,7 +103,9 @@ class MetricsLog:
         record: dict[str, Any] = {
             "step": step,
             "epoch": epoch,
-            **{key: metrics[key] for key in ("tokens", "train_loss", "lr", "grad_norm")},
+            **{key: metrics[key] for key in ("tokens", "train_loss", "lr")},
+            **{key: value for key, value in metrics.items() if key.startswith("lr/")},
+            "grad_norm": metrics["grad_norm"],
             **measured,
             "elapsed_s": elapsed_s,
         }

@@ -194,7 +194,8 @@ class LearningRates:
     :param name: the schedule's name, and ``plugin`` the plugin that registered it
         (for messages).
     :param bounds: ``(peak, floor)`` of each param group, in order.
-    :param main: ``(learning_rate, min_lr)``: the rate ``metrics.jsonl`` shows.
+    :param names: each group's ``name`` (a string an optimizer plugin may put in
+        the group), else its index: the ``lr/<name>`` metrics.
     :param warmup_steps: ``train.warmup_steps``, and ``total_steps`` the run's length.
     """
 
@@ -202,7 +203,7 @@ class LearningRates:
     name: str
     plugin: str
     bounds: tuple[tuple[float, float], ...]
-    main: tuple[float, float]
+    names: tuple[str, ...]
     warmup_steps: int
     total_steps: int
 
@@ -223,7 +224,10 @@ class LearningRates:
             name=train.schedule,
             plugin=plugin,
             bounds=bounds,
-            main=(train.learning_rate, train.min_lr),
+            names=tuple(
+                g["name"] if isinstance(g.get("name"), str) else str(i)
+                for i, g in enumerate(optimizer.param_groups)
+            ),
             warmup_steps=train.warmup_steps,
             total_steps=total_steps,
         )
@@ -249,8 +253,20 @@ class LearningRates:
             raise PluginFault(f"{where}: lr returned {lr!r} at step {step}, below 0")
         return float(lr)
 
-    def apply(self, param_groups: list[dict[str, Any]], step: int) -> float:
-        """Set each group's ``lr`` for the 0-based ``step``; return the main learning rate."""
+    def apply(self, param_groups: list[dict[str, Any]], step: int) -> dict[str, float]:
+        """Set each group's ``lr`` for the 0-based ``step``; return the ``lr`` metrics.
+
+        ``lr`` is the first group's rate as set; where the groups' peaks differ
+        (Muon's matrices and AdamW's embeddings, a plugin's scaled group) each
+        group's is ``lr/<name or index>`` too. Read back from the groups, so
+        they are the rates the optimizer steps with.
+        """
         for group, (peak, floor) in zip(param_groups, self.bounds, strict=True):
             group["lr"] = self.at(step, peak, floor)
-        return self.at(step, *self.main)
+        rates = {"lr": float(param_groups[0]["lr"])}
+        if len(set(self.bounds)) > 1:
+            rates.update(
+                (f"lr/{name}", float(group["lr"]))
+                for name, group in zip(self.names, param_groups, strict=True)
+            )
+        return rates

@@ -19,6 +19,7 @@ import attrs
 
 from nanogpt_core.config.experiment import ModelConfig, TrainConfig
 from nanogpt_core.errors import NanoGPTError
+from nanogpt_core.plugins.option_types import plain
 from nanogpt_core.train.checkpoints import CheckpointError
 
 # Keys of config.json that may change between a run and its resumption: the
@@ -181,7 +182,9 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     side only (``[train.muon]`` once the optimizer changed) is one difference, not
     one per option.
     """
-    old, new = _flatten(saved), _flatten(current)
+    # As JSON holds them: a checkpoint's pickled copy (or an experiment not yet
+    # written) may hold a tuple where config.json holds a list.
+    old, new = _flatten(plain(saved)), _flatten(plain(current))
     found = []
     tables: dict[str, str] = {}
     for key in sorted(set(old) | set(new)):

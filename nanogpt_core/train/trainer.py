@@ -265,7 +265,7 @@ class Trainer:
         train = self.train_cfg
         step = self.state.step + 1
         epoch = (step - 1) // self.steps_per_epoch + 1
-        lr = self.set_learning_rates(step - 1)
+        rates = self.set_learning_rates(step - 1)
         loss = self._forward_backward()
         grad_norm = self._clip_gradients()
         self._optimizer_step()
@@ -276,7 +276,7 @@ class Trainer:
         metrics = {
             **self.state.metrics,
             "train_loss": loss,
-            "lr": lr,
+            **rates,
             "grad_norm": grad_norm,
             "tokens": self.state.metrics.get("tokens", 0) + self.throughput.tokens_of_step(),
         }
@@ -303,11 +303,11 @@ class Trainer:
         self.hooks.step_ended(evaluated=evaluate, epoch_ended=step % self.steps_per_epoch == 0)
         self._save(last=self.checkpoints.due(step))
 
-    def set_learning_rates(self, step: int) -> float:
+    def set_learning_rates(self, step: int) -> dict[str, float]:
         """Each param group's ``lr`` for the 0-based ``step``, from the schedule.
 
-        :returns: the learning rate of ``train.learning_rate`` at this step (the
-            ``lr`` metric).
+        :returns: the ``lr`` metrics: the first group's rate, and each group's
+            (``lr/<name or index>``) where their peaks differ.
         """
         return self.learning_rates.apply(self.optimizer.param_groups, step)
 

@@ -21,12 +21,12 @@ import attrs
 from nanogpt_core import (
     Callback,
     NanoGPTError,
+    OptionValueError,
     Template,
     Tokenizer,
     TrainerState,
     atomic_write_text,
     hookimpl,
-    non_negative,
     option,
     positive,
     template_from_description,
@@ -34,6 +34,25 @@ from nanogpt_core import (
 )
 
 DEFAULT_PROMPTS = ["What is AI?", "1+1 is", "The capital of France is", "Once upon a time"]
+# gpt sample's ranges: logits are divided by the temperature in float32, so below
+# 1e-4 they can overflow to inf (NaN probabilities, a crash at the run's end);
+# torch's generators take unsigned 64-bit seeds.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 1e4
+MAX_SEED = 2**64 - 1
+
+
+def _temperature(_instance: Any, attribute: attrs.Attribute, value: float) -> None:
+    if value != 0 and not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:
+        raise OptionValueError(
+            attribute.name,
+            f"{value:g} is not a temperature: use 0 (greedy) or "
+            f"{MIN_TEMPERATURE:g} to {MAX_TEMPERATURE:g}",
+        )
+
+
+def _seed(_instance: Any, attribute: attrs.Attribute, value: int) -> None:
+    if not 0 <= value <= MAX_SEED:
+        raise OptionValueError(attribute.name, f"{value} is not a seed: use 0 to {MAX_SEED}")
 
 
 @attrs.frozen(kw_only=True)
@@ -46,12 +65,18 @@ class FixedPromptsOptions:
     )
     max_new_tokens: int = option(64, "Tokens generated per prompt.", validator=positive)
     temperature: float = option(
-        0.8, "Sampling temperature; 0 picks the most likely token.", validator=non_negative
+        0.8,
+        "Sampling temperature; 0 picks the most likely token, else 1e-4 to 1e4.",
+        validator=_temperature,
     )
     top_k: int | None = option(
         200, "Sample from the k most likely tokens only.", validator=positive
     )
-    seed: int = option(1337, "Seed of the sampling generator (the same samples each time).")
+    seed: int = option(
+        1337,
+        "Seed of the sampling generator (the same samples each time); 0 to 2**64 - 1.",
+        validator=_seed,
+    )
     every_epochs: int = option(
         1, "Sample every this many epochs (and at the end).", validator=positive
     )

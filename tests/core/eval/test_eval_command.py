@@ -194,3 +194,34 @@ def test_experiment_eval_tables_are_checked_and_paths_resolved(write_toml, insta
         assert info.value.problems == [f"{bad}: {message}"] or message in str(info.value), str(
             info.value
         )
+
+
+@pytest.mark.slow
+def test_gpt_eval_names_the_task_once_in_each_note(char_run):
+    from click.testing import CliRunner
+
+    from nanogpt_core import EvalResult, hookimpl
+    from nanogpt_core.cli import make_cli
+    from nanogpt_core.plugins.registry import load_plugins
+
+    class Noted:
+        def __init__(self, options) -> None:
+            pass
+
+        def evaluate(self, evaluator) -> EvalResult:
+            return EvalResult({"one": 1.0}, n=1, notes=("lambada_like: 3 passages were cut",))
+
+    class Plugin:
+        @hookimpl
+        def register_eval_tasks(self, register):
+            register("lambada_like", Noted)
+
+    plugins = load_plugins(disabled=())
+    assert plugins.register(Plugin(), name="noted")
+    ckpt, _ = char_run
+    result = CliRunner().invoke(
+        make_cli(plugins), ["eval", "--ckpt", str(ckpt), "--task", "lambada_like"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "note: lambada_like: 3 passages were cut" in result.output.splitlines()
+    assert "lambada_like: lambada_like" not in result.output

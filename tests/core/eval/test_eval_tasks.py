@@ -137,3 +137,26 @@ def test_register_eval_tasks_faults_are_one_line_naming_the_task():
         assert info.value.exit_code == 1 and "\n" not in str(info.value)
     with pytest.raises(ConfigError, match="no eval task named 'raise' \\(did you mean \"raises\""):
         EvalSuite.check_names(["raise"], "tasks", plugins)
+
+
+class NamedNotes(LastWord):
+    """Words its notes as its errors are worded: ``last_word: ...``."""
+
+    def evaluate(self, evaluator: Evaluator) -> EvalResult:
+        result = super().evaluate(evaluator)
+        notes = ("last_word: 1 passage was cut", "the rest fit", "last_words: not its name")
+        return attrs.evolve(result, notes=notes)
+
+
+def test_a_note_that_names_its_task_is_shown_with_the_name_once():
+    class Plugin:
+        @hookimpl
+        def register_eval_tasks(self, register):
+            register("last_word", NamedNotes, options=LastWordOptions)
+
+    plugins = load_plugins(disabled=())
+    assert plugins.register(Plugin(), name="named_notes")
+    suite = EvalSuite.build(["last_word"], {"last_word": {"passages": ["abcab"]}}, plugins)
+    (report,) = suite.run(tiny_evaluator())
+    # `gpt eval` prints `note: last_word: <note>`: the task's own prefix goes.
+    assert report.notes == ("1 passage was cut", "the rest fit", "last_words: not its name")

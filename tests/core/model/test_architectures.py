@@ -434,11 +434,6 @@ def test_init_from_a_hugging_face_folder_needs_gpt2s_options(
             'model.position: "rope" rotates pairs of channels and needs an even head size, '
             "but n_embd / n_head = 30 / 2 = 15",
         ),
-        (
-            ["model.rope_theta=500.0"],
-            'model.rope_theta: is only used with position = "rope"; remove it or set '
-            'position = "rope"',
-        ),
         (["model.logit_softcap=0"], "model.logit_softcap: must be greater than 0, got 0.0"),
         (
             ["model.mlp=swish"],

@@ -76,6 +76,16 @@ class SGD:
         )
 
 
+class Tenth:
+    """One AdamW group at a tenth of train.learning_rate, as a Lion plugin would set it."""
+
+    def __init__(self, options) -> None:
+        pass
+
+    def build(self, model, train, device_type):
+        return torch.optim.AdamW(model.parameters(), lr=train.learning_rate / 10)
+
+
 class Halving:
     """The peak, halved every step."""
 
@@ -107,6 +117,7 @@ def third_party(seen: list):
         @hookimpl
         def register_optimizers(self, register):
             register("sgd", SGD, options=SGDOptions)
+            register("tenth", Tenth)
 
         @hookimpl
         def register_schedules(self, register):
@@ -162,6 +173,11 @@ def test_register_optimizers_a_third_partys_optimizer_is_built_with_its_options(
     )
     saved = json.loads((tmp_path / "r" / "tiny" / "config.json").read_text())
     assert saved["train"]["sgd"] == {"momentum": 0.5, "lr_scale": 2.0}
+    # The plugin's scaled group is logged at the rate it steps with.
+    records, _ = read_metrics(tmp_path / "r" / "tiny" / "metrics.jsonl")
+    assert [(r["lr"], r["lr/0"], r["lr/1"]) for r in records] == [
+        (3e-3 / 2**s, 3e-3 / 2**s, 6e-3 / 2**s) for s in range(4)
+    ]
 
 
 def test_register_schedules_a_third_partys_schedule_sets_every_groups_lr_and_the_metric(
@@ -181,7 +197,11 @@ def test_register_schedules_a_third_partys_schedule_sets_every_groups_lr_and_the
     assert [[lr for lr, _ in groups] for _, groups in seen] == [
         [0.04 / 2**s, 3e-3 / 2**s, 3e-3 / 2**s] for s in range(4)
     ]
-    assert [lr for *_, lr in lines(tmp_path / "r")] == [3e-3 / 2**s for s in range(4)]
+    # `lr` is the first group's actual rate (Muon's), and each group's where they differ.
+    records, _ = read_metrics(tmp_path / "r" / "tiny" / "metrics.jsonl")
+    assert [(r["lr"], r["lr/0"], r["lr/1"], r["lr/2"]) for r in records if "train_loss" in r] == [
+        (0.04 / 2**s, 0.04 / 2**s, 3e-3 / 2**s, 3e-3 / 2**s) for s in range(4)
+    ]
 
 
 def test_the_built_ins_register_like_any_plugin(installed_plugins):
@@ -274,7 +294,8 @@ def test_what_a_plugin_returns_is_checked_in_one_line():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     optimizer.param_groups[0]["peak_lr"] = 0.1
     rates = LearningRates.for_run(*make_schedule(plugins, train), optimizer, train, 10)
-    assert rates.apply(optimizer.param_groups, 2) == train.learning_rate
+    # The metric is the group's own rate (its peak 0.1), not train.learning_rate's.
+    assert rates.apply(optimizer.param_groups, 2) == {"lr": 0.1}
     with pytest.raises(
         PluginFault,
         match=r"^plugin 'bad': schedule 'nan': lr returned nan at step 3, not a finite number$",
@@ -401,3 +422,17 @@ def test_muon_under_accelerate_launch_keeps_both_processes_in_sync(
     assert ranks[0]["params_sha256"] == ranks[1]["params_sha256"]
     last = load_checkpoint(tmp_path / "results" / "ddp" / "checkpoints" / "last.pth", resume=True)
     assert set(last["optimizer"]) == {"muon", "adamw"}
+
+
+def test_the_lr_metric_is_the_rate_a_scaled_optimizer_steps_with(
+    tiny_char_experiment, session_data_dir, tmp_path, train_experiment
+):
+    seen: list = []
+    path = tiny_char_experiment(extra='[[callbacks]]\nplugin = "rates"\n')
+    overrides = [*FOUR_STEPS, "train.optimizer=tenth", "train.warmup_steps=2"]
+    train_experiment(path, session_data_dir, tmp_path / "r", overrides, third_party(seen))
+    stepped = [groups[0][0] for _, groups in seen]
+    assert stepped[-1] < 3e-4  # a tenth of learning_rate = 3e-3, decaying
+    records, _ = read_metrics(tmp_path / "r" / "tiny" / "metrics.jsonl")
+    assert [r["lr"] for r in records if "train_loss" in r] == stepped
+    assert not any(key.startswith("lr/") for r in records for key in r)  # one group, one rate
