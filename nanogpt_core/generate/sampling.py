@@ -55,7 +55,8 @@ def contained_from_description(
 
     :param plugins: where ``kind`` is looked up; the installed plugins when None.
     """
-    from nanogpt_core.plugins.registry import load_plugins, rebuild_from_description
+    from nanogpt_core.plugins.rebuild import rebuild_from_description
+    from nanogpt_core.plugins.registry import load_plugins
 
     plugins = plugins or load_plugins()
     made = rebuild_from_description(kind, description, plugins)
