@@ -15,7 +15,7 @@ API_VERSION = "1.1.0"
 """The version of the plugin API, by semantic versioning, apart from the package's.
 
 The API is ``nanogpt_core``'s ``__all__``, these hooks and the protocols they
-document. 1.0.0 is what releases 0.1.0 and 0.2.0 documented; 1.1.0 added a
+document. 1.0.0 is what releases 0.1.0 and 0.2.0 documented; 1.1.0 (0.3.0) added a
 source's optional ``token_estimate``, a callback's optional
 ``planned_checkpoints``, ``tokens_from_text_bytes`` and this constant. A plugin
 module may declare what it supports, ``NANOGPT_API = ">=1.0,<2"`` (a PEP 440
