@@ -16,7 +16,10 @@ here and printed as a checklist, each line PASS, FAIL or SKIP with what was seen
 - the fused AdamW kernel;
 - a known tensor-core peak for the device, so MFU is against the right figure;
 - with two or more GPUs, that each rank of ``accelerate launch`` holds a CUDA
-  context on its own GPU only.
+  context on its own GPU only;
+- the memory estimate ``gpt plan`` prints against the eager run's peak
+  allocated memory, at the precision the device takes (fp16 on a V100, bf16
+  from an A100): within 25 %.
 
 Then tokens/s, MFU and peak memory for eager and compiled GPT-2 small runs on
 random GPT-2 tokens, with a batch that fits the device (8 on a 16 GB V100).
@@ -214,6 +217,37 @@ def run_checks(trainer: Trainer, smoke: bool) -> None:
         check("one CUDA context per rank", *contexts_per_rank())
 
 
+def estimated_bytes(trainer: Trainer) -> int:
+    """The project's one memory estimate (what ``gpt plan`` prints) for this trainer's run."""
+    from nanogpt_core.train.memory import estimate_training_memory, optimizer_state_bytes
+    from nanogpt_core.train.optimization import make_optimizer
+
+    shape = trainer.raw_model.config
+    optimizer = optimizer_state_bytes(
+        shape, lambda model: make_optimizer(trainer.plugins, trainer.train_cfg, model, "meta")
+    )
+    return estimate_training_memory(
+        shape,
+        batch_size=trainer.train_cfg.batch_size,
+        precision=trainer.accelerator.mixed_precision,
+        optimizer_bytes=optimizer,
+    ).total
+
+
+def check_estimate(estimate: int, peak_gib: float, precision: str, smoke: bool) -> None:
+    """The estimate against the eager run's peak allocated memory: within 25 %."""
+    name = f"memory estimate vs peak ({precision})"
+    if smoke:
+        check(name, None, f"estimate {estimate / 2**30:.2f} GiB; no CUDA allocator on the CPU")
+        return
+    ratio = estimate / 2**30 / peak_gib
+    check(
+        name,
+        0.75 <= ratio <= 1.25,
+        f"{estimate / 2**30:.2f} GiB vs {peak_gib:.2f} GiB: {ratio:.2f}x",
+    )
+
+
 def default_batch() -> int:
     """A GPT-2 small batch (T = 1024) that fits the device: 8 on a 16 GB V100."""
     total = torch.cuda.get_device_properties(0).total_memory / 2**30
@@ -239,7 +273,12 @@ def main() -> None:
         checked = make_trainer(root / "checks", data, args.steps, batch, False, smoke)
         run_checks(checked, smoke)
         del checked
-        eager = speed(make_trainer(root, data, args.steps, batch, False, smoke))
+        eager_trainer = make_trainer(root, data, args.steps, batch, False, smoke)
+        estimate = estimated_bytes(eager_trainer)
+        eager = speed(eager_trainer)
+        precision = eager_trainer.accelerator.mixed_precision
+        check_estimate(estimate, eager["peak_gib"], precision, smoke)
+        del eager_trainer
         compiled = speed(make_trainer(root, data, args.steps, batch, True, smoke))
     name = torch.cuda.get_device_name() if not smoke else "cpu"
     block = (SMOKE if smoke else GPT2_SMALL).block_size
