@@ -145,6 +145,8 @@ def register_type_hooks(converter: cattrs.Converter) -> None:
     converter.register_structure_hook_factory(_is_tuple, tuple_factory)
     converter.register_structure_hook_func(_is_literal, literal)
     converter.register_structure_hook_func(_is_enum, enum_member)
+    # Older cattrs (24.1) dispatch enums by class before any predicate: hook the base too.
+    converter.register_structure_hook(enum.Enum, enum_member)
     for path_type in (pathlib.PurePath, pathlib.Path):  # cattrs has its own hook for Path
         converter.register_structure_hook(path_type, path)
 
