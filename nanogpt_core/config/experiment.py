@@ -61,6 +61,14 @@ def _valid_seed(_instance: Any, attribute: attrs.Attribute, value: int) -> None:
         )
 
 
+def _valid_spike_factor(_instance: Any, attribute: attrs.Attribute, value: float) -> None:
+    # At or below 1 about half of all healthy steps would be above the median.
+    if value != 0 and value <= 1:
+        raise OptionValueError(
+            attribute.name, f"{value} would skip healthy steps; use 0 (off) or a factor above 1"
+        )
+
+
 @attrs.frozen(kw_only=True)
 class ModelConfig(GPTConfig):
     """The ``[model]`` table: the model's shape (every :class:`GPTConfig` option) and
@@ -159,6 +167,27 @@ class TrainConfig:
         True,
         "Refuse to start when the estimated memory (weights, gradients, AdamW state and "
         "one micro-batch's activations) exceeds the device's free memory; false to skip.",
+    )
+    activation_checkpointing: bool = option(
+        False,
+        "Keep only each transformer block's input for the backward pass and recompute the "
+        "rest (torch.utils.checkpoint): less activation memory for about a third more compute.",
+    )
+    spike_factor: float = option(
+        0.0,
+        "Skip a step whose loss or gradient norm exceeds this many times the median of the "
+        "last spike_window accepted steps; 0 disables (nanoGPT's behaviour). Steps with a "
+        "NaN or infinite loss or gradient norm are always skipped.",
+        validator=_valid_spike_factor,
+    )
+    spike_window: int = option(
+        128, "Accepted steps whose median spike_factor compares with.", validator=positive
+    )
+    max_skips_in_a_row: int = option(
+        20,
+        "Stop the run (exit 1, the last checkpoint kept) after this many skipped steps in a "
+        "row; 1 stops at the first.",
+        validator=positive,
     )
     # The [train.<name>] tables, by plugin name. Not a key of [train] itself: the
     # first pass fills it with the raw tables; the second (resolve_plugins) with the

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from nanogpt_core.model.config import RMS_NORM_EPS, GPTConfig, mlp_hidden_size
 from nanogpt_core.model.kv_cache import KVCache, LayerCache
@@ -211,6 +212,9 @@ class GPT(nn.Module):
             self.register_buffer(
                 "rope_inv_freq", 1.0 / (config.rope_base**exponents), persistent=False
             )
+        # Recompute each block in the backward pass instead of keeping its activations
+        # (training only; the trainer sets it from [train] activation_checkpointing).
+        self.activation_checkpointing = False
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer): each block
         # adds two of them to the residual stream, whose variance would otherwise grow.
@@ -312,8 +316,17 @@ class GPT(nn.Module):
             i = torch.arange(T, device=idx.device)
             mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - block_size)
         x = self.transformer.drop(x)
+        # Training only: a KV cache would be appended to twice, and without
+        # gradients there is no backward pass to recompute for.
+        training = self.training and cache is None and torch.is_grad_enabled()
+        recompute = self.activation_checkpointing and training
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache.layers[i] if cache is not None else None, rope, mask)
+            if recompute:
+                # Only x is kept; the backward pass reruns the block, with the dropout
+                # masks of the first run (the random state is restored): same gradients.
+                x = checkpoint(block, x, None, rope, mask, use_reentrant=False)
+            else:
+                x = block(x, cache.layers[i] if cache is not None else None, rope, mask)
         return self.transformer.ln_f(x)
 
     def head_logits(self, x: torch.Tensor) -> torch.Tensor:

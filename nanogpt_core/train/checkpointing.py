@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from nanogpt_core.data.prepared import PreparedData
     from nanogpt_core.data.token_windows import BatchSource
     from nanogpt_core.model.gpt import GPT
+    from nanogpt_core.train.step_guard import StepGuard
 
 # Param-group keys that choose an optimizer's kernel rather than its update.
 IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")
@@ -158,6 +159,7 @@ class RunCheckpoints:
     :param paths: the run's results folder.
     :param echo: prints a line on the main process.
     :param optimizer_who: how messages name the optimizer plugin.
+    :param guard: the run's step guard, whose window and counts a checkpoint keeps.
     """
 
     def __init__(
@@ -174,6 +176,7 @@ class RunCheckpoints:
         paths: RunPaths,
         echo: Callable[[str], None],
         optimizer_who: str = "the optimizer",
+        guard: StepGuard | None = None,
     ) -> None:
         self.config = config
         self.data = data
@@ -186,6 +189,7 @@ class RunCheckpoints:
         self.paths = paths
         self.echo = echo
         self.optimizer_who = optimizer_who
+        self.guard = guard
 
     # -- writing -------------------------------------------------------------
 
@@ -220,6 +224,7 @@ class RunCheckpoints:
             "tokenizer": dict(self.data.tokenizer),
             "template": self.data.meta.get("template"),
             "data": {key: self.data.meta.get(key) for key in ("plugin", "variant", "fingerprint")},
+            "guards": self.guard.state_dict() if self.guard else None,
         }
 
     def warn_if_unresumable(self) -> None:
@@ -318,6 +323,8 @@ class RunCheckpoints:
             self.sampler.load_state_dict(ranks[rank]["sampler"])
             set_rng_state(ranks[rank]["rng"], self.accelerator.device)
         self.hooks.load_callback_states(states)
+        if self.guard:  # a checkpoint from before the guards has none: nothing seen yet
+            self.guard.load_state_dict(checkpoint.get("guards"))
         step = int(checkpoint["step"])
         metrics = dict(checkpoint["metrics"])
         if "tokens" not in metrics and not self.throughput.fine_tuning:

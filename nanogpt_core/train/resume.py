@@ -36,6 +36,14 @@ RESUMABLE_CHANGES = (
     "train.compile",
     "train.peak_flops",
     "train.memory_check",
+    # A run that the guards stopped resumes with a lower peak, or looser guards.
+    "train.learning_rate",
+    "train.min_lr",
+    "train.spike_factor",
+    "train.spike_window",
+    "train.max_skips_in_a_row",
+    # Recomputing activations changes memory and time, not the arithmetic.
+    "train.activation_checkpointing",
 )
 
 

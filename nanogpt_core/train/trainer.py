@@ -16,8 +16,6 @@ and MFU in ``throughput.py``, and stopping on a signal in ``stopping.py``.
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Callable
 from types import MappingProxyType
 from typing import Any
 
@@ -25,7 +23,6 @@ import torch
 
 from nanogpt_core.config.experiment import ExperimentConfig
 from nanogpt_core.data.prepared import PreparedData
-from nanogpt_core.errors import TrainingError
 from nanogpt_core.files import atomic_write_text
 from nanogpt_core.plugins.registry import Plugins
 from nanogpt_core.train.callbacks import Callback, Requests, RunPaths, TrainerState
@@ -42,40 +39,10 @@ from nanogpt_core.train.optimization import (
     optimizer_who,
     prepare_contained,
 )
+from nanogpt_core.train.step_guard import StepGuard, agree, finite_or_none
 from nanogpt_core.train.stopping import StopRequest, TrainingInterrupted
 from nanogpt_core.train.throughput import Throughput
 from nanogpt_core.train.training_data import steps_per_epoch, to_device, training_batches
-
-
-def agree(
-    accelerator: Any, loss: torch.Tensor, grad_norm: torch.Tensor, *, stop: bool
-) -> tuple[float, float, bool]:
-    """The step's figures as every process sees them, in one gather and one host read.
-
-    The loss is averaged over processes (so the finiteness check is the same
-    everywhere); a stop requested on any process stops every process after
-    this step. Packing the three into one small tensor keeps the step at one
-    device-to-host synchronisation.
-    """
-    flag = torch.ones((), device=loss.device) if stop else torch.zeros((), device=loss.device)
-    packed = torch.stack([loss.float(), grad_norm.detach().float().to(loss.device), flag])
-    gathered = accelerator.gather(packed[None, :])  # (processes, 3)
-    agreed = torch.stack(
-        [gathered[:, 0].mean(), gathered[:, 1].max(), gathered[:, 2].max()]
-    ).tolist()
-    return agreed[0], agreed[1], agreed[2] > 0
-
-
-def check_finite(loss: float, step: int, last_good: Callable[[], str]) -> None:
-    """Stop a run whose loss is NaN or infinite, naming the checkpoint to go back to.
-
-    :raises TrainingError: the loss is not finite.
-    """
-    if not math.isfinite(loss):
-        raise TrainingError(
-            f"loss is {loss} at step {step}: training diverged; lower train.learning_rate "
-            f"or check the data. Nothing was saved from this step. {last_good()}"
-        )
 
 
 class Trainer:
@@ -162,6 +129,9 @@ class Trainer:
         self.hooks = HookDispatch(
             state, requests, callbacks, plugin_names, self.metrics_log, self.elapsed, self.echo
         )
+        self.guard = StepGuard.for_run(
+            train, self.optimizer, accelerator.scaler, lambda: self.checkpoints.last_good()
+        )
         self.checkpoints = RunCheckpoints(
             config=config,
             data=data,
@@ -174,6 +144,7 @@ class Trainer:
             paths=paths,
             echo=self.echo,
             optimizer_who=self.optimizer_who,
+            guard=self.guard,
         )
 
     @property
@@ -181,9 +152,9 @@ class Trainer:
         """What callbacks see now (steps done, metrics, status, ...)."""
         return self.hooks.state
 
-    def echo(self, message: str) -> None:
-        """Print a line on the main process without breaking the progress bar."""
-        if self.is_main:
+    def echo(self, message: str | None) -> None:
+        """Print a line on the main process without breaking the progress bar (None: nothing)."""
+        if self.is_main and message:
             from tqdm import tqdm
 
             tqdm.write(message)
@@ -199,6 +170,7 @@ class Trainer:
         resuming = self.paths.last_checkpoint.exists()
         init_from = None if resuming else self.config.model.init_from
         model = build_model(self.model_config, init_from, self.data.tokenizer, self.echo)
+        model.activation_checkpointing = self.train_cfg.activation_checkpointing
         return model.to(self.accelerator.device)
 
     def _prepare_for_training(self) -> tuple[Any, Any]:
@@ -268,17 +240,18 @@ class Trainer:
         rates = self.set_learning_rates(step - 1)
         loss = self._forward_backward()
         grad_norm = self._clip_gradients()
-        self._optimizer_step()
+        # Before the optimizer step: every process skips a bad step alike (step_guard.py).
         loss, grad_norm, stop.agreed = agree(
             self.accelerator, loss, grad_norm, stop=stop.requested is not None
         )
-        check_finite(loss, step, self.checkpoints.last_good)
+        self.echo(self.guard.step(step, loss, grad_norm, self._optimizer_step))
         metrics = {
             **self.state.metrics,
-            "train_loss": loss,
+            "train_loss": finite_or_none(loss),
             **rates,
-            "grad_norm": grad_norm,
+            "grad_norm": finite_or_none(grad_norm),
             "tokens": self.state.metrics.get("tokens", 0) + self.throughput.tokens_of_step(),
+            "skipped_steps": self.guard.skipped,
         }
         evaluate = step % train.eval_every == 0 or step == self.total_steps
         record = None
@@ -321,8 +294,8 @@ class Trainer:
         """
         loss = self._forward_backward()
         grad_norm = self._clip_gradients()
-        self._optimizer_step()
         loss, grad_norm, _ = agree(self.accelerator, loss, grad_norm, stop=False)
+        self.echo(self.guard.step(self.state.step + 1, loss, grad_norm, self._optimizer_step))
         return loss, grad_norm
 
     def _forward_backward(self) -> torch.Tensor:

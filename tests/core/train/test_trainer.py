@@ -164,23 +164,26 @@ def test_callback_hooks_are_called_in_order_at_each_point(
     assert calls == [(name, *call) for call in expected_one for name in ("second", "first")]
 
 
-def test_nan_loss_stops_the_run_after_on_train_end(
+def test_nan_steps_are_skipped_until_too_many_in_a_row_stop_after_on_train_end(
     tiny_char_experiment, session_data_dir, tmp_path, train_experiment
 ):
     calls = []
     extra = CALLBACKS + '\n[[callbacks]]\nplugin = "poison"\n'
-    with pytest.raises(TrainingError, match="loss is nan at step 4"):
+    # NaN weights from step 3 on: steps 4 and 5 are skipped, and two in a row stop the run.
+    with pytest.raises(
+        TrainingError, match=r"^step 5: 2 steps skipped in a row \(the last: loss nan"
+    ):
         train_experiment(
             tiny_char_experiment(extra=extra),
             session_data_dir,
             tmp_path / "r",
-            ["train.steps_per_epoch=10"],
+            ["train.steps_per_epoch=10", "train.max_skips_in_a_row=2"],
             recording_plugins(calls, poison_at=3),
         )
-    # The state still shows the last step that completed: step 4 failed.
+    # The state still shows the last step that completed: step 5 failed.
     assert calls[-2:] == [
-        ("second", "on_train_end", 3, 1, "failed"),
-        ("first", "on_train_end", 3, 1, "failed"),
+        ("second", "on_train_end", 4, 1, "failed"),
+        ("first", "on_train_end", 4, 1, "failed"),
     ]
 
 
