@@ -95,7 +95,8 @@ class MetricsLog:
         """Build a training step's line once, append it, and return it (callbacks get the same).
 
         :param metrics: the step's ``tokens``, ``train_loss``, ``lr`` (and each
-            group's ``lr/<name>`` where they differ) and ``grad_norm``.
+            group's ``lr/<name>`` where they differ), ``grad_norm`` and
+            ``skipped_steps`` (the guards' count so far).
         :param measured: throughput (``tokens_per_sec``, ``mfu``, ...) and, at an
             evaluation, the estimated ``train_loss`` and ``val_loss`` (which
             replace the step's own ``train_loss``).
@@ -106,6 +107,7 @@ class MetricsLog:
             **{key: metrics[key] for key in ("tokens", "train_loss", "lr")},
             **{key: value for key, value in metrics.items() if key.startswith("lr/")},
             "grad_norm": metrics["grad_norm"],
+            "skipped_steps": metrics.get("skipped_steps", 0),
             **measured,
             "elapsed_s": elapsed_s,
         }

@@ -5,6 +5,7 @@ Installed as a distribution of its own by ``test_plugin_faults.py`` (module
 method raise ``RuntimeError("injected fault in <kind>.<method>")``;
 ``NANOGPT_FAULT=callback.unplain_state`` makes the callback's ``state_dict``
 return a numpy number, which ``torch.load(weights_only=True)`` would refuse.
+The ``faulty_loss`` callback corrupts chosen steps' losses (``NANOGPT_LOSS_FAULT``).
 It imports nothing but ``nanogpt_core``'s public API, as a real plugin must.
 """
 
@@ -172,6 +173,35 @@ class FaultyCallback(Callback):
         self.steps = state["steps"]
 
 
+class LossFault(Callback):
+    """Corrupts the training loss at chosen steps, so that the step guards have work.
+
+    ``NANOGPT_LOSS_FAULT="5:nan,9:huge"`` makes step 5's loss NaN and step 9's
+    a thousand times larger (its gradients too); unset, nothing. A forward
+    hook on the model, in training mode only (evaluation is left alone).
+    """
+
+    def __init__(self, options: Any) -> None:
+        factors = {"nan": float("nan"), "huge": 1000.0}
+        items = filter(None, os.environ.get("NANOGPT_LOSS_FAULT", "").split(","))
+        self.factors = {int(step): factors[kind] for step, kind in (i.split(":") for i in items)}
+        self.next_step = 1
+
+    def on_train_start(self, state: Any) -> None:
+        self.next_step = state.step + 1
+        state.model.register_forward_hook(self._corrupt)
+
+    def on_step_end(self, state: Any) -> None:
+        self.next_step = state.step + 1
+
+    def _corrupt(self, module: Any, inputs: Any, output: Any) -> Any:
+        logits, loss = output
+        factor = self.factors.get(self.next_step)
+        if factor is not None and module.training and loss is not None:
+            return logits, loss * factor
+        return None
+
+
 class FaultyTask:
     """An eval task that scores nothing."""
 
@@ -246,6 +276,7 @@ def register_templates(register):
 @hookimpl
 def register_callbacks(register):
     register("faulty_cb", FaultyCallback, options=NoOptions)
+    register("faulty_loss", LossFault, options=NoOptions)
 
 
 @hookimpl
