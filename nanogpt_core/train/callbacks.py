@@ -117,9 +117,9 @@ class TrainerState:
         optimizer: the optimizer.
         accelerator: the ``accelerate.Accelerator`` driving the run.
         metrics: the latest value of every metric (``train_loss``, ``val_loss``,
-            ``lr``, ``grad_norm``, ``tokens_per_sec``, ``mfu``, ``tokens``,
-            ``elapsed_s``, and what callbacks logged through :meth:`log_metrics`),
-            read-only.
+            ``lr``, ``grad_norm``, ``skipped_steps``, ``tokens_per_sec``, ``mfu``,
+            ``tokens``, ``elapsed_s``, and what callbacks logged through
+            :meth:`log_metrics`), read-only.
         record: the line written to ``metrics.jsonl`` at this step (read-only), or
             None on steps that log nothing.
         texts: text produced during the run so far, as ``(step, tag, text)``
