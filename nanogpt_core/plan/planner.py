@@ -231,6 +231,7 @@ def _memory_figures(
         batch_size=config.train.batch_size,
         precision=precision,
         optimizer_bytes=optimizer_bytes,
+        activation_checkpointing=config.train.activation_checkpointing,
     )
     return MemoryFigures(
         estimate=estimate,

@@ -104,11 +104,15 @@ class MemoryEstimate:
         return self.weights + self.gradients + self.optimizer + self.activations
 
 
-def activation_bytes(config: Any, batch_size: int, precision: str) -> int:
+def activation_bytes(
+    config: Any, batch_size: int, precision: str, *, checkpointed: bool = False
+) -> int:
     """Peak activation memory of one micro-batch of ``batch_size`` full-length sequences.
 
     :param config: the model's shape (a ``GPTConfig``).
     :param precision: ``"no"`` (float32), ``"bf16"`` or ``"fp16"`` autocast.
+    :param checkpointed: activation checkpointing: each block keeps only its
+        float32 input (4 C), and one block's tensors live while it is recomputed.
 
     Per token: every block's saved tensors (:data:`_BLOCK`), the output layer's
     (the log-softmax of the logits is kept in float32, 4 V), and the largest
@@ -131,7 +135,8 @@ def activation_bytes(config: Any, batch_size: int, precision: str) -> int:
     head = 8 * c + 4 * v
     backward = max(8 * v, _BLOCK["fp32"][0] * c + _BLOCK["fp32"][1] * h)
     tokens = batch_size * config.block_size
-    return tokens * (config.n_layer * block + head + backward)
+    blocks = config.n_layer * 4 * c + block if checkpointed else config.n_layer * block
+    return tokens * (blocks + head + backward)
 
 
 # AdamW's two float32 moments per parameter: what is assumed of an optimizer
@@ -146,6 +151,7 @@ def estimate_training_memory(
     precision: str,
     optimizer_bytes: int | None = None,
     shards: int = 1,
+    activation_checkpointing: bool = False,
 ) -> MemoryEstimate:
     """What a training process of this model and micro-batch needs (see :class:`MemoryEstimate`).
 
@@ -153,11 +159,14 @@ def estimate_training_memory(
         (:func:`optimizer_state_bytes`); default AdamW's 8 bytes per parameter.
     :param shards: processes the parameters, gradients and optimizer state are
         sharded over (1: data parallelism, every process holds them all).
+    :param activation_checkpointing: ``[train] activation_checkpointing``.
     """
     count = parameter_count(config)
     if optimizer_bytes is None:
         optimizer_bytes = ADAMW_BYTES_PER_PARAMETER * count
-    activations = activation_bytes(config, batch_size, precision)
+    activations = activation_bytes(
+        config, batch_size, precision, checkpointed=activation_checkpointing
+    )
     if precision != "no":
         activations += 2 * count  # autocast's 16-bit copies of the weights
     return MemoryEstimate(

@@ -179,7 +179,11 @@ def check_memory(
         return
     batch = config.train.batch_size
     estimate = estimate_training_memory(
-        model_config, batch_size=batch, precision=precision, optimizer_bytes=optimizer_bytes
+        model_config,
+        batch_size=batch,
+        precision=precision,
+        optimizer_bytes=optimizer_bytes,
+        activation_checkpointing=config.train.activation_checkpointing,
     )
     available, where = available_bytes(device)
     if available is None or estimate.total <= available:
