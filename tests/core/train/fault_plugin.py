@@ -179,6 +179,7 @@ class LossFault(Callback):
     ``NANOGPT_LOSS_FAULT="5:nan,9:huge"`` makes step 5's loss NaN and step 9's
     a thousand times larger (its gradients too); unset, nothing. A forward
     hook on the model, in training mode only (evaluation is left alone).
+    ``NANOGPT_LOSS_FAULT_RANK=1`` corrupts process 1's losses only.
     """
 
     def __init__(self, options: Any) -> None:
@@ -189,7 +190,9 @@ class LossFault(Callback):
 
     def on_train_start(self, state: Any) -> None:
         self.next_step = state.step + 1
-        state.model.register_forward_hook(self._corrupt)
+        rank = os.environ.get("NANOGPT_LOSS_FAULT_RANK")
+        if rank is None or int(rank) == state.accelerator.process_index:
+            state.model.register_forward_hook(self._corrupt)
 
     def on_step_end(self, state: Any) -> None:
         self.next_step = state.step + 1

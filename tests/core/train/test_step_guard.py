@@ -18,6 +18,7 @@ import sys
 import pytest
 import torch
 from fault_plugin import LossFault, NoOptions
+from test_distributed import PROBE, launch
 from test_fault_injection import Gpt, install
 
 from nanogpt_core import Callback, hookimpl
@@ -293,3 +294,34 @@ def test_the_cli_stops_a_diverged_run_with_one_line_and_it_resumes_with_a_lower_
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from step 4 (epoch 1)" in resumed.stdout
     assert load_checkpoint(last, resume=True)["step"] == 12
+
+
+@pytest.mark.slow
+def test_every_process_skips_the_steps_one_process_spoiled(
+    tiny_char_experiment, session_data_dir, tmp_path
+):
+    """Two processes (DDP, gloo); process 1's losses alone are corrupted: both skip alike."""
+    site = install(tmp_path / "site")
+    env = {
+        **Gpt(site).env,
+        "NANOGPT_LOSS_FAULT": "4:nan,9:huge",
+        "NANOGPT_LOSS_FAULT_RANK": "1",
+    }
+    results, probe = tmp_path / "results", tmp_path / "probe"
+    callbacks = 'callbacks=[{plugin = "probe"}, {plugin = "faulty_loss"}]'
+    sets = ["train.steps_per_epoch=12", "train.log_every=1", "train.eval_every=12"]
+    sets += ["train.eval_batches=1", "train.spike_factor=3", "train.spike_window=4"]
+    experiment = tiny_char_experiment(name="ddp")
+    command = launch(PROBE, str(experiment), str(results), str(session_data_dir), str(probe))
+    done = subprocess.run(
+        [*command, callbacks, *sets], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((probe / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["end_step"], r["status"]) for r in ranks] == [(12, "completed")] * 2
+    # Had one process stepped where the other skipped, their weights would differ now.
+    assert ranks[0]["params_sha256"] == ranks[1]["params_sha256"]
+    lines = [json.loads(x) for x in (results / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["skipped_steps"] for line in lines] == [0] * 3 + [1] * 5 + [2] * 4
+    assert done.stdout.count("step 4: skipped (loss nan") == 1  # printed once, by process 0
+    assert "step 9: skipped (loss " in done.stdout
