@@ -168,6 +168,20 @@ def test_every_process_decides_alike_from_the_gathered_figures(mine, theirs):
     assert decisions[0] is not None and decisions[0] == decisions[1]
 
 
+@pytest.mark.parametrize("value", ["0.5", "1.0", "-2.0"])
+def test_a_spike_factor_that_would_skip_healthy_steps_is_refused(tiny_char_experiment, value):
+    from nanogpt_core.config.experiment_file import load_experiment
+    from nanogpt_core.errors import ConfigError
+
+    path = tiny_char_experiment()
+    with pytest.raises(ConfigError) as info:
+        load_experiment(path, [f"train.spike_factor={value}"], load_plugins(disabled=()))
+    assert str(info.value).endswith(
+        f"train.spike_factor: {float(value)} would skip healthy steps; use 0 (off) or a "
+        "factor above 1"
+    )
+
+
 # -- real runs -----------------------------------------------------------------
 
 GUARDED = [
