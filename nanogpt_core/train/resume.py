@@ -36,6 +36,7 @@ RESUMABLE_CHANGES = (
     "train.compile",
     "train.peak_flops",
     "train.memory_check",
+    "train.distributed_timeout_s",
 )
 
 
