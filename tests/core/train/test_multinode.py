@@ -2,11 +2,12 @@
 
 Each node runs one CPU process (gloo) of a 2-process run: ``--multi_gpu
 --num_machines 2 --num_processes 2 --machine_rank 0|1`` with node 0's address
-and port. The run must equal the single-node 2-process run of the same
-experiment, only global rank 0 may write, SIGTERM on every node (a SLURM
-preemption) must save and exit so that a relaunch resumes, and a node killed
-outright must end the other in one line within 60 s, after which relaunching
-both resumes exactly.
+and port. Only global rank 0 may write; SIGTERM on every node (a SLURM
+preemption) must save and exit so that a relaunch resumes; a node killed
+outright must end the other in one line within 60 s; relaunching both must
+then end with exactly the metrics of the uninterrupted single-node 2-process
+run of the same experiment; and a hung node must end the other after
+``train.distributed_timeout_s``.
 
 A test-only callback (``pace``, installed as a distribution of its own on
 PYTHONPATH, entry point and all) sleeps after each step, so that a signal lands
