@@ -107,16 +107,25 @@ class Setup:
         ]  # fmt: skip
 
     def single_node(self, results: Path) -> subprocess.CompletedProcess:
+        """The single-node 2-process run, unpaced: nothing signals it."""
         command = [
             ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2",
             "--main_process_port", str(free_port()), *self.run_args(results),
         ]  # fmt: skip
         return subprocess.run(
-            command, env=self.env, capture_output=True, text=True, timeout=300, check=False
+            command,
+            env={**self.env, "NANOGPT_TEST_PACE_S": "0"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
         )
 
-    def nodes(self, tag: str, roots: tuple[Path, Path], *extra: str) -> list[Node]:
+    def nodes(
+        self, tag: str, roots: tuple[Path, Path], *extra: str, pace: str = PACE_S
+    ) -> list[Node]:
         """Start both nodes, each in a process group of its own (as on two machines)."""
+        env = {**self.env, "NANOGPT_TEST_PACE_S": pace}
         port = str(free_port())
         nodes = []
         for rank, results in enumerate(roots):
@@ -126,7 +135,7 @@ class Setup:
                 "--main_process_ip", "127.0.0.1", "--main_process_port", port,
                 *self.run_args(results, *extra),
             ]  # fmt: skip
-            nodes.append(Node(command, self.env, self.folder / f"{tag}-node{rank}"))
+            nodes.append(Node(command, env, self.folder / f"{tag}-node{rank}"))
         return nodes
 
 
@@ -253,7 +262,7 @@ def test_preempted_then_killed_node_then_relaunched_resumes_exactly(setup, refer
     assert preempted_at < resume_step < 40
 
     # Relaunch both: the two-node run ends as the single-node run did, uninterrupted.
-    nodes = setup.nodes("resume", (root, root))
+    nodes = setup.nodes("resume", (root, root), pace="0")
     codes = [node.wait(300) for node in nodes]
     assert codes == [0, 0], [node.output[-3000:] for node in nodes]
     assert f"resuming from step {resume_step}" in nodes[0].output
@@ -262,6 +271,7 @@ def test_preempted_then_killed_node_then_relaunched_resumes_exactly(setup, refer
 
 def test_a_hung_node_ends_the_run_after_the_distributed_timeout(setup, reference):
     """SIGSTOP: the peer's sockets stay open, so only the process group's timeout tells."""
+    # (`reference` only so that the shared data is prepared before the nodes start.)
     root = setup.folder / "hang"
     nodes = setup.nodes("hang", (root, root), "--set", "train.distributed_timeout_s=5")
     wait_for(lambda: logged_steps(root / "tiny")[-1:] >= [10], nodes, "step 10 logged")
