@@ -165,7 +165,7 @@ class TrainConfig:
         "Seconds a process waits for the others in one collective (a gradient all-reduce) "
         "before it stops with one line, so a hung node ends the run instead of blocking it; "
         "keep it above the longest thing the main process does alone (writing a checkpoint "
-        "to shared storage, a main-only callback). Under accelerate launch only.",
+        "to shared storage, a main-only callback). Only runs of several processes use it.",
         validator=positive,
     )
     # The [train.<name>] tables, by plugin name. Not a key of [train] itself: the
