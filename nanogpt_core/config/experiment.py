@@ -189,6 +189,14 @@ class TrainConfig:
         "row; 1 stops at the first.",
         validator=positive,
     )
+    distributed_timeout_s: int = option(
+        1800,
+        "Seconds a process waits for the others in one collective (a gradient all-reduce) "
+        "before it stops with one line, so a hung node ends the run instead of blocking it; "
+        "keep it above the longest thing the main process does alone (writing a checkpoint "
+        "to shared storage, a main-only callback). Only runs of several processes use it.",
+        validator=positive,
+    )
     # The [train.<name>] tables, by plugin name. Not a key of [train] itself: the
     # first pass fills it with the raw tables; the second (resolve_plugins) with the
     # selected optimizer's and schedule's options instances only.

@@ -44,6 +44,7 @@ RESUMABLE_CHANGES = (
     "train.max_skips_in_a_row",
     # Recomputing activations changes memory and time, not the arithmetic.
     "train.activation_checkpointing",
+    "train.distributed_timeout_s",
 )
 
 

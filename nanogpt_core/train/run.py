@@ -21,6 +21,7 @@ from nanogpt_core.files import atomic_write_text, remove_stale_temporaries
 from nanogpt_core.main_process import on_main_process
 from nanogpt_core.plugins.registry import Plugins, check_callback
 from nanogpt_core.train.callbacks import RunPaths
+from nanogpt_core.train.lost_peers import lost_peers
 from nanogpt_core.train.resume import config_differences
 
 
@@ -41,8 +42,12 @@ def make_accelerator(train: TrainConfig) -> Any:
     Accelerate's ``PartialState`` comes first: it starts the process group and
     sets this process's device (``LOCAL_RANK``). Only then is the device asked
     what it supports, so under ``accelerate launch`` no rank opens a CUDA
-    context on GPU 0 (each costs GPU 0 several hundred MB).
+    context on GPU 0 (each costs GPU 0 several hundred MB). The group's
+    timeout is ``train.distributed_timeout_s``: how long a collective waits for
+    a hung peer before it raises (see :mod:`nanogpt_core.train.lost_peers`).
     """
+    import datetime
+
     import torch
     from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState
@@ -55,7 +60,8 @@ def make_accelerator(train: TrainConfig) -> Any:
             'train.device = "cuda" but no CUDA device is available; use "auto" or "cpu"'
         )
     cpu = train.device == "cpu" or not has_cuda
-    device = PartialState(cpu=cpu).device
+    timeout = datetime.timedelta(seconds=train.distributed_timeout_s)
+    device = PartialState(cpu=cpu, timeout=timeout).device
     precision = resolve_precision(train.mixed_precision, device)
     if precision == "fp16" and cpu:
         raise NanoGPTError(
@@ -226,6 +232,24 @@ def run_plan(
     )
 
 
+def relaunch_hint(paths: RunPaths, trainer: Any) -> tuple[int | None, str]:
+    """How far a run stopped by a lost peer got, and what relaunching every node resumes from.
+
+    :param trainer: the run's ``Trainer``, or None when it stopped before training.
+    :returns: the steps done (None before training) and the hint.
+    """
+    command = "relaunch every node with the same command"
+    if trainer is None:
+        if paths.last_checkpoint.exists():
+            return None, f"{command} to resume from {paths.last_checkpoint}"
+        return None, f"{command} to start again"
+    state = trainer.state
+    if state.last_saved_step is None:
+        return state.step, f"nothing was saved yet; {command} to start again"
+    hint = f"{command} to resume from step {state.last_saved_step} ({paths.last_checkpoint})"
+    return state.step, hint
+
+
 def make_callbacks(config: ExperimentConfig, plugins: Plugins) -> list[Any]:
     """Instantiate the experiment's callbacks, checking what each factory returns."""
     from nanogpt_core.errors import PluginFault
@@ -269,11 +293,15 @@ def run_experiment(
     fresh: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Prepare the data if needed, check everything, then train; returns the final metrics."""
+    """Prepare the data if needed, check everything, then train; returns the final metrics.
+
+    :raises PeerLost: another process of the run died or hung (exit status 75).
+    """
     paths = RunPaths(Path(results_dir) / config.name)
     accelerator = make_accelerator(config.train)
     main = accelerator.is_main_process
-    with run_lock(paths, main):
+    before = lost_peers(config.train.distributed_timeout_s, lambda: relaunch_hint(paths, None))
+    with before, run_lock(paths, main):
         if not fresh:
             check_same_experiment(config, paths)
         finished = finished_summary(config, paths)
@@ -331,7 +359,8 @@ def _train(
     trainer = Trainer(
         config, data, callbacks, paths, accelerator, progress=progress, plugins=plugins
     )
-    final = trainer.fit()
+    with lost_peers(config.train.distributed_timeout_s, lambda: relaunch_hint(paths, trainer)):
+        final = trainer.fit()
     if main:
         summary = {"step": trainer.state.step, "epoch": trainer.state.epoch, **final}
         atomic_write_text(paths.done, json.dumps(summary, indent=2) + "\n")
