@@ -111,11 +111,11 @@ def test_a_folder_holding_another_experiment_is_refused_with_what_differs(
     path = tiny_char_experiment(extra=CHECKPOINT)
     args = ["run", str(path), "--data-dir", str(session_data_dir)]
     assert gpt(*args, *sets(SHORT), cwd=tmp_path).returncode == 0
-    other = gpt(*args, *sets([*SHORT, "train.learning_rate=1e-2", "seed=7"]), cwd=tmp_path)
+    other = gpt(*args, *sets([*SHORT, "train.weight_decay=0.5", "seed=7"]), cwd=tmp_path)
     assert other.returncode == 2
     assert other.stderr.strip().splitlines() == [
         "Error: results/tiny holds a run of a different experiment (seed: 1337 there, 7 now; "
-        "train.learning_rate: 0.003 there, 0.01 now); use --fresh to move it aside and start "
+        "train.weight_decay: 0.1 there, 0.5 now); use --fresh to move it aside and start "
         "over, or set another name"
     ]
     # A longer schedule is the same experiment: it resumes.
