@@ -140,7 +140,7 @@ class Engine:
                 scheduler.add(job)
             try:
                 scheduler.step()
-            except Exception as exc:  # noqa: BLE001 - a bug here must not stop the server
+            except Exception as exc:
                 print(f"Error: the batch failed: {type(exc).__name__}: {exc}", file=sys.stderr)
                 scheduler.fail_all(exc)
 

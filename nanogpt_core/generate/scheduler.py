@@ -65,10 +65,15 @@ class EngineRow(Row):
 
 
 def row_generators(job: Job, device: torch.device) -> list[torch.Generator]:
-    """One generator per choice: choice i of a seeded request is seeded ``seed + i``."""
+    """One generator per choice: choice i of a seeded request is seeded ``seed + i``.
+
+    Choice 0 takes the seed as it is (so a seeded request samples what ``gpt
+    sample --seed`` does), and torch refuses a seed out of its range here; the
+    others wrap around past 2**64 - 1.
+    """
     seed = job.sampling.seed if job.sampling.seed is not None else secrets.randbits(63)
     return [
-        torch.Generator(device=device).manual_seed((seed + i) % 2**64)
+        torch.Generator(device=device).manual_seed(seed if i == 0 else (seed + i) % 2**64)
         for i in range(job.sampling.n)
     ]
 
@@ -108,7 +113,7 @@ class Scheduler:
         """Queue every choice of ``job``; a job whose generators cannot be made fails alone."""
         try:
             generators = row_generators(job, self.loaded.device)
-        except Exception as exc:  # noqa: BLE001 - e.g. a seed torch refuses: this job only
+        except Exception as exc:
             self._fail(job, exc)
             return
         job.rows_left = job.sampling.n
@@ -159,7 +164,7 @@ class Scheduler:
             del row.context[: -self.config.block_size]
         try:
             row.take(token)
-        except Exception as exc:  # noqa: BLE001 - the tokenizer or stop matching: this row only
+        except Exception as exc:
             self._fail(row.job, exc)
             row.done = True
             return
@@ -173,7 +178,7 @@ class Scheduler:
             if not row.done and not row.job.cancelled.is_set() and deadline and now > deadline:
                 try:
                     row.finish("length")
-                except Exception as exc:  # noqa: BLE001 - decoding its last text
+                except Exception as exc:
                     self._fail(row.job, exc)
                     continue
                 self._row_done(row)
@@ -226,7 +231,7 @@ class Scheduler:
             logits = forward_rows(
                 self.loaded.model, idx, positions, views, prefill_mask(start, len(chunk), device)
             )
-        except Exception as exc:  # noqa: BLE001 - this row's forward pass: this row only
+        except Exception as exc:
             self._fail(row.job, exc)
             self.prefilling = None
             return
@@ -254,7 +259,7 @@ class Scheduler:
             draw = BatchSampler([r.settings for r in rows], logits.device).sample(
                 logits, self.vocab_limit
             )
-        except Exception as exc:  # noqa: BLE001 - find the row(s) at fault, one at a time
+        except Exception as exc:
             if len(rows) == 1:
                 self._fail(rows[0].job, exc)
                 return [0]
@@ -307,7 +312,7 @@ class Scheduler:
             logits = forward_rows(
                 self.loaded.model, self.device_tokens[:, None], positions[:, None], views, mask
             )
-        except Exception as exc:  # noqa: BLE001 - a shared forward pass: every row in it
+        except Exception as exc:
             for row in rows:
                 self._fail(row.job, exc)
             self._compact()
@@ -325,7 +330,7 @@ class Scheduler:
         assert self.sampler is not None
         try:
             draw = self.sampler.sample(logits, self.vocab_limit)
-        except Exception:  # noqa: BLE001 - _sample isolates the row at fault
+        except Exception:
             self.changed = True  # the device tokens are rebuilt from the host's
             return self._sample(rows, logits)
         self.device_tokens = draw.on_device

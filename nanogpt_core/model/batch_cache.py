@@ -47,7 +47,9 @@ class BatchKVCache:
         shape = (slots, config.n_head, config.block_size, head_size)
         self.block_size = config.block_size
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.values = [
+            torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)
+        ]
 
     def copy_slot(self, source: int, target: int, length: int) -> None:
         """Copy the first ``length`` places of slot ``source`` to slot ``target``."""
