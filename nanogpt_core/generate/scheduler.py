@@ -223,7 +223,9 @@ class Scheduler:
     def _prefill_chunk(self, row: EngineRow) -> None:
         device = self.loaded.device
         start = row.prefilled
-        chunk = row.to_prefill[start : start + self.prefill_chunk]
+        # Chunks keep running streams going; with none running, the whole prompt at once.
+        size = self.prefill_chunk if self.decoding else self.config.block_size
+        chunk = row.to_prefill[start : start + size]
         idx = torch.tensor([chunk], dtype=torch.long, device=device)
         positions = torch.arange(start, start + len(chunk), device=device)[None, :]
         views = [self.cache.prefill_view(i, self.spare, start) for i in range(self.config.n_layer)]

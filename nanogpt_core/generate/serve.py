@@ -323,15 +323,15 @@ def serve(
     import uvicorn
 
     from nanogpt_core.generate.sampling import contained_from_description, load_model
-    from nanogpt_core.generate.serve_memory import check_kv_fits, resolve_dtype
+    from nanogpt_core.generate.serve_memory import check_kv_fits, resolve_dtype, to_dtype
     from nanogpt_core.plugins.registry import load_plugins
 
     plugins = load_plugins()
     loaded = load_model(ckpt, device, plugins)
     precision = resolve_dtype(dtype, loaded.device)
-    # Checked with the weights already on the device: what is free is what the cache gets.
+    to_dtype(loaded.model, precision)  # the KV cache takes the model's dtype
+    # Checked with the weights on the device: what is free is what the cache gets.
     check_kv_fits(loaded.model.config, max_batch, precision, loaded.device)
-    loaded.model.to(precision)  # the KV cache takes the model's dtype
     template = (
         None
         if loaded.template is None

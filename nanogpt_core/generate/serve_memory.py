@@ -33,6 +33,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float16 if major == 7 else torch.float32
 
 
+def to_dtype(model: Any, dtype: torch.dtype) -> None:
+    """Cast the model's weights to ``dtype`` in place; RoPE's frequencies stay float32.
+
+    The rotation angles are position x frequency: frequencies rounded to half
+    precision would turn far positions by the wrong angle.
+    """
+    frequencies = getattr(model, "rope_inv_freq", None)
+    model.to(dtype)
+    if frequencies is not None:
+        model.rope_inv_freq = frequencies.float()
+
+
 def kv_cache_bytes(config: Any, max_batch: int, dtype: torch.dtype) -> int:
     """Bytes of the batched KV cache: ``max_batch`` rows and the prefill row, full windows."""
     return (max_batch + 1) * config.block_size * kv_bytes_per_token(config, dtype)
@@ -60,6 +72,7 @@ def check_kv_fits(config: Any, max_batch: int, dtype: torch.dtype, device: torch
     """
     if device.type != "cuda":
         return
+    torch.cuda.empty_cache()  # the float32 weights a cast left behind are free too
     free, _total = torch.cuda.mem_get_info(device)
     problem = kv_problem(config, max_batch, dtype, free)
     if problem is not None:

@@ -304,3 +304,28 @@ def test_kv_cache_bytes_and_the_max_batch_check():
     assert problem.endswith("use --max-batch 27 or less")  # 28 rows of 36 MiB fit in 1 GiB
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+
+
+def test_half_precision_keeps_rope_frequencies_and_caches_in_its_dtype():
+    from nanogpt_core.generate.serve_memory import to_dtype
+
+    loaded = loaded_model("rope")
+    frequencies = loaded.model.rope_inv_freq.clone()
+    to_dtype(loaded.model, torch.bfloat16)
+    assert loaded.model.transformer.wte.weight.dtype == torch.bfloat16
+    assert torch.equal(loaded.model.rope_inv_freq, frequencies)  # still float32
+    scheduler = Scheduler(loaded, max_batch=2, prefill_chunk=4)
+    assert scheduler.cache.keys[0].dtype == torch.bfloat16
+    jobs = [Collector(list(range(1, n)), Sampling(max_tokens=20, temperature=0.0)) for n in (3, 9)]
+    drive(scheduler, {0: jobs[:1], 2: jobs[1:]})
+    assert all(c.error is None and len(c.texts[0]) == 20 for c in jobs)
+
+
+def test_serve_option_defaults_are_the_engines():
+    from nanogpt_core.cli.generate_commands import serve
+    from nanogpt_core.generate.engine import MAX_BATCH, MAX_QUEUE
+    from nanogpt_core.generate.scheduler import PREFILL_CHUNK
+
+    defaults = {p.name: p.default for p in serve.params}
+    assert (defaults["max_batch"], defaults["max_queue"]) == (MAX_BATCH, MAX_QUEUE)
+    assert defaults["prefill_chunk"] == PREFILL_CHUNK
