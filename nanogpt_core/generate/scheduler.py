@@ -123,7 +123,7 @@ class Scheduler:
     @property
     def queued(self) -> int:
         """Rows waiting for a place in the batch (those being prefilled included)."""
-        rows = sum(not row.refilling for row in self.waiting)
+        rows = sum(not row.refilling for row in list(self.waiting))  # read by /metrics
         return rows + (self.prefilling is not None and not self.prefilling.refilling)
 
     @property

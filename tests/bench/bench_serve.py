@@ -42,6 +42,7 @@ import httpx
 import torch
 from benchtable import print_table
 
+from nanogpt_core.generate.sampling import encode_prompt, load_model, stream_pieces
 from nanogpt_core.model.gpt import GPT, GPTConfig
 from nanogpt_core.train.checkpoints import save_checkpoint
 
@@ -157,6 +158,19 @@ def summary(results: list[Result], wall: float) -> dict[str, float]:
     }
 
 
+def in_process(ckpt: Path, prompt: str, tokens: int) -> float:
+    """Greedy tokens/s of ``gpt sample``'s generation in this process, without a server."""
+    loaded = load_model(ckpt, "cpu")
+    ids, _ = encode_prompt(loaded, prompt)
+    common = {"temperature": 0.0, "top_k": None, "top_p": None, "generator": None}
+    list(stream_pieces(loaded, ids, max_new_tokens=4, **common))  # warm-up
+    start = time.perf_counter()
+    count = sum(
+        len(piece) for piece, _ in stream_pieces(loaded, ids, max_new_tokens=tokens, **common)
+    )
+    return count / (time.perf_counter() - start)
+
+
 def start_server(ckpt: Path, *options: str) -> tuple[subprocess.Popen, str]:
     """A `gpt serve` process on a free loopback port, once /health answers."""
     with socket.socket() as s:
@@ -216,9 +230,13 @@ def main() -> None:
     itl_tokens = 24 if args.quick else 48
     with tempfile.TemporaryDirectory() as folder:
         ckpt = write_checkpoint(Path(folder) / "gpt2_wide.pth", layers)
+        lone = (prompt_of(40, rng), itl_tokens)
+        direct = in_process(ckpt, *lone)
         process, url = start_server(ckpt)  # defaults: --max-batch 8, --prefill-chunk 64
         try:
             at_once(url, [(prompt_of(50, rng), 4)] * 2)  # warm-up
+            one_results, one_wall = one_by_one(url, [lone])
+            one = one_results[0].tokens / one_wall
             mixed_stats = summary(*at_once(url, mixed))
             cut_stats = summary(*at_once(url, cut))
             alone_stats = summary(*one_by_one(url, mixed))
@@ -237,6 +255,13 @@ def main() -> None:
     m, c, a = mixed_stats, cut_stats, alone_stats
     print_table(
         [
+            (
+                f"serve tokens/s, 1 streaming client, {itl_tokens} new (ref: in-process)",
+                f"{one:,.1f}",
+                f"{direct:,.1f}",
+                f"{one / direct:.2f}x",
+                ">= 0.80x",
+            ),
             (
                 f"serve tokens/s, {CLIENTS} clients, prompts 5-400 (ref: cut to median "
                 f"{median}), {shape}",
