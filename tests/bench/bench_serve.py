@@ -11,10 +11,12 @@ what the KV cache holds, are GPT-2 small's (`--layers 12` for the full shape).
 
 Measured in one run, against references from the same run:
 
+- Greedy tokens/s of 1 streaming client against the same generation in this
+  process without a server (what serving costs; best of 3 each, alternating).
 - 16 clients at once, prompts spread from 5 to 400 tokens, `max_tokens` 16 to
-  48: aggregate generated tokens/s, time to first token (p50, p95), inter-token
+  128: aggregate generated tokens/s, time to first token (p50, p95), inter-token
   latency (p50, p95); against the same 16 requests with every prompt cut to the
-  median length (goal: at least 90 %), and against the same 16 sent one at a
+  median length (goal: at least 90 %; the two alternate, best of 2 each), and against the same 16 sent one at a
   time (goal: at least 2x).
 - Inter-token latency (p95 and the longest gap) of 4 running streams while a
   400-token prompt arrives, against the same streams with nothing arriving,
@@ -222,7 +224,9 @@ def main() -> None:
     rng = random.Random(0)
     lengths = [round(5 + i * (400 - 5) / (CLIENTS - 1)) for i in range(CLIENTS)]
     rng.shuffle(lengths)
-    answer = [8, 12, 16] if args.quick else [16, 24, 32, 48]
+    # Answers of 16 to 128 tokens: with shorter ones the prompts' prefill (the same
+    # work batched or not) is most of the run on a CPU.
+    answer = [8, 12, 16] if args.quick else [16, 32, 64, 128]
     max_tokens = [answer[i % len(answer)] for i in range(CLIENTS)]
     median = int(statistics.median(lengths))
     mixed = [(prompt_of(n, rng), m) for n, m in zip(lengths, max_tokens, strict=True)]
@@ -231,14 +235,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         ckpt = write_checkpoint(Path(folder) / "gpt2_wide.pth", layers)
         lone = (prompt_of(40, rng), itl_tokens)
-        direct = in_process(ckpt, *lone)
         process, url = start_server(ckpt)  # defaults: --max-batch 8, --prefill-chunk 64
         try:
             at_once(url, [(prompt_of(50, rng), 4)] * 2)  # warm-up
-            one_results, one_wall = one_by_one(url, [lone])
-            one = one_results[0].tokens / one_wall
-            mixed_stats = summary(*at_once(url, mixed))
-            cut_stats = summary(*at_once(url, cut))
+            # Best of 3, alternating: other processes on a shared machine weigh on one or the other.
+            one = direct = 0.0
+            for _ in range(3):
+                direct = max(direct, in_process(ckpt, *lone))
+                one_results, one_wall = one_by_one(url, [lone])
+                one = max(one, one_results[0].tokens / one_wall)
+            # Alternating, best of 2 by throughput: the two are compared with a 10 % margin.
+            runs = [(summary(*at_once(url, mixed)), summary(*at_once(url, cut))) for _ in range(2)]
+            mixed_stats = max((r[0] for r in runs), key=lambda r: r["rate"])
+            cut_stats = max((r[1] for r in runs), key=lambda r: r["rate"])
             alone_stats = summary(*one_by_one(url, mixed))
             quiet = long_prompt_itl(url, rng, itl_tokens, with_long=False)
             chunked = long_prompt_itl(url, rng, itl_tokens, with_long=True)
