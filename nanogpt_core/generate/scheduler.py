@@ -4,9 +4,10 @@ Each step of :meth:`Scheduler.step` does, in order:
 
 1. take the requests that arrived, drop rows whose client left, end rows past
    their time limit (``finish_reason: "length"``);
-2. prefill one chunk (at most ``prefill_chunk`` tokens) of the row first in
-   line, in a spare slot of the batched KV cache; a row whose prompt is done
-   samples its first token and joins the batch;
+2. prefill at most ``prefill_chunk`` prompt tokens of the rows first in line
+   (a chunk of a long prompt, or several short ones), each in the spare slot
+   of the batched KV cache; a row whose prompt is done samples its first
+   token and joins the batch;
 3. one decode step: a forward pass of one token per batched row, every row at
    its own position, then one vectorised sampling step
    (:mod:`~nanogpt_core.generate.batch_sampling`) and one transfer of the new
@@ -212,19 +213,23 @@ class Scheduler:
     def step(self) -> None:
         """Prefill one chunk, then decode one token for every batched row."""
         self.sweep(time.monotonic())
-        if self.prefilling is None and self.waiting and len(self.decoding) < self.max_batch:
-            self.prefilling = self.waiting.popleft()
-        if self.prefilling is not None:
-            self._prefill_chunk(self.prefilling)
+        # Chunks keep running streams going; with none running, whole prompts at once.
+        # Short prompts share a step's budget: the next row in line takes what is left.
+        budget = self.prefill_chunk if self.decoding else self.config.block_size
+        while budget > 0:
+            if self.prefilling is None:
+                if not self.waiting or len(self.decoding) >= self.max_batch:
+                    break
+                self.prefilling = self.waiting.popleft()
+            budget -= self._prefill_chunk(self.prefilling, budget)
         if self.decoding:
             self._decode()
 
     @torch.no_grad()
-    def _prefill_chunk(self, row: EngineRow) -> None:
+    def _prefill_chunk(self, row: EngineRow, size: int) -> int:
+        """Prefill up to ``size`` more tokens of ``row``; the tokens it took (all on failure)."""
         device = self.loaded.device
         start = row.prefilled
-        # Chunks keep running streams going; with none running, the whole prompt at once.
-        size = self.prefill_chunk if self.decoding else self.config.block_size
         chunk = row.to_prefill[start : start + size]
         idx = torch.tensor([chunk], dtype=torch.long, device=device)
         positions = torch.arange(start, start + len(chunk), device=device)[None, :]
@@ -236,18 +241,21 @@ class Scheduler:
         except Exception as exc:
             self._fail(row.job, exc)
             self.prefilling = None
-            return
+            return size
         row.prefilled += len(chunk)
         if row.prefilled < len(row.to_prefill):
-            return
+            return len(chunk)
         self.prefilling = None
         row.position = row.prefilled
         (token,) = self._sample([row], logits)
-        if row.job.failed:
-            return
-        self._settle(row, token)
-        if row.done or row.job.cancelled.is_set():
-            return
+        if not row.job.failed:
+            self._settle(row, token)
+        if not row.done and not row.job.cancelled.is_set():
+            self._join(row)
+        return len(chunk)
+
+    def _join(self, row: EngineRow) -> None:
+        """Move a prefilled row from the spare slot into the batch."""
         slot = len(self.decoding)
         self.cache.copy_slot(self.spare, slot, row.position)
         row.refilling = False
