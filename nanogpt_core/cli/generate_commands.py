@@ -171,18 +171,47 @@ def chat(
     help="Require 'Authorization: Bearer KEY' on /v1/ (env: NANOGPT_API_KEY).",
 )
 @click.option(
-    "--max-concurrency",
-    default=1,
+    "--max-batch",
+    default=8,
     show_default=True,
     type=click.IntRange(min=1),
-    help="Requests generating at once.",
+    help="Rows (request choices) decoded together, whatever their prompt lengths.",
 )
 @click.option(
-    "--queue-size",
+    "--max-queue",
     default=16,
     show_default=True,
     type=click.IntRange(min=0),
-    help="Requests waiting for a slot; more get HTTP 429.",
+    help="Requests waiting for a place in the batch; more get HTTP 429.",
+)
+@click.option(
+    "--prefill-chunk",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Prompt tokens prefilled per step, between decode steps of the running batch.",
+)
+@click.option(
+    "--request-timeout",
+    default=None,
+    type=FiniteFloatRange(min=0, min_open=True),
+    help="Seconds a request may generate; then it ends with finish_reason 'length'.",
+)
+@click.option(
+    "--dtype",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+    help="Weights and KV cache; auto: float16 on CUDA 7.x, bfloat16 from 8.0, else float32.",
+)
+@click.option(
+    "--max-concurrency",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Deprecated: use --max-batch.",
+)
+@click.option(
+    "--queue-size", default=None, type=click.IntRange(min=0), help="Deprecated: use --max-queue."
 )
 @click.option(
     "--grace",
@@ -197,8 +226,13 @@ def serve(
     host: str,
     port: int,
     api_key: str | None,
-    max_concurrency: int,
-    queue_size: int,
+    max_batch: int,
+    max_queue: int,
+    prefill_chunk: int,
+    request_timeout: float | None,
+    dtype: str,
+    max_concurrency: int | None,
+    queue_size: int | None,
     grace: float,
     device: str,
 ) -> None:
@@ -211,7 +245,7 @@ def serve(
     \b
     Examples:
       gpt serve --ckpt results/alpaca/checkpoints/last.pth
-      gpt serve --ckpt last.pth --port 8080 --api-key secret --max-concurrency 4
+      gpt serve --ckpt last.pth --port 8080 --api-key secret --max-batch 16
     """
     import importlib.util
 
@@ -219,13 +253,23 @@ def serve(
         raise NanoGPTError("gpt serve needs the serve extra: pip install 'nanogpt[serve]'")
     from nanogpt_core.generate.serve import serve as run_server
 
+    # The options of 0.3 still work: every request now decodes in one batch.
+    if max_concurrency is not None:
+        click.echo("Warning: --max-concurrency is deprecated; use --max-batch", err=True)
+        max_batch = max_concurrency
+    if queue_size is not None:
+        click.echo("Warning: --queue-size is deprecated; use --max-queue", err=True)
+        max_queue = queue_size
     run_server(
         ckpt,
         host=host,
         port=port,
         api_key=api_key,
-        max_concurrency=max_concurrency,
-        queue_size=queue_size,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        prefill_chunk=prefill_chunk,
+        request_timeout=request_timeout,
+        dtype=dtype,
         grace=grace,
         device=device,
     )

@@ -2,8 +2,8 @@
 
 :func:`create_app` builds the FastAPI application (tests build it in-process
 too); :func:`serve` loads a checkpoint and runs it under uvicorn. Generation
-itself (the queue, worker threads, stop strings) is in
-:mod:`nanogpt_core.generate.serve_generation`, the request bodies and chat rendering in
+itself (admission, continuous batching, stop strings) is in
+:mod:`nanogpt_core.generate.engine` and the modules it names, the request bodies and chat rendering in
 :mod:`nanogpt_core.generate.serve_api`, the error answers in
 :mod:`nanogpt_core.generate.serve_errors`.
 """
@@ -26,8 +26,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from nanogpt_core.data.templates import Template
 from nanogpt_core.errors import PluginFault
+from nanogpt_core.generate.engine import MAX_BATCH, MAX_QUEUE, Engine, Ticket
 from nanogpt_core.generate.openai_shapes import ChatShape, CompletionShape, usage
 from nanogpt_core.generate.sampling import LoadedModel, encode_prompt
+from nanogpt_core.generate.scheduler import PREFILL_CHUNK
 from nanogpt_core.generate.serve_api import (
     PLAIN_STOP,
     ChatBody,
@@ -37,13 +39,7 @@ from nanogpt_core.generate.serve_api import (
     template_context,
 )
 from nanogpt_core.generate.serve_errors import APIError, add_error_handlers, server_fault
-from nanogpt_core.generate.serve_generation import (
-    Engine,
-    Finish,
-    Piece,
-    Sampling,
-    Ticket,
-)
+from nanogpt_core.generate.serve_generation import Finish, GenerationFailed, Piece, Sampling
 
 TRUNCATED_HEADER = "X-Nanogpt-Prompt-Truncated"
 # OpenAI's legacy completions default; chat answers run to end-of-text or block_size.
@@ -109,20 +105,29 @@ def create_app(
     *,
     template: Template | None = None,
     api_key: str | None = None,
-    max_concurrency: int = 1,
-    queue_size: int = 16,
+    max_batch: int = MAX_BATCH,
+    max_queue: int = MAX_QUEUE,
+    prefill_chunk: int = PREFILL_CHUNK,
+    request_timeout: float | None = None,
     model_name: str = "nanogpt",
 ) -> FastAPI:
     """The FastAPI application serving ``loaded`` (chat through ``template`` when given).
 
     Without a template, chat completions see a plain "User: ... / Assistant:"
-    transcript and stop at a new "User:" line.
+    transcript and stop at a new "User:" line. The batching options are
+    :class:`~nanogpt_core.generate.engine.Engine`'s.
     """
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # The engine's semaphore belongs to the serving event loop.
-        app.state.engine = Engine(loaded, max_concurrency=max_concurrency, queue_size=queue_size)
+        # The engine's scheduler thread lives as long as the server.
+        app.state.engine = Engine(
+            loaded,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            prefill_chunk=prefill_chunk,
+            request_timeout=request_timeout,
+        )
         yield
         app.state.engine.shutdown()
 
@@ -289,7 +294,8 @@ async def _events(
                     assert isinstance(item, Finish)
                     generated += item.completion_tokens
                     yield event([shape.piece(item.index, "", item.reason)])
-        except PluginFault as exc:  # the headers went out: the error is the stream's last event
+        except (PluginFault, GenerationFailed) as exc:
+            # The headers went out: the error is the stream's last event.
             fault = server_fault(exc)
             yield f"data: {json.dumps({'error': fault.fields()})}\n\n"
             return
@@ -304,8 +310,11 @@ def serve(
     host: str,
     port: int,
     api_key: str | None,
-    max_concurrency: int,
-    queue_size: int,
+    max_batch: int = MAX_BATCH,
+    max_queue: int = MAX_QUEUE,
+    prefill_chunk: int = PREFILL_CHUNK,
+    request_timeout: float | None = None,
+    dtype: str = "auto",
     grace: float,
     device: str,
 ) -> None:
@@ -314,10 +323,15 @@ def serve(
     import uvicorn
 
     from nanogpt_core.generate.sampling import contained_from_description, load_model
+    from nanogpt_core.generate.serve_memory import check_kv_fits, resolve_dtype, to_dtype
     from nanogpt_core.plugins.registry import load_plugins
 
     plugins = load_plugins()
     loaded = load_model(ckpt, device, plugins)
+    precision = resolve_dtype(dtype, loaded.device)
+    to_dtype(loaded.model, precision)  # the KV cache takes the model's dtype
+    # Checked with the weights on the device: what is free is what the cache gets.
+    check_kv_fits(loaded.model.config, max_batch, precision, loaded.device)
     template = (
         None
         if loaded.template is None
@@ -328,14 +342,16 @@ def serve(
         loaded,
         template=template,
         api_key=api_key,
-        max_concurrency=max_concurrency,
-        queue_size=queue_size,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        prefill_chunk=prefill_chunk,
+        request_timeout=request_timeout,
         model_name=name,
     )
     chat = f"template {loaded.template.get('kind')!r}" if loaded.template else "plain transcript"
     click.echo(
         f"serving {ckpt} as model {name!r} ({chat}) on http://{host}:{port}/ "
-        f"(max concurrency {max_concurrency}, queue {queue_size})",
+        f"(batch {max_batch}, queue {max_queue}, {str(precision).removeprefix('torch.')})",
         err=True,
     )
     config = uvicorn.Config(

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanogpt_core.errors import NanoGPTError, PluginFault
-from nanogpt_core.generate.serve_generation import QueueFull
+from nanogpt_core.generate.serve_generation import GenerationFailed, QueueFull
 
 
 class APIError(Exception):
@@ -73,14 +73,18 @@ def add_error_handlers(app: FastAPI) -> None:
     async def plugin_fault(_request: Request, exc: PluginFault) -> JSONResponse:
         return server_fault(exc).response()
 
+    @app.exception_handler(GenerationFailed)
+    async def generation_failed(_request: Request, exc: GenerationFailed) -> JSONResponse:
+        return server_fault(exc).response()
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return APIError(exc.status_code, str(exc.detail), type=kind).response()
 
 
-def server_fault(exc: PluginFault) -> APIError:
-    """A plugin's fault (the tokenizer's, the template's): a 500, and its line for the operator."""
+def server_fault(exc: PluginFault | GenerationFailed) -> APIError:
+    """A plugin's fault or one request's failed generation: a 500, and its line for the operator."""
     print(f"Error: {exc}", file=sys.stderr, flush=True)
     return APIError(500, str(exc), type="server_error")
 

@@ -115,8 +115,9 @@ class CausalSelfAttention(nn.Module):
             first = cache.length == 0
             k, v = cache.append(k, v)  # every cached key: (B, nh, L, hs)
             if not first:
-                # One new token attends to all cached ones: nothing to mask.
-                if T != 1:
+                # One new token attends to all cached ones: nothing to mask. Several new
+                # tokens need a mask saying which (the serving engine's batch_cache.py).
+                if T != 1 and mask is None:
                     raise ValueError("after the prompt, a KV cache takes one token at a time")
                 is_causal = False
         # Flash attention on GPUs that support it; (B, nh, T, hs)

@@ -90,7 +90,7 @@ class Server:
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
-        self.process.communicate(timeout=30)
+        self.stderr = self.process.communicate(timeout=30)[1]
 
 
 @contextlib.contextmanager
@@ -104,8 +104,8 @@ def running(ckpt: Path, *options: str, api_key: str | None = None) -> Iterator[S
 
 @pytest.fixture(scope="module")
 def server(tuned_ckpt) -> Iterator[Server]:
-    """One server for the tests that do not need special options (8 may generate at once)."""
-    with running(tuned_ckpt, "--max-concurrency", "8", api_key="sekret") as s:
+    """One server for the tests that do not need special options (8 rows in a batch)."""
+    with running(tuned_ckpt, "--max-batch", "8", api_key="sekret") as s:
         yield s
 
 
@@ -320,6 +320,7 @@ def test_plain_transcript_without_a_template(plain_ckpt):
 
 @pytest.mark.slow
 def test_full_queue_gets_429_and_a_disconnect_frees_the_slot(plain_ckpt):
+    # The options of 0.3 (--max-concurrency, --queue-size) still work, with a warning.
     with running(plain_ckpt, "--max-concurrency", "1", "--queue-size", "1") as server:
         body = {"prompt": "x", "max_tokens": 100000, "stream": True}
         first = httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60)
@@ -342,6 +343,8 @@ def test_full_queue_gets_429_and_a_disconnect_frees_the_slot(plain_ckpt):
         start = time.monotonic()
         done = server.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
         assert done.status_code == 200 and time.monotonic() - start < 5
+    assert "Warning: --max-concurrency is deprecated; use --max-batch" in server.stderr
+    assert "Warning: --queue-size is deprecated; use --max-queue" in server.stderr
 
 
 @pytest.mark.slow
@@ -398,47 +401,42 @@ def test_in_process_app_answers_and_refuses(plain_ckpt):
         assert error_of(client.post("/v1/completions", json=body), 401)
 
 
-def test_waiting_requests_of_one_prompt_length_decode_as_one_batch(plain_ckpt):
-    import asyncio
+def test_one_failing_request_gets_500_and_the_others_their_answers(plain_ckpt, monkeypatch):
+    """A request whose generation raises (injected) fails alone: 500, or an error event."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
 
     from nanogpt_core.generate.sampling import load_model
-    from nanogpt_core.generate.serve_generation import Engine, Finish, Piece, Sampling
+    from nanogpt_core.generate.serve import create_app
+    from nanogpt_core.generate.serve_generation import Row
 
-    loaded = load_model(plain_ckpt, "cpu")
-    # Prompts of one length (4 ids each) and different contents; greedy and sampled.
-    prompts = [[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16], [17, 18, 19, 20]]
-    settings = [
-        Sampling(max_tokens=12, temperature=0.0),
-        Sampling(max_tokens=7, temperature=0.0),
-        Sampling(max_tokens=12, temperature=0.9, top_k=20, seed=3),
-        Sampling(max_tokens=12, temperature=0.9, top_p=0.8, seed=4, n=2),
-    ]
+    poison = GPT2_TOKENIZER.encode("poison")
+    take = Row.take
 
-    async def collect(engine: Engine, ids: list[int], sampling: Sampling) -> dict:
-        texts: dict[int, str] = {}
-        finishes = {}
-        async for item in engine.generate(ids, sampling):
-            if isinstance(item, Piece):
-                texts[item.index] = texts.get(item.index, "") + item.text
-            elif isinstance(item, Finish):
-                finishes[item.index] = (item.reason, item.completion_tokens)
-        return {"texts": texts, "finishes": finishes}
+    def poisoned(self, token):
+        if self.job.ids == poison and self.count == 2:
+            raise RuntimeError("poisoned row")
+        return take(self, token)
 
-    async def alone() -> list[dict]:
-        engine = Engine(loaded, max_concurrency=1, queue_size=8)
-        return [await collect(engine, ids, s) for ids, s in zip(prompts, settings, strict=True)]
+    prompts = ["Once upon a time", "Hello", "The meaning of life is", "1, 2, 3,"]
+    app = create_app(load_model(plain_ckpt, "cpu"), max_batch=8, model_name="base")
+    with TestClient(app) as client:
 
-    async def together() -> tuple[list[dict], int]:
-        engine = Engine(loaded, max_concurrency=1, queue_size=8)
-        results = await asyncio.gather(
-            *(collect(engine, ids, s) for ids, s in zip(prompts, settings, strict=True))
-        )
-        return list(results), engine.largest_batch
+        def ask(prompt: str, stream: bool = False) -> httpx.Response:
+            body = {"prompt": prompt, "max_tokens": 20, "temperature": 0, "stream": stream}
+            return client.post("/v1/completions", json=body)
 
-    expected = asyncio.run(alone())
-    batched, largest = asyncio.run(together())
-    # The first starts alone; the three that waited for its slot decode as one batch.
-    assert largest == 3
-    assert batched == expected
-    assert batched[1]["finishes"][0] == ("length", 7)
-    assert set(batched[3]["texts"]) <= {0, 1} and set(batched[3]["finishes"]) == {0, 1}
+        alone = [ask(p).json()["choices"][0]["text"] for p in prompts]
+        monkeypatch.setattr(Row, "take", poisoned)
+        with ThreadPoolExecutor(6) as pool:
+            bad = pool.submit(ask, "poison")
+            bad_stream = pool.submit(ask, "poison", True)
+            good = [pool.submit(ask, p) for p in prompts]
+            answers = [f.result() for f in good]
+        assert [a.json()["choices"][0]["text"] for a in answers] == alone
+        assert app.state.engine.largest_batch >= 2  # they did decode together
+        error = error_of(bad.result(), 500)
+        assert error["type"] == "server_error" and "poisoned row" in error["message"]
+        events = [line for line in bad_stream.result().text.splitlines() if line]
+        assert '"error"' in events[-1] and "poisoned row" in events[-1]

@@ -265,7 +265,8 @@ def test_learned_positions_restart_the_cache_from_half_a_window():
 def test_batched_serving_with_rope_equals_generation_past_block_size():
     from nanogpt_core.data.tokenizers import tokenizer_from_description
     from nanogpt_core.generate.sampling import LoadedModel
-    from nanogpt_core.generate.serve_generation import Job, Piece, Sampling, generate_batch
+    from nanogpt_core.generate.scheduler import run_jobs
+    from nanogpt_core.generate.serve_generation import Job, Piece, Sampling
 
     chars = "abcdefghijklmnopqrstuvwxyz .,!?\n"
     tokenizer = tokenizer_from_description(
@@ -289,7 +290,7 @@ def test_batched_serving_with_rope_equals_generation_past_block_size():
         Job(ids, Sampling(max_tokens=36, temperature=0.0), emit(k), lambda error: None)
         for k, ids in enumerate(prompts)
     ]
-    generate_batch(loaded, jobs)
+    run_jobs(loaded, jobs)
     for k, ids in enumerate(prompts):
         alone = model.generate(torch.tensor([ids]), 36, temperature=0, use_cache=False)
         assert texts[k] == tokenizer.decode(alone[0, len(ids) :].tolist())
