@@ -7,6 +7,7 @@ server, the exporter) inside the command, so ``gpt --help`` stays fast.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from nanogpt_core.cli.shared_options import (
     sampling_options,
 )
 from nanogpt_core.errors import NanoGPTError
+
+API_KEY_ENV = "NANOGPT_API_KEY"
 
 
 @click.command()
@@ -167,7 +170,7 @@ def chat(
 @click.option(
     "--api-key",
     default=None,
-    envvar="NANOGPT_API_KEY",
+    envvar=API_KEY_ENV,
     help="Require 'Authorization: Bearer KEY' on /v1/ (env: NANOGPT_API_KEY).",
 )
 @click.option(
@@ -185,6 +188,18 @@ def chat(
     help="Requests waiting for a slot; more get HTTP 429.",
 )
 @click.option(
+    "--max-tokens-limit",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Largest max_tokens a request may ask for; more get HTTP 400. "
+    "[default: 4 x the model's block_size]",
+)
+@click.option(
+    "--metrics-public",
+    is_flag=True,
+    help="Serve /metrics without the API key (for a scraper inside a trusted network).",
+)
+@click.option(
     "--grace",
     default=10.0,
     show_default=True,
@@ -199,14 +214,17 @@ def serve(
     api_key: str | None,
     max_concurrency: int,
     queue_size: int,
+    max_tokens_limit: int | None,
+    metrics_public: bool,
     grace: float,
     device: str,
 ) -> None:
     """Serve a checkpoint over an OpenAI-compatible HTTP API, with a chat page at /.
 
     Endpoints: /v1/completions, /v1/chat/completions (through the checkpoint's
-    template), /v1/models, /health. SIGTERM lets streams in flight finish
-    (up to --grace seconds) and exits 0.
+    template), /v1/models, /health, /metrics (Prometheus). SIGTERM lets streams
+    in flight finish (up to --grace seconds) and exits 0. An empty --api-key, a
+    host that does not resolve, a port in use or a bad checkpoint: one line, exit 2.
 
     \b
     Examples:
@@ -219,6 +237,11 @@ def serve(
         raise NanoGPTError("gpt serve needs the serve extra: pip install 'nanogpt[serve]'")
     from nanogpt_core.generate.serve import serve as run_server
 
+    # click takes an empty variable for an unset one; an empty key must be refused, not
+    # read as "no key" (authentication silently off).
+    if api_key is None and os.environ.get(API_KEY_ENV) == "":
+        api_key = ""
+
     run_server(
         ckpt,
         host=host,
@@ -228,6 +251,8 @@ def serve(
         queue_size=queue_size,
         grace=grace,
         device=device,
+        max_tokens_limit=max_tokens_limit,
+        metrics_public=metrics_public,
     )
 
 
