@@ -166,12 +166,19 @@ def chat(
 @click.command()
 @ckpt_option("A checkpoint, e.g. results/<name>/checkpoints/last.pth.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--port",
+    default=8000,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port to listen on (0: any free one).",
+)
 @click.option(
     "--api-key",
     default=None,
     envvar=API_KEY_ENV,
-    help="Require 'Authorization: Bearer KEY' on /v1/ (env: NANOGPT_API_KEY).",
+    help="Require 'Authorization: Bearer KEY' on /v1/ and /metrics (env: NANOGPT_API_KEY); "
+    "an empty key is refused.",
 )
 @click.option(
     "--max-concurrency",
@@ -191,8 +198,8 @@ def chat(
     "--max-tokens-limit",
     default=None,
     type=click.IntRange(min=1),
-    help="Largest max_tokens a request may ask for; more get HTTP 400. "
-    "[default: 4 x the model's block_size]",
+    show_default="4 x the model's block_size",
+    help="Largest max_tokens a request may ask for; more get HTTP 400.",
 )
 @click.option(
     "--metrics-public",
