@@ -45,14 +45,14 @@ def bind_socket(host: str, port: int) -> socket.socket:
         raise NanoGPTError(
             f"--host {host}: cannot resolve it ({exc.strerror}); give an address such as "
             "127.0.0.1 (this machine) or 0.0.0.0 (every interface)"
-        ) from None
+        ) from exc
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
     except OSError as exc:
         sock.close()
-        raise NanoGPTError(f"{where}: {_bind_problem(exc)}") from None
+        raise NanoGPTError(f"{where}: {_bind_problem(exc)}") from exc
     sock.set_inheritable(True)
     return sock
 

@@ -165,6 +165,23 @@ def test_metrics_public_needs_no_key_but_the_api_still_does(base_ckpt):
         assert client.get("/v1/models").status_code == 401
 
 
+def test_without_prometheus_client_metrics_says_what_to_install(base_ckpt, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from nanogpt_core.generate.sampling import load_model
+    from nanogpt_core.generate.serve import create_app
+
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # its import now fails
+    app = create_app(load_model(base_ckpt, "cpu"))
+    with TestClient(app) as client:
+        missing = error_of(client.get("/metrics"), 404)
+        assert (
+            missing["message"] == "/metrics needs prometheus_client: pip install 'nanogpt[serve]'"
+        )
+        body = {"prompt": "Hello", "max_tokens": 2}
+        assert client.post("/v1/completions", json=body).status_code == 200
+
+
 @pytest.mark.slow
 def test_a_non_streamed_request_whose_client_left_frees_its_slot(base_ckpt):
     # One slot: while the abandoned request generated, the next would wait for its end.
