@@ -7,6 +7,7 @@ server, the exporter) inside the command, so ``gpt --help`` stays fast.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from nanogpt_core.cli.shared_options import (
     sampling_options,
 )
 from nanogpt_core.errors import NanoGPTError
+
+API_KEY_ENV = "NANOGPT_API_KEY"
 
 
 @click.command()
@@ -163,12 +166,19 @@ def chat(
 @click.command()
 @ckpt_option("A checkpoint, e.g. results/<name>/checkpoints/last.pth.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--port",
+    default=8000,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port to listen on (0: any free one).",
+)
 @click.option(
     "--api-key",
     default=None,
-    envvar="NANOGPT_API_KEY",
-    help="Require 'Authorization: Bearer KEY' on /v1/ (env: NANOGPT_API_KEY).",
+    envvar=API_KEY_ENV,
+    help="Require 'Authorization: Bearer KEY' on /v1/ and /metrics (env: NANOGPT_API_KEY); "
+    "an empty key is refused.",
 )
 @click.option(
     "--max-batch",
@@ -214,6 +224,18 @@ def chat(
     "--queue-size", default=None, type=click.IntRange(min=0), help="Deprecated: use --max-queue."
 )
 @click.option(
+    "--max-tokens-limit",
+    default=None,
+    type=click.IntRange(min=1),
+    show_default="4 x the model's block_size",
+    help="Largest max_tokens a request may ask for; more get HTTP 400.",
+)
+@click.option(
+    "--metrics-public",
+    is_flag=True,
+    help="Serve /metrics without the API key (for a scraper inside a trusted network).",
+)
+@click.option(
     "--grace",
     default=10.0,
     show_default=True,
@@ -233,14 +255,17 @@ def serve(
     dtype: str,
     max_concurrency: int | None,
     queue_size: int | None,
+    max_tokens_limit: int | None,
+    metrics_public: bool,
     grace: float,
     device: str,
 ) -> None:
     """Serve a checkpoint over an OpenAI-compatible HTTP API, with a chat page at /.
 
     Endpoints: /v1/completions, /v1/chat/completions (through the checkpoint's
-    template), /v1/models, /health. SIGTERM lets streams in flight finish
-    (up to --grace seconds) and exits 0.
+    template), /v1/models, /health, /metrics (Prometheus). SIGTERM lets streams
+    in flight finish (up to --grace seconds) and exits 0. An empty --api-key, a
+    host that does not resolve, a port in use or a bad checkpoint: one line, exit 2.
 
     \b
     Examples:
@@ -260,6 +285,12 @@ def serve(
     if queue_size is not None:
         click.echo("Warning: --queue-size is deprecated; use --max-queue", err=True)
         max_queue = queue_size
+
+    # click takes an empty variable for an unset one; an empty key must be refused, not
+    # read as "no key" (authentication silently off).
+    if api_key is None and os.environ.get(API_KEY_ENV) == "":
+        api_key = ""
+
     run_server(
         ckpt,
         host=host,
@@ -272,6 +303,8 @@ def serve(
         dtype=dtype,
         grace=grace,
         device=device,
+        max_tokens_limit=max_tokens_limit,
+        metrics_public=metrics_public,
     )
 
 

@@ -3,9 +3,12 @@
 :func:`create_app` builds the FastAPI application (tests build it in-process
 too); :func:`serve` loads a checkpoint and runs it under uvicorn. Generation
 itself (admission, continuous batching, stop strings) is in
-:mod:`nanogpt_core.generate.engine` and the modules it names, the request bodies and chat rendering in
+:mod:`nanogpt_core.generate.engine` and the modules it names, answering (whole or
+streamed) in :mod:`nanogpt_core.generate.serve_answers`, the request bodies and chat rendering in
 :mod:`nanogpt_core.generate.serve_api`, the error answers in
-:mod:`nanogpt_core.generate.serve_errors`.
+:mod:`nanogpt_core.generate.serve_errors`, ``/metrics`` in
+:mod:`nanogpt_core.generate.serve_metrics`, the socket and the shutdown in
+:mod:`nanogpt_core.generate.serve_startup`.
 """
 
 from __future__ import annotations
@@ -13,23 +16,20 @@ from __future__ import annotations
 import contextlib
 import hmac
 import importlib.resources
-import json
-import secrets
 import signal
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, Response
 
 from nanogpt_core.data.templates import Template
-from nanogpt_core.errors import PluginFault
-from nanogpt_core.generate.engine import MAX_BATCH, MAX_QUEUE, Engine, Ticket
-from nanogpt_core.generate.openai_shapes import ChatShape, CompletionShape, usage
+from nanogpt_core.generate.engine import MAX_BATCH, MAX_QUEUE, Engine
+from nanogpt_core.generate.openai_shapes import ChatShape, CompletionShape
 from nanogpt_core.generate.sampling import LoadedModel, encode_prompt
 from nanogpt_core.generate.scheduler import PREFILL_CHUNK
+from nanogpt_core.generate.serve_answers import respond
 from nanogpt_core.generate.serve_api import (
     PLAIN_STOP,
     ChatBody,
@@ -38,12 +38,17 @@ from nanogpt_core.generate.serve_api import (
     plain_context,
     template_context,
 )
-from nanogpt_core.generate.serve_errors import APIError, add_error_handlers, server_fault
-from nanogpt_core.generate.serve_generation import Finish, GenerationFailed, Piece, Sampling
+from nanogpt_core.generate.serve_errors import APIError, add_error_handlers
+from nanogpt_core.generate.serve_generation import Sampling
+from nanogpt_core.generate.serve_metrics import CountRequests, Metrics
 
-TRUNCATED_HEADER = "X-Nanogpt-Prompt-Truncated"
 # OpenAI's legacy completions default; chat answers run to end-of-text or block_size.
 COMPLETION_MAX_TOKENS = 16
+# --max-tokens-limit's default, in block_size windows: past its block_size a model
+# continues from a sliding window (each token then costs a window's attention), and a
+# few windows are as far as a model's text stays coherent; the cap keeps one request
+# from holding a row for hours (max_tokens 10**9).
+MAX_TOKENS_BLOCKS = 4
 PLACEHOLDER_PAGE = (
     "<!doctype html><html><head><meta charset='utf-8'><title>nanogpt chat</title></head>"
     "<body><h1>nanogpt</h1><p>The chat page is not installed; the API is at /v1/.</p>"
@@ -59,15 +64,16 @@ def model_name_of(ckpt: Path) -> str:
 
 
 class RequireKey:
-    """ASGI middleware: ``/v1/`` requests need ``Authorization: Bearer KEY`` (else 401)."""
+    """ASGI middleware: ``/v1/`` (and ``/metrics``) need ``Authorization: Bearer KEY`` (else 401)."""
 
-    def __init__(self, app: Any, api_key: str) -> None:
+    def __init__(self, app: Any, api_key: str, protected: tuple[str, ...] = ("/v1/",)) -> None:
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
+        self.protected = protected
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """Answer 401 for a wrong or missing key; pass everything else on."""
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and scope["path"].startswith(self.protected):
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 error = APIError(
@@ -81,25 +87,6 @@ class RequireKey:
         await self.app(scope, receive, send)
 
 
-class TicketedStream(StreamingResponse):
-    """A streaming response that gives its queue place back however it ends.
-
-    The body may never start (the client left first), so releasing in the
-    body's own ``finally`` would not be enough.
-    """
-
-    def __init__(self, ticket: Ticket, content: AsyncIterator[str], headers: dict[str, str]):
-        super().__init__(content, media_type="text/event-stream", headers=headers)
-        self.ticket = ticket
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        """Send the stream, then release the ticket."""
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.ticket.release()
-
-
 def create_app(
     loaded: LoadedModel,
     *,
@@ -110,12 +97,17 @@ def create_app(
     prefill_chunk: int = PREFILL_CHUNK,
     request_timeout: float | None = None,
     model_name: str = "nanogpt",
+    max_tokens_limit: int | None = None,
+    metrics_public: bool = False,
 ) -> FastAPI:
     """The FastAPI application serving ``loaded`` (chat through ``template`` when given).
 
     Without a template, chat completions see a plain "User: ... / Assistant:"
     transcript and stop at a new "User:" line. The batching options are
-    :class:`~nanogpt_core.generate.engine.Engine`'s.
+    :class:`~nanogpt_core.generate.engine.Engine`'s. ``max_tokens_limit`` caps a
+    request's ``max_tokens`` (default :data:`MAX_TOKENS_BLOCKS` times the
+    model's ``block_size``); ``/metrics`` needs the API key unless
+    ``metrics_public``.
     """
 
     @contextlib.asynccontextmanager
@@ -132,21 +124,32 @@ def create_app(
         app.state.engine.shutdown()
 
     app = FastAPI(title="nanogpt", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.engine = None
+    metrics = Metrics(lambda: app.state.engine)
+    app.state.metrics = metrics
     if api_key:
-        app.add_middleware(RequireKey, api_key=api_key)
+        protected = ("/v1/",) if metrics_public else ("/v1/", "/metrics")
+        app.add_middleware(RequireKey, api_key=api_key, protected=protected)
+    # Added last, so outside the key check: 401s are counted too.
+    app.add_middleware(CountRequests, metrics=metrics)
     add_error_handlers(app)
-    served = Served(loaded, template, model_name)
+    if max_tokens_limit is None:
+        max_tokens_limit = MAX_TOKENS_BLOCKS * int(loaded.model.config.block_size)
+    served = Served(loaded, template, model_name, max_tokens_limit)
     _add_routes(app, served)
     return app
 
 
 class Served:
-    """What a request needs: the model, its chat template and its public name."""
+    """What a request needs: the model, its chat template, its public name, the token cap."""
 
-    def __init__(self, loaded: LoadedModel, template: Template | None, name: str) -> None:
+    def __init__(
+        self, loaded: LoadedModel, template: Template | None, name: str, max_tokens_limit: int
+    ) -> None:
         self.loaded = loaded
         self.template = template
         self.name = name
+        self.max_tokens_limit = max_tokens_limit
 
     def check_model(self, body: SamplingBody) -> None:
         """Refuse a request for another model (no model given is fine)."""
@@ -158,10 +161,25 @@ class Served:
                 code="model_not_found",
             )
 
-    def sampling(self, body: SamplingBody, max_tokens: int | None, default: int) -> Sampling:
-        """The sampling parameters of a request, defaults filled in."""
+    def sampling(
+        self, body: SamplingBody, max_tokens: int | None, default: int, field: str = "max_tokens"
+    ) -> Sampling:
+        """The sampling parameters of a request, defaults filled in, ``max_tokens`` capped.
+
+        The body's own checks ran already (every number finite and in range);
+        the cap depends on the server, so it is checked here, still before the
+        request is admitted.
+        """
+        if max_tokens is not None and max_tokens > self.max_tokens_limit:
+            raise APIError(
+                400,
+                f"{field}: {max_tokens} is more than this server's limit of "
+                f"{self.max_tokens_limit} (gpt serve --max-tokens-limit)",
+                param=field,
+                code="max_tokens_exceeded",
+            )
         return Sampling(
-            max_tokens=max_tokens or default,
+            max_tokens=max_tokens or min(default, self.max_tokens_limit),
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=body.top_p,
             top_k=body.top_k,
@@ -180,6 +198,18 @@ def _add_routes(app: FastAPI, served: Served) -> None:
     async def page() -> HTMLResponse:
         return HTMLResponse(chat_page())
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        recorded: Metrics = app.state.metrics
+        if not recorded.enabled:
+            raise APIError(
+                404,
+                "/metrics needs prometheus_client: pip install 'nanogpt[serve]'",
+                code="metrics_unavailable",
+            )
+        text, content_type = recorded.exposition()
+        return Response(text, media_type=content_type)
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         model = {"id": served.name, "object": "model", "created": 0, "owned_by": "nanogpt"}
@@ -196,8 +226,9 @@ def _add_routes(app: FastAPI, served: Served) -> None:
     async def chat_completions(request: Request, body: ChatBody) -> Any:
         served.check_model(body)
         block_size = int(served.loaded.model.config.block_size)
+        field = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
         max_tokens = body.max_completion_tokens or body.max_tokens
-        sampling = served.sampling(body, max_tokens, block_size)
+        sampling = served.sampling(body, max_tokens, block_size, field)
         if served.template is None:
             ids, dropped = plain_context(served.loaded, body.messages)
             sampling = _with_stop(sampling, PLAIN_STOP)
@@ -221,89 +252,6 @@ def chat_page() -> str:
         return PLACEHOLDER_PAGE
 
 
-async def respond(
-    request: Request,
-    body: SamplingBody,
-    ids: list[int],
-    dropped: int,
-    sampling: Sampling,
-    shape: CompletionShape,
-) -> Any:
-    """Queue the request, then answer it whole or as server-sent events."""
-    engine: Engine = request.app.state.engine
-    ticket = engine.admit()
-    headers = {TRUNCATED_HEADER: str(dropped)} if dropped else {}
-    head = {
-        "id": f"{shape.prefix}-{secrets.token_hex(12)}",
-        "created": int(time.time()),
-        "model": shape.model,
-    }
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _events(engine, ids, sampling, shape, head, include_usage)
-        return TicketedStream(ticket, events, headers)
-    try:
-        answer = await _whole(engine, ids, sampling, shape, head)
-    finally:
-        ticket.release()
-    return JSONResponse(answer, headers=headers)
-
-
-async def _whole(
-    engine: Engine, ids: list[int], sampling: Sampling, shape: CompletionShape, head: dict
-) -> dict[str, Any]:
-    texts = [""] * sampling.n
-    choices: list[dict[str, Any]] = []
-    generated = 0
-    async with contextlib.aclosing(engine.generate(ids, sampling)) as items:
-        async for item in items:
-            if isinstance(item, Piece):
-                texts[item.index] += item.text
-            else:
-                generated += item.completion_tokens
-                choices.append(shape.final(item.index, texts[item.index], item.reason))
-    return {**head, "object": shape.whole, "choices": choices, "usage": usage(len(ids), generated)}
-
-
-async def _events(
-    engine: Engine,
-    ids: list[int],
-    sampling: Sampling,
-    shape: CompletionShape,
-    head: dict,
-    include_usage: bool,
-) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
-
-    def event(choices: list[dict[str, Any]], **extra: Any) -> str:
-        chunk = {**head, "object": shape.chunk, "choices": choices, **extra}
-        return f"data: {json.dumps(chunk)}\n\n"
-
-    started: set[int] = set()
-    generated = 0
-    async with contextlib.aclosing(engine.generate(ids, sampling)) as items:
-        try:
-            async for item in items:
-                if item.index not in started:
-                    started.add(item.index)
-                    if (opening := shape.start(item.index)) is not None:
-                        yield event([opening])
-                if isinstance(item, Piece):
-                    yield event([shape.piece(item.index, item.text)])
-                else:
-                    assert isinstance(item, Finish)
-                    generated += item.completion_tokens
-                    yield event([shape.piece(item.index, "", item.reason)])
-        except (PluginFault, GenerationFailed) as exc:
-            # The headers went out: the error is the stream's last event.
-            fault = server_fault(exc)
-            yield f"data: {json.dumps({'error': fault.fields()})}\n\n"
-            return
-    if include_usage:
-        yield event([], usage=usage(len(ids), generated))
-    yield "data: [DONE]\n\n"
-
-
 def serve(
     ckpt: Path,
     *,
@@ -317,15 +265,30 @@ def serve(
     dtype: str = "auto",
     grace: float,
     device: str,
+    max_tokens_limit: int | None = None,
+    metrics_public: bool = False,
 ) -> None:
-    """What ``gpt serve`` does: load the checkpoint and serve it until SIGTERM or Ctrl-C."""
+    """What ``gpt serve`` does: load the checkpoint and serve it until SIGTERM or Ctrl-C.
+
+    The key and the address are checked, and the port taken, before the
+    checkpoint loads: each way of failing to start is one line, exit 2.
+    """
     import click
     import uvicorn
 
     from nanogpt_core.generate.sampling import contained_from_description, load_model
     from nanogpt_core.generate.serve_memory import check_kv_fits, resolve_dtype, to_dtype
+    from nanogpt_core.generate.serve_startup import (
+        CutAtShutdown,
+        bind_socket,
+        check_api_key,
+        quiet_uvicorn,
+    )
     from nanogpt_core.plugins.registry import load_plugins
 
+    check_api_key(api_key)
+    sock = bind_socket(host, port)
+    port = sock.getsockname()[1]  # the one the system chose for --port 0
     plugins = load_plugins()
     loaded = load_model(ckpt, device, plugins)
     precision = resolve_dtype(dtype, loaded.device)
@@ -347,6 +310,8 @@ def serve(
         prefill_chunk=prefill_chunk,
         request_timeout=request_timeout,
         model_name=name,
+        max_tokens_limit=max_tokens_limit,
+        metrics_public=metrics_public,
     )
     chat = f"template {loaded.template.get('kind')!r}" if loaded.template else "plain transcript"
     click.echo(
@@ -355,11 +320,12 @@ def serve(
         err=True,
     )
     config = uvicorn.Config(
-        app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace
+        CutAtShutdown(app), log_level="warning", timeout_graceful_shutdown=grace
     )
+    quiet_uvicorn()
     # uvicorn shuts down gracefully on SIGTERM/SIGINT and then raises the signal
     # again under the handler it found: make that handler a no-op, so a server
     # stopped on purpose exits 0.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: None)
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=[sock])

@@ -1,9 +1,12 @@
 """The OpenAI request bodies ``gpt serve`` accepts, and how chat messages become a prompt.
 
-Bodies are checked strictly (``"12"`` is not a number, ``1.5`` not an integer)
-and fields OpenAI has but we do not use are accepted and ignored, as other
-OpenAI-compatible servers do, except the few whose answer we cannot honour
-(``logprobs``, ``echo``, tools), which are refused.
+Bodies are checked strictly (``"12"`` is not a number, ``1.5`` not an integer,
+NaN and infinities are not numbers) and every number against a range that
+sampling takes, before the request is admitted (``max_tokens`` against the
+server's limit in :mod:`nanogpt_core.generate.serve`). Fields OpenAI has but we
+do not use are accepted and ignored, as other OpenAI-compatible servers do,
+except the few whose answer we cannot honour (``logprobs``, ``echo``, tools),
+which are refused.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from nanogpt_core.generate.sampling_settings import sampling_problem
 # OpenAI allows at most four stop strings.
 MAX_STOPS = 4
 MAX_CHOICES = 16
+# top_k past the vocabulary is the whole vocabulary; the bound keeps the number a
+# machine integer wherever the sampler puts it (a tensor of int64).
+MAX_TOP_K = 2**31 - 1
 
 
 class StreamOptions(BaseModel):
@@ -40,12 +46,13 @@ class StreamOptions(BaseModel):
 class SamplingBody(BaseModel):
     """The parameters completions and chat completions share."""
 
-    model_config = ConfigDict(strict=True, extra="allow")
+    # NaN and infinities (JSON's NaN, Infinity, 1e999) are refused as not finite.
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=1)
+    top_k: int | None = Field(default=None, ge=1, le=MAX_TOP_K)
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)

@@ -1,4 +1,4 @@
-"""`gpt serve`'s chat page in headless Chromium: streaming, stop, new chat, the API key.
+"""`gpt serve`'s chat page in headless Chromium: streaming, stop, stats, new chat, the API key.
 
 The real server runs as a subprocess on a free loopback port, and Selenium drives
 Debian's ``chromium`` through its ``chromedriver`` (both from apt: ``.ci/run``
@@ -10,6 +10,7 @@ to watch them grow and to stop them.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -210,6 +211,17 @@ def test_page_streams_stops_and_starts_a_new_chat(server: str, browser, tmp_path
     assistant = texts(browser, ".message.assistant")
     assert len(assistant) == 2 and assistant[0] == stopped
     assert texts(browser, ".message.assistant .note")[-1] == "stopped at the max tokens limit"
+    # Each answer, the stopped one too, shows its tokens, tokens/s and time to first token.
+    stats = browser.find_elements(By.CSS_SELECTOR, ".message.assistant .stats")
+    assert len(stats) == 2
+    short = stats[1]
+    assert short.get_attribute("data-tokens") == "3"  # the usage chunk's count
+    assert 0 < float(short.get_attribute("data-ttft")) < 60
+    assert 0.1 < float(short.get_attribute("data-rate")) < 1e6
+    assert re.fullmatch(r"3 tokens · \d+\.\d tokens/s · first token after \d+\.\d\d s", short.text)
+    # Stopped, no usage chunk came: its pieces are counted, at least one per growth seen.
+    assert int(stats[0].get_attribute("data-tokens")) >= len(growth)
+    assert 0.1 < float(stats[0].get_attribute("data-rate")) < 1e6
     assert browser.find_element(By.ID, "input").get_attribute("value") == ""
     assert browser.find_element(By.ID, "error").text == ""
 
