@@ -15,6 +15,7 @@ and MFU in ``throughput.py``, and stopping on a signal in ``stopping.py``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Callable
@@ -40,8 +41,8 @@ from nanogpt_core.train.optimization import (
     make_schedule,
     optimizer_step,
     optimizer_who,
-    prepare_contained,
 )
+from nanogpt_core.train.sharding import clip_gradients, is_sharded, prepare_for_training
 from nanogpt_core.train.stopping import StopRequest, TrainingInterrupted
 from nanogpt_core.train.throughput import Throughput
 from nanogpt_core.train.training_data import steps_per_epoch, to_device, training_batches
@@ -124,6 +125,7 @@ class Trainer:
         # Same seed on every rank: identical initial weights everywhere.
         set_seed(config.seed)
         self.model_config = model_config_for(config, data)
+        self.sharded = is_sharded(train, accelerator)
         self.raw_model = self._build_model()
         self.optimizer_who = optimizer_who(plugins, train)
         self.model, self.optimizer = self._prepare_for_training()
@@ -202,13 +204,16 @@ class Trainer:
         return model.to(self.accelerator.device)
 
     def _prepare_for_training(self) -> tuple[Any, Any]:
-        optimizer = make_optimizer(
-            self.plugins, self.train_cfg, self.raw_model, self.accelerator.device.type
+        """Shard the model under FSDP, build the optimizer, compile, prepare with Accelerate."""
+        device_type = self.accelerator.device.type
+        return prepare_for_training(
+            self.raw_model,
+            lambda model: make_optimizer(self.plugins, self.train_cfg, model, device_type),
+            self.accelerator,
+            compile_model=self.train_cfg.compile,
+            sharded=self.sharded,
+            who=self.optimizer_who,
         )
-        model: torch.nn.Module = self.raw_model
-        if self.train_cfg.compile:
-            model = torch.compile(model)
-        return prepare_contained(self.accelerator, model, optimizer, self.optimizer_who)
 
     # -- the loop ------------------------------------------------------------
 
@@ -329,16 +334,19 @@ class Trainer:
         """The micro-steps: forward and backward on each, reading nothing back from the device.
 
         Accelerate scales each loss by the number of micro-steps and, under
-        several processes, all-reduces the gradients only on the last one.
+        several processes, all-reduces the gradients only on the last one
+        (under FSDP the model itself is told to reduce-scatter only then).
 
         :returns: this process's loss, averaged over the micro-steps, as a device tensor.
         """
         acc = self.accelerator
         micro_steps = self.train_cfg.gradient_accumulation_steps
         loss_sum = torch.zeros((), device=acc.device)
-        for _ in range(micro_steps):
+        for micro_step in range(micro_steps):
             x, y = to_device(*self.sampler.next_batch(), acc.device)
-            with acc.accumulate(self.model):
+            if self.sharded:
+                self.raw_model.set_requires_gradient_sync(micro_step == micro_steps - 1)
+            with contextlib.nullcontext() if self.sharded else acc.accumulate(self.model):
                 with acc.autocast():
                     _, loss = self.model(x, y)
                 loss_sum += loss.detach().float()
@@ -352,11 +360,11 @@ class Trainer:
 
         Under fp16, Accelerate unscales the gradients first, so the norm and the
         clip are in true units and the scaler's step does not unscale again.
+        Under FSDP the norm is the whole model's, from every process's shards.
         """
         clip = self.train_cfg.grad_clip
-        return self.accelerator.clip_grad_norm_(
-            self.raw_model.parameters(), clip if clip > 0 else float("inf")
-        )
+        max_norm = clip if clip > 0 else float("inf")
+        return clip_gradients(self.accelerator, self.raw_model, max_norm, sharded=self.sharded)
 
     def _optimizer_step(self) -> None:
         """Update the weights (through the fp16 loss scaler when there is one), then drop the gradients."""
