@@ -17,6 +17,7 @@ With one process there is nothing to shard across: the model stays whole
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -73,14 +74,30 @@ def prepare_for_training(
     return prepare_contained(accelerator, compiled, optimizer, who)
 
 
+def micro_step(
+    accelerator: Any, model: torch.nn.Module, *, last: bool, sharded: bool
+) -> contextlib.AbstractContextManager[Any]:
+    """What one micro-step's forward and backward run in: gradients reduced on the ``last`` only.
+
+    Under DDP that is Accelerate's ``accumulate``; under FSDP the model is told
+    whether this backward reduce-scatters (before the last micro-step each
+    process accumulates its unsharded gradients locally).
+    """
+    if not sharded:
+        return accelerator.accumulate(model)
+    getattr(model, "_orig_mod", model).set_requires_gradient_sync(last)  # under compile too
+    return contextlib.nullcontext()
+
+
 def clip_gradients(
-    accelerator: Any, model: torch.nn.Module, max_norm: float, *, sharded: bool
+    accelerator: Any, model: torch.nn.Module, clip: float, *, sharded: bool
 ) -> torch.Tensor:
-    """Clip the gradient norm to ``max_norm``; returns the norm before clipping.
+    """Clip the gradient norm to ``clip`` (0: never); returns the norm before clipping.
 
     Under fp16 the gradients are unscaled first (Accelerate's clip does that
     itself), so the norm and the clip are in true units.
     """
+    max_norm = clip if clip > 0 else float("inf")
     if not sharded:
         return accelerator.clip_grad_norm_(model.parameters(), max_norm)
     accelerator.unscale_gradients()

@@ -15,7 +15,6 @@ and MFU in ``throughput.py``, and stopping on a signal in ``stopping.py``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from nanogpt_core.data.prepared import PreparedData
 from nanogpt_core.errors import TrainingError
 from nanogpt_core.files import atomic_write_text
 from nanogpt_core.plugins.registry import Plugins
+from nanogpt_core.train import sharding
 from nanogpt_core.train.callbacks import Callback, Requests, RunPaths, TrainerState
 from nanogpt_core.train.checkpointing import RunCheckpoints
 from nanogpt_core.train.hook_dispatch import HookDispatch
@@ -42,7 +42,6 @@ from nanogpt_core.train.optimization import (
     optimizer_step,
     optimizer_who,
 )
-from nanogpt_core.train.sharding import clip_gradients, is_sharded, prepare_for_training
 from nanogpt_core.train.stopping import StopRequest, TrainingInterrupted
 from nanogpt_core.train.throughput import Throughput
 from nanogpt_core.train.training_data import steps_per_epoch, to_device, training_batches
@@ -125,7 +124,7 @@ class Trainer:
         # Same seed on every rank: identical initial weights everywhere.
         set_seed(config.seed)
         self.model_config = model_config_for(config, data)
-        self.sharded = is_sharded(train, accelerator)
+        self.sharded = sharding.is_sharded(train, accelerator)
         self.raw_model = self._build_model()
         self.optimizer_who = optimizer_who(plugins, train)
         self.model, self.optimizer = self._prepare_for_training()
@@ -204,9 +203,8 @@ class Trainer:
         return model.to(self.accelerator.device)
 
     def _prepare_for_training(self) -> tuple[Any, Any]:
-        """Shard the model under FSDP, build the optimizer, compile, prepare with Accelerate."""
         device_type = self.accelerator.device.type
-        return prepare_for_training(
+        return sharding.prepare_for_training(
             self.raw_model,
             lambda model: make_optimizer(self.plugins, self.train_cfg, model, device_type),
             self.accelerator,
@@ -342,11 +340,11 @@ class Trainer:
         acc = self.accelerator
         micro_steps = self.train_cfg.gradient_accumulation_steps
         loss_sum = torch.zeros((), device=acc.device)
-        for micro_step in range(micro_steps):
+        for index in range(micro_steps):
             x, y = to_device(*self.sampler.next_batch(), acc.device)
-            if self.sharded:
-                self.raw_model.set_requires_gradient_sync(micro_step == micro_steps - 1)
-            with contextlib.nullcontext() if self.sharded else acc.accumulate(self.model):
+            with sharding.micro_step(
+                acc, self.model, last=index == micro_steps - 1, sharded=self.sharded
+            ):
                 with acc.autocast():
                     _, loss = self.model(x, y)
                 loss_sum += loss.detach().float()
@@ -363,8 +361,7 @@ class Trainer:
         Under FSDP the norm is the whole model's, from every process's shards.
         """
         clip = self.train_cfg.grad_clip
-        max_norm = clip if clip > 0 else float("inf")
-        return clip_gradients(self.accelerator, self.raw_model, max_norm, sharded=self.sharded)
+        return sharding.clip_gradients(self.accelerator, self.raw_model, clip, sharded=self.sharded)
 
     def _optimizer_step(self) -> None:
         """Update the weights (through the fp16 loss scaler when there is one), then drop the gradients."""

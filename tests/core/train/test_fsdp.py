@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from nanogpt_core.config.experiment import TrainConfig
-from nanogpt_core.errors import NanoGPTError
+from nanogpt_core.train.checkpoints import load_checkpoint
 
 # 50 steps of two micro-batches, clipped hard enough that clipping acts.
 EXPERIMENT = """
@@ -108,29 +107,22 @@ def metrics(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def kill_after_save(cmd: list[str], checkpoint: Path, step: int) -> None:
-    """Start ``cmd``; SIGKILL the launcher and its ranks once ``checkpoint`` is at ``step``.
+def kill_when_saving(cmd: list[str], checkpoint: Path, step: int) -> None:
+    """Start ``cmd``; SIGKILL its ranks and launcher once the shards of ``step`` are in place.
 
-    The shard folder's name tells the step before the file is read (reading
-    it takes long against a tiny model's steps).
+    That is while (or just after) the main process writes the ``.pth`` naming
+    them: the moment the previous checkpoint must survive. Only the folder's
+    name is polled (reading a checkpoint takes long against a tiny model's steps).
     """
-    from nanogpt_core.train.checkpoints import load_checkpoint
+    import psutil
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     folder = checkpoint.with_name(f"{checkpoint.name}.shards-{step:06d}")
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if folder.is_dir() and checkpoint.exists():
-            try:
-                if load_checkpoint(checkpoint, resume=True)["step"] >= step:
-                    break
-            except Exception:  # mid-rename
-                pass
+    while time.monotonic() < deadline and proc.poll() is None and not folder.is_dir():
         time.sleep(0.005)
     assert proc.poll() is None, "the run ended before it could be killed: make it longer"
-    import psutil
-
     # The ranks first (torchrun starts them in sessions of their own), then the launcher.
     for child in psutil.Process(proc.pid).children(recursive=True):
         child.kill()
@@ -155,12 +147,12 @@ def runs(tmp_path_factory):
     out = {"root": root, "experiment": experiment, "data": data, "results": results}
     out["ddp_stdout"] = run(command(experiment, results, data)).stdout
     out["fsdp_stdout"] = run(command(experiment, results, data, fsdp, "name=fsdp")).stdout
-    # Killed after its first checkpoint (step 10), relaunched.
+    # Killed while it saves step 20 (epoch 1 ends at 25), relaunched.
     killed = [fsdp, "name=killed", "train.steps_per_epoch=25"]
-    kill_after_save(
-        command(experiment, results, data, *killed), results / "killed/checkpoints/last.pth", 10
-    )
-    out["killed_files"] = sorted(p.name for p in (results / "killed/checkpoints").iterdir())
+    last = results / "killed/checkpoints/last.pth"
+    kill_when_saving(command(experiment, results, data, *killed), last, 20)
+    out["killed_files"] = sorted(p.name for p in last.parent.iterdir())
+    out["killed_step"] = load_checkpoint(last, resume=True)["step"]  # intact: 10 or 20
     moved = out["moved"] = root / "moved"  # the same run, resumed at other process counts
     shutil.copytree(results / "killed", moved / "killed")
     out["resumed_stdout"] = run(command(experiment, results, data, *killed)).stdout
@@ -189,7 +181,6 @@ def test_fsdp_reaches_the_losses_of_ddp(runs):
 def test_fsdp_checkpoints_are_a_pth_and_its_shard_folder(runs):
     import torch
 
-    from nanogpt_core.train.checkpoints import load_checkpoint
     from nanogpt_core.train.shard_files import folder_checksum
 
     folder = runs["results"] / "fsdp" / "checkpoints"
@@ -220,7 +211,6 @@ def test_sharded_optimizer_state_loads_whole_in_one_process_equal_to_ddps(runs):
 
     from nanogpt_core.model.config import GPTConfig
     from nanogpt_core.model.gpt import GPT
-    from nanogpt_core.train.checkpoints import load_checkpoint
     from nanogpt_core.train.shard_files import load_optimizer_shards
 
     path = runs["results"] / "fsdp" / "checkpoints" / "last.pth"
@@ -242,12 +232,11 @@ def test_sharded_optimizer_state_loads_whole_in_one_process_equal_to_ddps(runs):
 
 @pytest.mark.slow
 def test_fsdp_resumes_exactly_after_sigkill(runs):
-    from nanogpt_core.train.checkpoints import load_checkpoint
 
-    # The kill left a loadable checkpoint: a .pth and the folder it names.
-    files = runs["killed_files"]
-    assert "last.pth" in files, files
-    assert "resuming from step" in runs["resumed_stdout"]
+    # The kill left a loadable checkpoint (read in the fixture): a .pth and the folder it names.
+    assert runs["killed_step"] in (10, 20)
+    assert f"last.pth.shards-{runs['killed_step']:06d}" in runs["killed_files"]
+    assert f"resuming from step {runs['killed_step']}" in runs["resumed_stdout"]
     assert figures(runs["results"] / "killed") == figures(runs["results"] / "fsdp")
     last = load_checkpoint(runs["results"] / "killed" / "checkpoints" / "last.pth", resume=True)
     assert last["step"] == 50
@@ -261,8 +250,7 @@ def figures(folder: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_fsdp_resumes_at_another_process_count(runs):
-    one = runs["one_stdout"]
-    assert "resuming from step" in one
+    assert f"resuming from step {runs['killed_step']}" in runs["one_stdout"]
     assert "resuming from step 50" in runs["two_stdout"]
     lines = metrics(runs["moved"] / "killed")
     assert [m["step"] for m in lines] == list(range(5, 76, 5))
@@ -286,3 +274,19 @@ def test_an_fsdp_checkpoint_samples_the_greedy_text_of_ddps(runs):
         texts.append(done.stdout)
     assert texts[0] == texts[1]
     assert texts[0].startswith("ROMEO:") and len(texts[0]) > 40
+
+
+@pytest.mark.slow
+def test_muon_under_fsdp_takes_ddps_steps(runs):
+    """Muon orthogonalises each whole matrix, gathered from its shards: DDP's update."""
+    short = ["train.optimizer=muon", "train.steps_per_epoch=10", "train.epochs=1",
+             "train.eval_every=10", "train.save_every=0"]  # fmt: skip
+    paths = runs["experiment"], runs["root"] / "muon", runs["data"]
+    run(command(*paths, *short, "name=muon_ddp"))
+    run(command(*paths, *short, "name=muon_fsdp", "train.parallelism=fsdp"))
+    ddp, fsdp = metrics(paths[1] / "muon_ddp"), metrics(paths[1] / "muon_fsdp")
+    assert [m["step"] for m in fsdp] == [m["step"] for m in ddp] == [5, 10]
+    for a, b in zip(ddp, fsdp, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=2e-4)
+    assert fsdp[-1]["val_loss"] == pytest.approx(ddp[-1]["val_loss"], rel=1e-5)
