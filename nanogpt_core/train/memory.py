@@ -169,6 +169,15 @@ def estimate_training_memory(
     )
 
 
+def shards_for(train: Any, processes: int) -> int:
+    """Processes a run's parameters, gradients and optimizer state are sharded over.
+
+    ``processes`` under ``[train] parallelism = "fsdp"``; 1 under ``"ddp"``,
+    where every process holds them all.
+    """
+    return processes if train.parallelism == "fsdp" else 1
+
+
 # A checkpoint's bytes besides the tensors: the pickled experiment, counters and
 # metrics, and torch's zip records (about 24 KiB for our models), plus each
 # process's random-number states (about 15 KiB: torch's CPU generator is 5 KiB).
