@@ -42,8 +42,15 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     tied output layer, the last norm). The default mesh is every process of
     the group Accelerate initialised.
     """
-    from torch.distributed.fsdp import fully_shard
+    from nanogpt_core.errors import NanoGPTError
 
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # public from torch 2.6
+        raise NanoGPTError(
+            f'train.parallelism = "fsdp" needs torch 2.6 or newer; this is torch '
+            f'{torch.__version__}: upgrade torch or use parallelism = "ddp"'
+        ) from None
     for block in model.transformer.h:
         fully_shard(block)
     fully_shard(model)

@@ -310,3 +310,22 @@ def test_muon_under_fsdp_takes_ddps_steps(runs):
         for key, value in a.items():
             rel = 2e-4 if key == "grad_norm" else 1e-5
             assert b[key] == pytest.approx(value, rel=rel), (a["step"], key)
+
+
+@pytest.mark.slow
+def test_an_infinity_in_one_shard_makes_every_process_skip_the_scaled_step(tmp_path):
+    """fp16's loss scaler on sharded gradients (torch's CPU GradScaler: the CPU has no fp16)."""
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    probe = Path(__file__).with_name("fsdp_scaler_probe.py")
+    run([
+        accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), str(probe), str(tmp_path),
+    ])  # fmt: skip
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # the same decisions and norms on both processes
+    poisoned, finite = ranks[0]["poisoned"], ranks[0]["finite"]
+    assert poisoned["changed"] is False and poisoned["scale"] == 2.0**7  # skipped, halved
+    assert poisoned["norm"] == float("inf")
+    assert finite["changed"] is True and finite["scale"] == 2.0**7
+    assert 0 < finite["norm"] < float("inf")
