@@ -329,3 +329,62 @@ def test_an_infinity_in_one_shard_makes_every_process_skip_the_scaled_step(tmp_p
     assert poisoned["norm"] == float("inf")
     assert finite["changed"] is True and finite["scale"] == 2.0**7
     assert 0 < finite["norm"] < float("inf")
+
+
+def test_the_optimizer_state_splits_into_plain_data_and_tensors_and_back():
+    import torch
+
+    from nanogpt_core.train.checkpoints import plain_data_problem
+    from nanogpt_core.train.shard_files import IN_SHARDS, join_tensors, marked_paths, split_tensors
+
+    state = {
+        "muon": {"state": {0: {"momentum_buffer": torch.ones(2, 2)}}, "param_groups": [{"lr": 1}]},
+        "adamw": {"state": {1: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(3)}}},
+    }
+    plain, tensors = split_tensors(state)
+    assert plain_data_problem(plain, "optimizer") is None  # loadable with weights_only
+    assert plain["adamw"]["state"][1] == {"step": IN_SHARDS, "exp_avg": IN_SHARDS}
+    assert sorted(tensors) == sorted(marked_paths(plain)) == [
+        "/adamw/state/1/exp_avg", "/adamw/state/1/step", "/muon/state/0/momentum_buffer"
+    ]  # fmt: skip
+    back = join_tensors(plain, tensors)
+    assert back["muon"]["state"][0]["momentum_buffer"] is tensors["/muon/state/0/momentum_buffer"]
+    assert back["muon"]["param_groups"] == [{"lr": 1}]
+
+
+def test_damaged_or_missing_shards_are_one_line_naming_the_file(tmp_path):
+    import torch
+
+    from nanogpt_core.train.checkpoints import CheckpointError
+    from nanogpt_core.train.shard_files import folder_checksum, load_optimizer_shards
+
+    path = tmp_path / "last.pth"
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    entry = {"folder": "last.pth.shards-000010", "checksum": "0" * 64, "processes": 2}
+    with pytest.raises(CheckpointError, match=r"last.pth: its optimizer shards .* are missing"):
+        load_optimizer_shards(optimizer, path, entry, {})
+    (tmp_path / entry["folder"]).mkdir()
+    (tmp_path / entry["folder"] / "__0_0.distcp").write_bytes(b"shard")
+    with pytest.raises(CheckpointError, match=r"last.pth: damaged: the optimizer shards in"):
+        load_optimizer_shards(optimizer, path, entry, {})
+    assert folder_checksum(tmp_path / entry["folder"]) != entry["checksum"]
+
+
+def test_shard_folders_no_file_names_are_swept(tmp_path):
+    from nanogpt_core.train.shard_files import sweep_shard_folders
+
+    names = [
+        "last.pth.shards-000010",  # last.pth's previous folder
+        "last.pth.shards-000020",  # the one just written
+        "last.pth.shards-000030.tmp",  # a killed save's
+        "ckpt_epoch_1.pth.shards-000010",  # its file was pruned
+        "ckpt_epoch_2.pth.shards-000020",  # its file is there, not rewritten now
+    ]
+    for name in names:
+        (tmp_path / name).mkdir()
+    (tmp_path / "last.pth").write_bytes(b"")
+    (tmp_path / "ckpt_epoch_2.pth").write_bytes(b"")
+    sweep_shard_folders(tmp_path, {"last.pth": "last.pth.shards-000020"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ckpt_epoch_2.pth", "ckpt_epoch_2.pth.shards-000020", "last.pth", "last.pth.shards-000020"
+    ]  # fmt: skip
