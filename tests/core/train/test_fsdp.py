@@ -388,3 +388,26 @@ def test_shard_folders_no_file_names_are_swept(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "ckpt_epoch_2.pth", "ckpt_epoch_2.pth.shards-000020", "last.pth", "last.pth.shards-000020"
     ]  # fmt: skip
+
+
+def test_the_memory_estimate_counts_a_share_plus_what_fsdp_gathers():
+    """GPT-2 large (774M) over 4 processes: a quarter of the state, plus the root and two blocks."""
+    from nanogpt_core.model.config import GPTConfig
+    from nanogpt_core.train.memory import (
+        estimate_training_memory,
+        parameter_count,
+        unit_parameter_counts,
+    )
+
+    large = GPTConfig(n_layer=36, n_head=20, n_embd=1280, block_size=1024, vocab_size=50304)
+    root, block = unit_parameter_counts(large)
+    assert root + 36 * block == parameter_count(large)
+    assert root == (50304 + 1024) * 1280 + 1280  # wte (tied head), wpe, ln_f (no bias)
+    whole = estimate_training_memory(large, batch_size=1, precision="fp16")
+    sharded = estimate_training_memory(large, batch_size=1, precision="fp16", shards=4)
+    assert sharded.gradients == -(-whole.gradients // 4)
+    assert sharded.optimizer == -(-whole.optimizer // 4)
+    assert sharded.weights == -(-whole.weights // 4) + 4 * (root + 2 * block)
+    assert sharded.activations == whole.activations
+    state = whole.weights + whole.gradients + whole.optimizer
+    assert state > 12e9 > 4e9 > sharded.weights + sharded.gradients + sharded.optimizer
