@@ -148,6 +148,15 @@ class TrainConfig:
         validator=one_of("auto", "no", "fp16", "bf16"),
     )
     compile: bool = option(False, "Wrap the model in torch.compile.")
+    parallelism: str = option(
+        "ddp",
+        'How several processes share the work: "ddp" (data parallelism: every process holds '
+        'the whole model, its gradients and optimizer state) or "fsdp" (PyTorch FSDP2: '
+        "parameters, gradients and optimizer state sharded across the processes, one unit "
+        "per transformer block; the optimizer state is saved sharded beside each checkpoint). "
+        'With one process "fsdp" trains as "ddp" does and keeps the sharded checkpoint layout.',
+        validator=one_of("ddp", "fsdp"),
+    )
     device: str = option(
         "auto",
         '"auto" (CUDA when present), "cpu" or "cuda".',

@@ -299,6 +299,11 @@ class Evaluator:
         world, rank = self.num_processes, int(self.accelerator.process_index)
         with self.scoring():
             mine = [(k, score(batches[k])) for k in range(rank, len(batches), world)]
+            if world > 1 and batches and _sharded(self.model):
+                # A model sharded with FSDP gathers its weights with every process at
+                # each forward: a process with one batch fewer scores one more, unused.
+                for _ in range(-(-len(batches) // world) - len(mine)):
+                    score(batches[0])
         if world == 1:
             return [result for _, result in mine]
         from accelerate.utils import gather_object
@@ -306,6 +311,13 @@ class Evaluator:
         gathered = gather_object([mine])
         by_index = dict(pair for part in gathered for pair in part)
         return [by_index[k] for k in range(len(batches))]
+
+
+def _sharded(model: Any) -> bool:
+    """Whether ``model`` is sharded with FSDP2 (``[train] parallelism = "fsdp"``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(getattr(model, "_orig_mod", model), FSDPModule)
 
 
 def fixed_loss_batches(

@@ -101,6 +101,9 @@ class MemoryFigures:
             (False: AdamW's 8 bytes per parameter were assumed).
         device_memory: bytes a process may use, or None when unknown.
         reserve: what the device keeps for itself (CUDA context, fragmentation).
+        parallelism: ``[train] parallelism`` (``"ddp"`` or ``"fsdp"``).
+        shards: processes the weights, gradients and optimizer state are
+            sharded over (1 under DDP).
     """
 
     estimate: MemoryEstimate
@@ -108,6 +111,8 @@ class MemoryFigures:
     optimizer_measured: bool
     device_memory: int | None
     reserve: int = 0
+    parallelism: str = "ddp"
+    shards: int = 1
 
     @property
     def fits(self) -> bool | None:

@@ -224,14 +224,16 @@ def _memory_figures(
     precision: str,
     optimizer_bytes: int | None,
 ) -> MemoryFigures:
-    from nanogpt_core.train.memory import estimate_training_memory
+    from nanogpt_core.train.memory import estimate_training_memory, shards_for
 
+    shards = shards_for(config.train, hardware.count)
     estimate = estimate_training_memory(
         shape,
         batch_size=config.train.batch_size,
         precision=precision,
         optimizer_bytes=optimizer_bytes,
         activation_checkpointing=config.train.activation_checkpointing,
+        shards=shards,
     )
     return MemoryFigures(
         estimate=estimate,
@@ -239,6 +241,8 @@ def _memory_figures(
         optimizer_measured=optimizer_bytes is not None,
         device_memory=hardware.memory,
         reserve=CUDA_RESERVE if hardware.cuda else 0,
+        parallelism=config.train.parallelism,
+        shards=shards,
     )
 
 

@@ -76,7 +76,12 @@ def _memory_lines(plan: RunPlan) -> list[str]:
     estimate = memory.estimate
     optimizer = "measured" if memory.optimizer_measured else "AdamW's assumed"
     precision = {"no": "float32"}.get(memory.precision, memory.precision)
+    if memory.parallelism == "fsdp":
+        sharing = f"fsdp: weights, gradients and optimizer state in {memory.shards} shards"
+    else:
+        sharing = "ddp: every process holds the whole model, gradients and optimizer state"
     lines = [
+        sharing,
         f"per process: weights {human_bytes(estimate.weights)}, gradients "
         f"{human_bytes(estimate.gradients)}, optimizer {human_bytes(estimate.optimizer)} "
         f"({optimizer}), activations {human_bytes(estimate.activations)} ({precision})",
@@ -189,7 +194,8 @@ def plan_summary(plan: RunPlan) -> str:
         if data.passes is not None:
             tokens += f" ({passes_text(data.passes)} passes over {count(data.train_tokens or 0)})"
         parts.append(tokens)
-    parts.append(f"about {human_bytes(plan.memory.estimate.total)} per process")
+    sharded = f" ({plan.memory.shards} fsdp shards)" if plan.memory.shards > 1 else ""
+    parts.append(f"about {human_bytes(plan.memory.estimate.total)} per process{sharded}")
     if plan.time.seconds is not None:
         parts.append(f"about {duration(plan.time.seconds)} at {plan.time.mfu:.0%} MFU")
     return "plan: " + ", ".join(parts)

@@ -29,6 +29,19 @@ from nanogpt_core.train.checkpoints import FORMAT as CHECKPOINT_FORMAT
 from nanogpt_core.train.checkpoints import load_checkpoint, save_checkpoint
 from nanogpt_core.train.hook_dispatch import HookDispatch
 from nanogpt_core.train.resume import callback_states, check_belongs, check_same_config
+from nanogpt_core.train.shard_files import (
+    load_optimizer_shards,
+    save_optimizer_shards,
+    sweep_shard_folders,
+)
+from nanogpt_core.train.sharding import (
+    FSDP,
+    all_finite,
+    full_model_state,
+    is_sharded,
+    load_full_model_state,
+    local,
+)
 from nanogpt_core.train.throughput import Throughput
 
 if TYPE_CHECKING:
@@ -190,6 +203,10 @@ class RunCheckpoints:
         self.echo = echo
         self.optimizer_who = optimizer_who
         self.guard = guard
+        # FSDP's layout (optimizer state in DCP shards beside each file) whatever
+        # the process count, so a checkpoint resumes at another count.
+        self.sharded_layout = config.train.parallelism == FSDP
+        self.sharded_model = is_sharded(config.train, accelerator)
 
     # -- writing -------------------------------------------------------------
 
@@ -205,13 +222,15 @@ class RunCheckpoints:
         per_rank = {"sampler": self.sampler.state_dict(), "rng": rng_state(self.accelerator.device)}
         ranks = gather_object([per_rank]) if self.accelerator.num_processes > 1 else [per_rank]
         scaler = self.accelerator.scaler
-        with plugin_call(self.optimizer_who, "state_dict"):
-            optimizer_state = self.optimizer.state_dict()
+        optimizer_state: dict[str, Any] = {}  # under FSDP: see _save_shards
+        if not self.sharded_layout:
+            with plugin_call(self.optimizer_who, "state_dict"):
+                optimizer_state = self.optimizer.state_dict()
         return {
             "format": CHECKPOINT_FORMAT,
             "version": __version__,
             "model_args": attrs.asdict(self.model.config),
-            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "model": self._weights(),
             "optimizer": optimizer_state,
             "scaler": scaler.state_dict() if scaler else None,
             "step": state.step,
@@ -226,6 +245,12 @@ class RunCheckpoints:
             "data": {key: self.data.meta.get(key) for key in ("plugin", "variant", "fingerprint")},
             "guards": self.guard.state_dict() if self.guard else None,
         }
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights on the CPU (gathered from the shards under FSDP)."""
+        if self.sharded_model:
+            return full_model_state(self.model)
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
 
     def warn_if_unresumable(self) -> None:
         """Say in one line, before training, when a kill before the last step would lose the run."""
@@ -254,21 +279,40 @@ class RunCheckpoints:
             return
         self.check_weights_finite()
         checkpoint = self.snapshot()
-        written = []
+        written, folders = [], {}
         for name in names:
             path = self.paths.checkpoints / name
+            # Under FSDP every process writes its optimizer shards first; the
+            # file naming them is renamed into place only once they are whole.
+            own = self._save_shards(path, state.step, checkpoint)
             if self.accelerator.is_main_process:
-                save_checkpoint(path, checkpoint)
+                save_checkpoint(path, own)
+                if "shards" in own:
+                    folders[name] = own["shards"]["folder"]
             written.append(path)
         if LAST_CHECKPOINT in names:
             self.hooks.update(last_saved_step=self.hooks.state.step)
         for path in written:
             self.hooks.call("on_checkpoint", path)
+        if self.sharded_layout and self.accelerator.is_main_process:
+            # After on_checkpoint: the folders of files a callback pruned go too.
+            sweep_shard_folders(self.paths.checkpoints, folders)
+
+    def _save_shards(self, path: Any, step: int, checkpoint: dict[str, Any]) -> dict[str, Any]:
+        """``checkpoint`` as the file ``path`` holds it; under FSDP, its optimizer shards written."""
+        if not self.sharded_layout:
+            return checkpoint
+        with plugin_call(self.optimizer_who, "state_dict"):
+            state = self.optimizer.state_dict()
+        plain, shards = save_optimizer_shards(state, path, step, self.accelerator)
+        return {**checkpoint, "optimizer": plain, "shards": shards}
 
     def check_weights_finite(self) -> None:
         """Refuse to save weights that are already NaN or infinite."""
         named = list(self.model.named_parameters())
-        finite = torch.stack([torch.isfinite(param).all() for _, param in named])
+        finite = torch.stack([torch.isfinite(local(param)).all() for _, param in named])
+        if self.sharded_model:  # each process sees its own rows: agree on every tensor
+            finite = all_finite(self.accelerator, finite)
         if bool(finite.all()):  # one read from the device, not one per tensor
             return
         for (name, _), ok in zip(named, finite.tolist(), strict=True):
@@ -306,15 +350,26 @@ class RunCheckpoints:
         )
         check_same_config(path, checkpoint, self.config.to_dict())
         states = callback_states(path, checkpoint["callbacks"], self.hooks.plugins)
-        self._restore(checkpoint, states)
+        self._restore(checkpoint, states, path)
         state = self.hooks.state
         self.echo(f"resuming from step {state.step} (epoch {state.epoch}) of {path}")
         return True
 
-    def _restore(self, checkpoint: dict[str, Any], states: dict[int, dict[str, Any]]) -> None:
-        self.model.load_state_dict(checkpoint["model"])
+    def _restore(
+        self, checkpoint: dict[str, Any], states: dict[int, dict[str, Any]], path: Any
+    ) -> None:
+        if self.sharded_model:
+            load_full_model_state(self.model, checkpoint["model"])
+        else:
+            self.model.load_state_dict(checkpoint["model"])
+        optimizer_state = checkpoint["optimizer"]
+        if self.sharded_layout:
+            with plugin_call(self.optimizer_who, "state_dict"):
+                optimizer_state = load_optimizer_shards(
+                    self.optimizer, path, checkpoint.get("shards"), optimizer_state
+                )
         with plugin_call(self.optimizer_who, "load_state_dict"):
-            load_optimizer_state(self.optimizer, checkpoint["optimizer"])
+            load_optimizer_state(self.optimizer, optimizer_state)
         if self.accelerator.scaler and checkpoint.get("scaler"):
             self.accelerator.scaler.load_state_dict(checkpoint["scaler"])
         ranks = checkpoint["ranks"]

@@ -34,6 +34,21 @@ def parameter_count(config: Any) -> int:
         return GPT(config).num_params()
 
 
+def unit_parameter_counts(config: Any) -> tuple[int, int]:
+    """Parameters of FSDP's root unit (all but the blocks: embeddings, last norm, an untied head) and of one block.
+
+    Built on the ``meta`` device, as :func:`parameter_count`.
+    """
+    import torch
+
+    from nanogpt_core.model.gpt import GPT
+
+    with torch.device("meta"):
+        model = GPT(config)
+    block = sum(p.numel() for p in model.transformer.h[0].parameters())
+    return parameter_count(config) - config.n_layer * block, block
+
+
 # Bytes per token that one transformer block keeps for the backward pass, as
 # coefficients of C (n_embd) and H (the MLP's width), measured with
 # torch.autograd.graph.saved_tensors_hooks on our GPT (tests/core/train/test_memory.py
@@ -158,10 +173,18 @@ def estimate_training_memory(
     :param optimizer_bytes: the whole model's optimizer state
         (:func:`optimizer_state_bytes`); default AdamW's 8 bytes per parameter.
     :param shards: processes the parameters, gradients and optimizer state are
-        sharded over (1: data parallelism, every process holds them all).
+        sharded over (1: data parallelism, every process holds them all). A
+        sharded process also holds whole, in float32, what FSDP gathers: the
+        root unit (embeddings and the rest outside the blocks, kept gathered
+        from the forward to the backward pass) and two blocks (the one running
+        and the next, prefetched); that is counted in ``weights``.
     :param activation_checkpointing: ``[train] activation_checkpointing``.
     """
     count = parameter_count(config)
+    gathered = 0
+    if shards > 1:
+        root, block = unit_parameter_counts(config)
+        gathered = 4 * (root + 2 * block)
     if optimizer_bytes is None:
         optimizer_bytes = ADAMW_BYTES_PER_PARAMETER * count
     activations = activation_bytes(
@@ -171,11 +194,20 @@ def estimate_training_memory(
         activations += 2 * count  # autocast's 16-bit copies of the weights
     return MemoryEstimate(
         parameters=count,
-        weights=-(-4 * count // shards),
+        weights=-(-4 * count // shards) + gathered,
         gradients=-(-4 * count // shards),
         optimizer=-(-optimizer_bytes // shards),
         activations=activations,
     )
+
+
+def shards_for(train: Any, processes: int) -> int:
+    """Processes a run's parameters, gradients and optimizer state are sharded over.
+
+    ``processes`` under ``[train] parallelism = "fsdp"``; 1 under ``"ddp"``,
+    where every process holds them all.
+    """
+    return processes if train.parallelism == "fsdp" else 1
 
 
 # A checkpoint's bytes besides the tensors: the pickled experiment, counters and

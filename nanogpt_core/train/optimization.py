@@ -169,8 +169,12 @@ def prepare_contained(accelerator: Any, model: Any, optimizer: Any, who: str) ->
 
     Accelerate calls the optimizer's ``state_dict`` and ``load_state_dict`` while
     it wraps it; an error of its own, or of the model's, keeps its traceback.
+    A ``model`` of None prepares the optimizer alone (a model sharded with
+    FSDP2 must not be wrapped) and returns ``(None, optimizer)``.
     """
     try:
+        if model is None:
+            return None, accelerator.prepare(optimizer)
         return accelerator.prepare(model, optimizer)
     except NanoGPTError:
         raise

@@ -169,11 +169,13 @@ def check_memory(
     precision: str = "no",
     *,
     optimizer_bytes: int | None = None,
+    shards: int = 1,
 ) -> None:
     """Refuse a run whose estimated peak memory exceeds what ``device`` has free.
 
     The estimate is the project's one (:func:`estimate_training_memory`): weights,
-    gradients, the optimizer's state and one micro-batch's activations.
+    gradients, the optimizer's state (this process's share of the three under
+    FSDP: ``shards``) and one micro-batch's activations.
 
     :param precision: the run's autocast precision (``"no"``, ``"bf16"``, ``"fp16"``).
     :param optimizer_bytes: the optimizer's state as measured by the plan
@@ -190,6 +192,7 @@ def check_memory(
         precision=precision,
         optimizer_bytes=optimizer_bytes,
         activation_checkpointing=config.train.activation_checkpointing,
+        shards=shards,
     )
     available, where = available_bytes(device)
     if available is None or estimate.total <= available:
@@ -202,8 +205,13 @@ def check_memory(
             f"({human_bytes(state)} for weights, gradients and optimizer state, "
             f"{human_bytes(estimate.activations)} for activations), but {where} only "
             f"{human_bytes(available)}; lower train.batch_size (raise "
-            "train.gradient_accumulation_steps to keep the batch), make the model smaller, "
-            "or skip this check with --set train.memory_check=false"
+            "train.gradient_accumulation_steps to keep the batch), make the model smaller"
+            + (
+                ', shard it with train.parallelism = "fsdp" over more processes'
+                if shards > 1 or config.train.parallelism == "fsdp"
+                else ', shard it across processes with train.parallelism = "fsdp"'
+            )
+            + ", or skip this check with --set train.memory_check=false"
         ]
     )
 
@@ -340,7 +348,10 @@ def _train(
         model_config_for(config, data),
         accelerator.device,
         accelerator.mixed_precision,
-        optimizer_bytes=plan.memory.estimate.optimizer if plan.memory.optimizer_measured else None,
+        optimizer_bytes=plan.memory.estimate.optimizer * plan.memory.shards
+        if plan.memory.optimizer_measured
+        else None,
+        shards=plan.memory.shards,
     )
     if main:
         from nanogpt_core.plan.report import plan_summary

@@ -25,6 +25,7 @@ from nanogpt_core.config.experiment import ExperimentConfig
 from nanogpt_core.data.prepared import PreparedData
 from nanogpt_core.files import atomic_write_text
 from nanogpt_core.plugins.registry import Plugins
+from nanogpt_core.train import sharding
 from nanogpt_core.train.callbacks import Callback, Requests, RunPaths, TrainerState
 from nanogpt_core.train.checkpointing import RunCheckpoints
 from nanogpt_core.train.hook_dispatch import HookDispatch
@@ -37,7 +38,6 @@ from nanogpt_core.train.optimization import (
     make_schedule,
     optimizer_step,
     optimizer_who,
-    prepare_contained,
 )
 from nanogpt_core.train.step_guard import StepGuard, agree, finite_or_none
 from nanogpt_core.train.stopping import StopRequest, TrainingInterrupted
@@ -91,6 +91,7 @@ class Trainer:
         # Same seed on every rank: identical initial weights everywhere.
         set_seed(config.seed)
         self.model_config = model_config_for(config, data)
+        self.sharded = sharding.is_sharded(train, accelerator)
         self.raw_model = self._build_model()
         self.optimizer_who = optimizer_who(plugins, train)
         self.model, self.optimizer = self._prepare_for_training()
@@ -174,13 +175,15 @@ class Trainer:
         return model.to(self.accelerator.device)
 
     def _prepare_for_training(self) -> tuple[Any, Any]:
-        optimizer = make_optimizer(
-            self.plugins, self.train_cfg, self.raw_model, self.accelerator.device.type
+        device_type = self.accelerator.device.type
+        return sharding.prepare_for_training(
+            self.raw_model,
+            lambda model: make_optimizer(self.plugins, self.train_cfg, model, device_type),
+            self.accelerator,
+            compile_model=self.train_cfg.compile,
+            sharded=self.sharded,
+            who=self.optimizer_who,
         )
-        model: torch.nn.Module = self.raw_model
-        if self.train_cfg.compile:
-            model = torch.compile(model)
-        return prepare_contained(self.accelerator, model, optimizer, self.optimizer_who)
 
     # -- the loop ------------------------------------------------------------
 
@@ -302,16 +305,19 @@ class Trainer:
         """The micro-steps: forward and backward on each, reading nothing back from the device.
 
         Accelerate scales each loss by the number of micro-steps and, under
-        several processes, all-reduces the gradients only on the last one.
+        several processes, all-reduces the gradients only on the last one
+        (under FSDP the model itself is told to reduce-scatter only then).
 
         :returns: this process's loss, averaged over the micro-steps, as a device tensor.
         """
         acc = self.accelerator
         micro_steps = self.train_cfg.gradient_accumulation_steps
         loss_sum = torch.zeros((), device=acc.device)
-        for _ in range(micro_steps):
+        for index in range(micro_steps):
             x, y = to_device(*self.sampler.next_batch(), acc.device)
-            with acc.accumulate(self.model):
+            with sharding.micro_step(
+                acc, self.model, last=index == micro_steps - 1, sharded=self.sharded
+            ):
                 with acc.autocast():
                     _, loss = self.model(x, y)
                 loss_sum += loss.detach().float()
@@ -325,11 +331,10 @@ class Trainer:
 
         Under fp16, Accelerate unscales the gradients first, so the norm and the
         clip are in true units and the scaler's step does not unscale again.
+        Under FSDP the norm is the whole model's, from every process's shards.
         """
         clip = self.train_cfg.grad_clip
-        return self.accelerator.clip_grad_norm_(
-            self.raw_model.parameters(), clip if clip > 0 else float("inf")
-        )
+        return sharding.clip_gradients(self.accelerator, self.raw_model, clip, sharded=self.sharded)
 
     def _optimizer_step(self) -> None:
         """Update the weights (through the fp16 loss scaler when there is one), then drop the gradients."""

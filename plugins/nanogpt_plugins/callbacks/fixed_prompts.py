@@ -139,7 +139,12 @@ class FixedPromptsCallback(Callback):
         import torch
 
         self.sampled_step = state.step
-        if not state.is_main_process:
+        # A model sharded with FSDP gathers its weights with every process at each
+        # forward: then every process generates (the same tokens), the main one writes.
+        from torch.distributed.fsdp import FSDPModule
+
+        sharded = isinstance(state.model, FSDPModule)
+        if not state.is_main_process and not sharded:
             return
         model = state.model
         was_training = model.training
@@ -158,9 +163,12 @@ class FixedPromptsCallback(Callback):
                 # With a template the prompt is the whole instruction prompt: show the answer.
                 shown = completion if self.template is not None else prompt + completion
                 lines += [f"--- {prompt!r}", shown, ""]
-                state.add_text(f"samples/{prompt}", shown)
+                if state.is_main_process:
+                    state.add_text(f"samples/{prompt}", shown)
         finally:
             model.train(was_training)
+        if not state.is_main_process:
+            return
         path = state.paths.samples / f"epoch_{state.epoch:04d}.txt"
         atomic_write_text(path, "\n".join(lines))
 

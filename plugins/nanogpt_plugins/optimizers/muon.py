@@ -17,7 +17,10 @@ On GPUs with bf16 matrix units (A100, H100) the matrices get
 Newton-Schulz iteration in another dtype (``muon_float32.py``): float16 on a
 V100 (compute capability 7.x: fp16 tensor cores, no bf16 ones) and float32 on
 CPUs, where torch's bf16 iteration is emulated, about twenty times slower on
-our CPUs. Every process of a DDP run repeats the iteration for every matrix.
+our CPUs. Every process of a DDP run repeats the iteration for every matrix;
+so does every process of an FSDP run, on each matrix gathered whole from its
+shards (the rule of distributed Muon implementations: the update is
+orthogonalised over the full matrix, never shard by shard).
 """
 
 from __future__ import annotations
@@ -137,7 +140,10 @@ class Muon:
         }
         muon_groups = [_group(groups["muon"], opts.lr, opts.weight_decay)]
         ns_dtype = _iteration_dtype(opts.ns_dtype, device_type, groups["muon"][0][1].device)
-        if ns_dtype == "bfloat16":
+        # torch.optim.Muon would orthogonalise an FSDP shard piecewise; the twin
+        # gathers each whole matrix (in bfloat16 too, where that is the dtype).
+        sharded = hasattr(groups["muon"][0][1], "full_tensor")
+        if ns_dtype == "bfloat16" and not sharded:
             muon = torch.optim.Muon(muon_groups, **muon_options)
         else:
             from nanogpt_plugins.optimizers.muon_float32 import CastMuon

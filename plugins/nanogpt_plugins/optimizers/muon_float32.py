@@ -5,7 +5,8 @@ units (A100 and later), but a V100 has none and CPUs without bf16 matrix
 instructions emulate it about twenty times slower than float32. This subclass
 keeps everything of ``torch.optim.Muon`` (its options, param groups,
 ``momentum_buffer`` state and so its checkpoints) and changes only the dtype of
-that iteration: float16 for a V100's tensor cores, float32 for CPUs. The
+that iteration: float16 for a V100's tensor cores, float32 for CPUs. Under
+FSDP it orthogonalises each whole matrix, gathered from its shards. The
 ``muon`` plugin picks it where ``ns_dtype`` says so. (The module keeps its first
 name, from when float32 was its only dtype; so does :data:`Float32Muon`.)
 """
@@ -52,6 +53,25 @@ def adjusted_lr(lr: float, rule: str | None, shape: torch.Size) -> float:
     return lr * math.sqrt(max(1, rows / cols))
 
 
+def _orthogonalize_whole(update: torch.Tensor, *args: Any) -> torch.Tensor:
+    """:func:`orthogonalize` of the whole matrix, also when ``update`` is a shard (FSDP).
+
+    Newton-Schulz needs the whole matrix: run on a ``DTensor``, its matrix
+    products would be computed piecewise across processes, in another order
+    than DDP's. So the matrix is gathered (one all-gather per matrix and step),
+    every process orthogonalises it as a DDP process would, and keeps its own
+    rows: the update equals DDP's.
+    """
+    full_tensor = getattr(update, "full_tensor", None)
+    if full_tensor is None:
+        return orthogonalize(update, *args)
+    from torch.distributed.tensor import distribute_tensor
+
+    whole = orthogonalize(full_tensor(), *args)
+    # src_data_rank=None: each process slices its rows from its own copy, no scatter.
+    return distribute_tensor(whole, update.device_mesh, update.placements, src_data_rank=None)
+
+
 class CastMuon(torch.optim.Muon):
     """``torch.optim.Muon``, the same update, with the Newton-Schulz iteration in ``ns_dtype``.
 
@@ -84,7 +104,7 @@ class CastMuon(torch.optim.Muon):
                 buffer = state["momentum_buffer"]
                 buffer.lerp_(param.grad, 1 - momentum)
                 update = param.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
-                update = orthogonalize(
+                update = _orthogonalize_whole(
                     update, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype
                 )
                 param.mul_(1 - lr * group["weight_decay"])

@@ -216,3 +216,23 @@ def test_shipped_fineweb_experiments_make_at_most_4_passes_and_fit_v100s(name, t
         shown = f"about {hours:.1f} h" if hours >= 1.5 else f"about {hours * 60:.0f} min"
         assert f"{gpus.replace('x', ' x ', 1)}: {shown}" in text
     assert not (tmp_path / "data").exists()
+
+
+def test_fsdp_shards_the_state_per_process_and_the_table_says_so(prepared):
+    experiment, data = prepared
+    gpus = ("--data-dir", str(data), "--gpus", "4xV100-16GB")
+    ddp = plan_of(experiment, *gpus)["memory"]
+    fsdp = plan_of(experiment, *gpus, "--set", "train.parallelism=fsdp")["memory"]
+    assert (ddp["parallelism"], ddp["shards"], fsdp["parallelism"], fsdp["shards"]) == (
+        "ddp", 1, "fsdp", 4
+    )  # fmt: skip
+    for part in ("gradients", "optimizer"):
+        assert fsdp["estimate"][part] == -(-ddp["estimate"][part] // 4), part
+    # Besides its quarter, a process holds what FSDP gathers whole: the root unit
+    # (embeddings, last norm) and two blocks, in float32: here (two blocks) all of it.
+    gathered = fsdp["estimate"]["weights"] - -(-ddp["estimate"]["weights"] // 4)
+    assert gathered == ddp["estimate"]["weights"]
+    assert fsdp["estimate"]["activations"] == ddp["estimate"]["activations"]
+    done = gpt("plan", str(experiment), *gpus, "--set", "train.parallelism=fsdp", cwd=data.parent)
+    assert done.returncode == 0, done.stderr
+    assert "fsdp: weights, gradients and optimizer state in 4 shards" in done.stdout
