@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 from nanogpt_core.files import existing_ancestor, free_bytes
 from nanogpt_core.plan.figures import (
     CUDA_RESERVE,
@@ -132,21 +134,20 @@ def _vocabulary(
 
 
 def _model_figures(shape: Any, vocab_known: bool) -> ModelFigures:
-    import torch
+    from nanogpt_core.train.memory import extend_over_layers, meta_model, parameter_count
 
-    from nanogpt_core.model.gpt import GPT
-
-    with torch.device("meta"):
-        model = GPT(shape)
+    # The embeddings do not depend on the depth: one block's model has them all.
+    model = meta_model(attrs.evolve(shape, n_layer=1))
     embedding = sum(
         module.weight.numel()
         for name, module in model.transformer.items()
         if name in ("wte", "wpe")
     )
+    flops = extend_over_layers(shape, lambda config: meta_model(config).flops_per_token())
     return ModelFigures(
-        parameters=model.num_params(),
+        parameters=parameter_count(shape),
         embedding=embedding,
-        flops_per_token=model.flops_per_token(),
+        flops_per_token=flops,
         vocab_size=shape.vocab_size,
         vocab_known=vocab_known,
     )

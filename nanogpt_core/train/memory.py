@@ -18,20 +18,40 @@ from typing import Any
 import attrs
 
 
+def extend_over_layers(config: Any, measure: Callable[[Any], int]) -> int:
+    """``measure(config)``, taken at one block and at two and extended to ``n_layer``.
+
+    Every transformer block of our GPT has the same shape, so a count over the
+    model (parameters, FLOPs, optimizer state) is affine in ``n_layer``; building
+    thousands of blocks, even on ``meta``, takes minutes, and a model too big to
+    train is exactly where an estimate is asked for.
+    """
+    if config.n_layer <= 2:
+        return measure(config)
+    one = measure(attrs.evolve(config, n_layer=1))
+    two = measure(attrs.evolve(config, n_layer=2))
+    return one + (config.n_layer - 1) * (two - one)
+
+
+def meta_model(config: Any) -> Any:
+    """Our GPT of this shape on torch's ``meta`` device: shapes, no storage, no memory."""
+    import torch
+
+    from nanogpt_core.model.gpt import GPT
+
+    with torch.device("meta"):
+        return GPT(config)
+
+
 def parameter_count(config: Any) -> int:
     """Parameters of our GPT of this shape (a ``GPTConfig``), without allocating it.
 
     The model is built on torch's ``meta`` device, where tensors have shapes
     but no storage: the count is ``GPT.num_params``'s by construction (every
     architecture option counts, a tied output layer once) and a new model
-    option needs nothing here. GPT-2 XL takes a fifth of a second and no memory.
+    option needs nothing here.
     """
-    import torch
-
-    from nanogpt_core.model.gpt import GPT
-
-    with torch.device("meta"):
-        return GPT(config).num_params()
+    return extend_over_layers(config, lambda shape: meta_model(shape).num_params())
 
 
 def unit_parameter_counts(config: Any) -> tuple[int, int]:
@@ -39,14 +59,44 @@ def unit_parameter_counts(config: Any) -> tuple[int, int]:
 
     Built on the ``meta`` device, as :func:`parameter_count`.
     """
+    model = meta_model(attrs.evolve(config, n_layer=1))
+    block = sum(p.numel() for p in model.transformer.h[0].parameters())
+    return model.num_params() - block, block
+
+
+def optimizer_state_bytes(config: Any, build: Callable[[Any], Any]) -> int:
+    """Bytes of the state an optimizer keeps for a model of this shape, after one step.
+
+    ``build(model)`` is the optimizer plugin's own ``build`` (see
+    :func:`nanogpt_core.train.optimization.make_optimizer`): the model is made
+    on the ``meta`` device, given zero gradients and stepped once, and the
+    tensors in the optimizer's state are counted. So every plugin is asked what
+    it really keeps (AdamW two float32 moments per parameter, Muon one momentum
+    buffer on its matrices and AdamW's on the rest) without allocating any of it.
+    Whatever the plugin raises propagates: the caller decides what to assume.
+    Measured at one block and two and extended (:func:`extend_over_layers`):
+    exact for any optimizer whose state is kept per parameter.
+    """
+    return extend_over_layers(config, lambda shape: _measured_state_bytes(shape, build))
+
+
+def _measured_state_bytes(config: Any, build: Callable[[Any], Any]) -> int:
+    """The state of ``build``'s optimizer for this exact shape, after one meta step."""
     import torch
 
-    from nanogpt_core.model.gpt import GPT
-
+    model = meta_model(config)
     with torch.device("meta"):
-        model = GPT(config)
-    block = sum(p.numel() for p in model.transformer.h[0].parameters())
-    return parameter_count(config) - config.n_layer * block, block
+        optimizer = build(model)
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.grad = torch.zeros_like(parameter)
+        optimizer.step()
+    return sum(
+        value.numel() * value.element_size()
+        for state in optimizer.state.values()
+        for value in state.values()
+        if isinstance(value, torch.Tensor)
+    )
 
 
 # Bytes per token that one transformer block keeps for the backward pass, as
@@ -64,36 +114,6 @@ _OPTION_EXTRA = {
     "fp32": {"rope": 8, "rmsnorm": 8, "qk_norm": 20},
     "16-bit": {"rope": 4, "rmsnorm": 8, "qk_norm": 22},
 }
-
-
-def optimizer_state_bytes(config: Any, build: Callable[[Any], Any]) -> int:
-    """Bytes of the state an optimizer keeps for a model of this shape, after one step.
-
-    ``build(model)`` is the optimizer plugin's own ``build`` (see
-    :func:`nanogpt_core.train.optimization.make_optimizer`): the model is made
-    on the ``meta`` device, given zero gradients and stepped once, and the
-    tensors in the optimizer's state are counted. So every plugin is asked what
-    it really keeps (AdamW two float32 moments per parameter, Muon one momentum
-    buffer on its matrices and AdamW's on the rest) without allocating any of it.
-    Whatever the plugin raises propagates: the caller decides what to assume.
-    """
-    import torch
-
-    from nanogpt_core.model.gpt import GPT
-
-    with torch.device("meta"):
-        model = GPT(config)
-        optimizer = build(model)
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                parameter.grad = torch.zeros_like(parameter)
-        optimizer.step()
-    return sum(
-        value.numel() * value.element_size()
-        for state in optimizer.state.values()
-        for value in state.values()
-        if isinstance(value, torch.Tensor)
-    )
 
 
 @attrs.frozen

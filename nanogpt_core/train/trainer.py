@@ -15,6 +15,7 @@ and MFU in ``throughput.py``, and stopping on a signal in ``stopping.py``.
 
 from __future__ import annotations
 
+import functools
 import json
 from types import MappingProxyType
 from typing import Any
@@ -43,6 +44,23 @@ from nanogpt_core.train.step_guard import StepGuard, agree, finite_or_none
 from nanogpt_core.train.stopping import StopRequest, TrainingInterrupted
 from nanogpt_core.train.throughput import Throughput
 from nanogpt_core.train.training_data import steps_per_epoch, to_device, training_batches
+
+
+def step_metrics(
+    previous: Any, loss: float, grad_norm: float, rates: dict[str, float], tokens: int
+) -> dict[str, Any]:
+    """The metrics after a step: the previous ones, updated with this step's figures.
+
+    A loss or norm that is not finite (a step the guards skipped) is None, so
+    ``metrics.jsonl`` holds ``null`` rather than an invalid ``NaN``.
+    """
+    return {
+        **previous,
+        "train_loss": finite_or_none(loss),
+        **rates,
+        "grad_norm": finite_or_none(grad_norm),
+        "tokens": previous.get("tokens", 0) + tokens,
+    }
 
 
 class Trainer:
@@ -95,6 +113,9 @@ class Trainer:
         self.raw_model = self._build_model()
         self.optimizer_who = optimizer_who(plugins, train)
         self.model, self.optimizer = self._prepare_for_training()
+        # Updates the weights (through the fp16 loss scaler when there is one), then
+        # drops the gradients; the step guard calls it for a step it keeps.
+        self._optimizer_step = functools.partial(optimizer_step, self.optimizer, self.optimizer_who)
         if accelerator.num_processes > 1:
             # The same weights came from the same seed; from here on each process
             # draws its own dropout masks (one process keeps its stream as it was).
@@ -248,14 +269,10 @@ class Trainer:
             self.accelerator, loss, grad_norm, stop=stop.requested is not None
         )
         self.echo(self.guard.step(step, loss, grad_norm, self._optimizer_step))
-        metrics = {
-            **self.state.metrics,
-            "train_loss": finite_or_none(loss),
-            **rates,
-            "grad_norm": finite_or_none(grad_norm),
-            "tokens": self.state.metrics.get("tokens", 0) + self.throughput.tokens_of_step(),
-            "skipped_steps": self.guard.skipped,
-        }
+        metrics = step_metrics(
+            self.state.metrics, loss, grad_norm, rates, self.throughput.tokens_of_step()
+        )
+        metrics["skipped_steps"] = self.guard.skipped
         evaluate = step % train.eval_every == 0 or step == self.total_steps
         record = None
         if evaluate or step % train.log_every == 0:
@@ -335,10 +352,6 @@ class Trainer:
         """
         clip = self.train_cfg.grad_clip
         return sharding.clip_gradients(self.accelerator, self.raw_model, clip, sharded=self.sharded)
-
-    def _optimizer_step(self) -> None:
-        """Update the weights (through the fp16 loss scaler when there is one), then drop the gradients."""
-        optimizer_step(self.optimizer, self.optimizer_who)
 
     def evaluate(self, step: int, epoch: int) -> dict[str, float]:
         """Estimate the train and val losses and print them: ``{"train_loss": ..., "val_loss": ...}``."""

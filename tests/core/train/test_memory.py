@@ -233,3 +233,22 @@ def test_the_activation_estimate_is_within_a_quarter_of_a_measured_peak(shape, p
     estimate = estimate_training_memory(config, batch_size=batch, precision=precision)
     ratio = measured / estimate.activations
     assert 0.75 < ratio < 1.25, f"measured / estimated = {ratio:.2f}"
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_the_optimizer_state_of_many_blocks_is_extended_from_one_and_two(
+    optimizer, installed_plugins
+):
+    from nanogpt_core.train.memory import _measured_state_bytes, optimizer_state_bytes
+    from nanogpt_core.train.optimization import make_optimizer
+
+    train = TrainConfig(optimizer=optimizer)
+    config = GPTConfig(n_layer=5, n_head=2, n_embd=32, block_size=16, vocab_size=64)
+
+    def build(model):
+        return make_optimizer(installed_plugins, train, model, "meta")
+
+    # Measured whole, five blocks; the public function measures one and two.
+    direct = _measured_state_bytes(config, build)
+    assert optimizer_state_bytes(config, build) == direct
+    assert direct > 0
