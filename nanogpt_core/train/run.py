@@ -211,6 +211,11 @@ def check_memory(
                 if shards > 1 or config.train.parallelism == "fsdp"
                 else ', shard it across processes with train.parallelism = "fsdp"'
             )
+            + (
+                ""
+                if config.train.activation_checkpointing
+                else ", recompute activations with train.activation_checkpointing = true"
+            )
             + ", or skip this check with --set train.memory_check=false"
         ]
     )

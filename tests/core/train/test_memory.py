@@ -104,8 +104,24 @@ def test_the_check_counts_activations(gpu_with_free_memory):
         if fits:
             check_memory(config, GPT2_SMALL, device, "bf16")
             continue
-        with pytest.raises(ConfigError, match="micro-batches of 64 x 1024 tokens"):
+        with pytest.raises(ConfigError, match="micro-batches of 64 x 1024 tokens") as refused:
             check_memory(config, GPT2_SMALL, device, "bf16")
+        assert "with train.activation_checkpointing = true" in refused.value.problems[0]
+    # Recomputed activations are counted, and no longer suggested once on.
+    train = TrainConfig(batch_size=64, activation_checkpointing=True)
+    config = ExperimentConfig(name="x", dataset=PluginSpec(plugin="none"), train=train)
+    with pytest.raises(ConfigError) as refused:
+        check_memory(config, GPT2_SMALL, gpu_with_free_memory(free=10 * 2**30), "bf16")
+    assert "activation_checkpointing" not in refused.value.problems[0]
+    # 50 GiB: 64 x 1024 tokens need about 60 GiB, about 43 GiB recomputed.
+    check_memory(config, GPT2_SMALL, gpu_with_free_memory(free=50 * 2**30), "bf16")
+    with pytest.raises(ConfigError):
+        check_memory(
+            attrs.evolve(config, train=TrainConfig(batch_size=64)),
+            GPT2_SMALL,
+            gpu_with_free_memory(free=50 * 2**30),
+            "bf16",
+        )
 
 
 def saved_bytes(config: GPTConfig, batch: int, precision: str, checkpointed: bool = False) -> int:
