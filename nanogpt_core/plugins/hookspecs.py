@@ -11,13 +11,15 @@ from typing import Any
 
 import pluggy
 
-API_VERSION = "1.1.0"
+API_VERSION = "1.2.0"
 """The version of the plugin API, by semantic versioning, apart from the package's.
 
 The API is ``nanogpt_core``'s ``__all__``, these hooks and the protocols they
 document. 1.0.0 is what releases 0.1.0 and 0.2.0 documented; 1.1.0 (0.3.0) added a
 source's optional ``token_estimate``, a callback's optional
-``planned_checkpoints``, ``tokens_from_text_bytes`` and this constant. A plugin
+``planned_checkpoints``, ``tokens_from_text_bytes`` and this constant; 1.2.0 (0.4.0)
+added ``TrainConfig``'s sharding, activation-checkpointing, guard and timeout
+fields and the ``skipped_steps`` metric. A plugin
 module may declare what it supports, ``NANOGPT_API = ">=1.0,<2"`` (a PEP 440
 specifier); one that excludes this version is a warning line when it loads.
 """

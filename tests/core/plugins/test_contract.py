@@ -68,16 +68,16 @@ def hello(word: str, declaration: str = "") -> str:
 
 
 def test_api_version_is_public_semantic_and_shown_by_gpt_plugins(tmp_path):
-    assert nanogpt_core.API_VERSION == hookspecs.API_VERSION == "1.1.0"
+    assert nanogpt_core.API_VERSION == hookspecs.API_VERSION == "1.2.0"
     assert "API_VERSION" in nanogpt_core.__all__
     assert re.fullmatch(r"\d+\.\d+\.\d+", nanogpt_core.API_VERSION)
     site = tmp_path / "site"
     install(site, "plain", hello("plain"))
     text = gpt("plugins", site=site, cwd=tmp_path)
     assert text.returncode == 0, text.stderr
-    assert text.stdout.splitlines()[0] == f"nanogpt {nanogpt_core.__version__}, plugin API 1.1.0"
+    assert text.stdout.splitlines()[0] == f"nanogpt {nanogpt_core.__version__}, plugin API 1.2.0"
     entries = listing(site, tmp_path)
-    assert {e["api_version"] for e in entries.values()} == {"1.1.0"}
+    assert {e["api_version"] for e in entries.values()} == {"1.2.0"}
     assert entries["plain"]["api_declared"] is None and entries["plain"]["warnings"] == []
 
 
@@ -90,7 +90,7 @@ def test_a_declaration_that_excludes_this_api_is_one_warning_and_the_plugin_load
     assert (result.returncode, result.stdout) == (0, "hello future\n")
     assert result.stderr.splitlines() == [
         "Warning: plugin 'future' (nanogpt-future 1.0) declares NANOGPT_API = '>=2.0', which "
-        "excludes this plugin API (1.1.0); it is loaded anyway: update the plugin, or nanogpt",
+        "excludes this plugin API (1.2.0); it is loaded anyway: update the plugin, or nanogpt",
         "Warning: plugin 'garbled' (nanogpt-garbled 1.0): NANOGPT_API = 'one point oh' is not "
         'a version specifier; declare a PEP 440 specifier such as NANOGPT_API = ">=1.0,<2"',
     ]
