@@ -66,7 +66,7 @@ from nanogpt_core.plugins.options import (
 from nanogpt_core.train.callbacks import Callback, RunPaths, TrainerState
 from nanogpt_core.train.metrics import metric_scalars
 
-__version__ = "0.4.0"
+__version__ = "0.4.1"
 
 __all__ = [
     "API_VERSION",

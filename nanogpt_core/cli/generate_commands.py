@@ -215,6 +215,14 @@ def chat(
     help="Weights and KV cache; auto: float16 on CUDA 7.x, bfloat16 from 8.0, else float32.",
 )
 @click.option(
+    "--prepack/--no-prepack",
+    default=True,
+    show_default=True,
+    help="On the CPU in float32, lay the linear weights out for oneDNN at --max-batch rows "
+    "once (a full batch decodes about 1.6x faster; the tied output layer takes a second "
+    "copy); --no-prepack: torch's own linear.",
+)
+@click.option(
     "--max-concurrency",
     default=None,
     type=click.IntRange(min=1),
@@ -253,6 +261,7 @@ def serve(
     prefill_chunk: int,
     request_timeout: float | None,
     dtype: str,
+    prepack: bool,
     max_concurrency: int | None,
     queue_size: int | None,
     max_tokens_limit: int | None,
@@ -301,6 +310,7 @@ def serve(
         prefill_chunk=prefill_chunk,
         request_timeout=request_timeout,
         dtype=dtype,
+        prepack=prepack,
         grace=grace,
         device=device,
         max_tokens_limit=max_tokens_limit,

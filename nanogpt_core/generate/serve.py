@@ -263,6 +263,7 @@ def serve(
     prefill_chunk: int = PREFILL_CHUNK,
     request_timeout: float | None = None,
     dtype: str = "auto",
+    prepack: bool = True,
     grace: float,
     device: str,
     max_tokens_limit: int | None = None,
@@ -271,7 +272,9 @@ def serve(
     """What ``gpt serve`` does: load the checkpoint and serve it until SIGTERM or Ctrl-C.
 
     The key and the address are checked, and the port taken, before the
-    checkpoint loads: each way of failing to start is one line, exit 2.
+    checkpoint loads: each way of failing to start is one line, exit 2. With
+    ``prepack`` a float32 model on the CPU decodes through oneDNN
+    (:func:`~nanogpt_core.model.packed_linear.pack_linears`).
     """
     import click
     import uvicorn
@@ -284,6 +287,7 @@ def serve(
         check_api_key,
         quiet_uvicorn,
     )
+    from nanogpt_core.model.packed_linear import pack_linears
     from nanogpt_core.plugins.registry import load_plugins
 
     check_api_key(api_key)
@@ -295,6 +299,7 @@ def serve(
     to_dtype(loaded.model, precision)  # the KV cache takes the model's dtype
     # Checked with the weights on the device: what is free is what the cache gets.
     check_kv_fits(loaded.model.config, max_batch, precision, loaded.device)
+    packed = pack_linears(loaded.model, max_batch) if prepack else 0
     template = (
         None
         if loaded.template is None
@@ -316,7 +321,8 @@ def serve(
     chat = f"template {loaded.template.get('kind')!r}" if loaded.template else "plain transcript"
     click.echo(
         f"serving {ckpt} as model {name!r} ({chat}) on http://{host}:{port}/ "
-        f"(batch {max_batch}, queue {max_queue}, {str(precision).removeprefix('torch.')})",
+        f"(batch {max_batch}, queue {max_queue}, {str(precision).removeprefix('torch.')}"
+        f"{f', {packed} linear layers prepacked for oneDNN' if packed else ''})",
         err=True,
     )
     config = uvicorn.Config(

@@ -8,6 +8,7 @@ thread timing; the engine and the HTTP server are checked on top of it.
 from __future__ import annotations
 
 import asyncio
+import copy
 
 import pytest
 import torch
@@ -29,6 +30,7 @@ from nanogpt_core.model.batch_cache import kv_bytes_per_token
 from nanogpt_core.model.gpt import GPT, GPTConfig
 from nanogpt_core.model.kv_cache import KVCache
 from nanogpt_core.model.next_token import pick_next_token
+from nanogpt_core.model.packed_linear import pack_linears
 
 CHARS = "abcdefghijklmnopqrstuvwxyz .,!?\n"
 # No end-of-text: every row runs to its max_tokens, past block_size where asked.
@@ -102,9 +104,14 @@ def alone_greedy(loaded: LoadedModel, ids: list[int], tokens: int) -> tuple[str,
     return text, logits_seen
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["linear", "prepacked"])
 @pytest.mark.parametrize("position", list(POSITIONS))
-def test_staggered_rows_of_every_length_equal_their_output_alone(position, monkeypatch):
+def test_staggered_rows_of_every_length_equal_their_output_alone(position, packed, monkeypatch):
     loaded = loaded_model(position)
+    served = loaded
+    if packed:  # what `gpt serve` decodes with on the CPU; the reference stays unpacked
+        served = LoadedModel(copy.deepcopy(loaded.model), TOKENIZER, 0, torch.device("cpu"))
+        assert pack_linears(served.model, rows=3) > 0
     g = torch.Generator().manual_seed(1)
     lengths = [1, 3, 16, 7, 12, 2, 9, 15, 5, 20]  # 20: a prompt cut to block_size
     max_tokens = [30, 5, 40, 12, 25, 33, 8, 20, 3, 18]  # 40 tokens: past block_size twice
@@ -124,7 +131,7 @@ def test_staggered_rows_of_every_length_equal_their_output_alone(position, monke
         return batch_sample(self, logits, vocab_limit)
 
     monkeypatch.setattr(BatchSampler, "sample", recording)
-    scheduler = Scheduler(loaded, max_batch=3, prefill_chunk=5)
+    scheduler = Scheduler(served, max_batch=3, prefill_chunk=5)
     c = collectors
     drive(scheduler, {0: c[0:2], 2: [c[2]], 3: [c[3]], 10: c[4:6], 11: [c[6]], 30: c[7:]})
     assert scheduler.largest_batch == 3

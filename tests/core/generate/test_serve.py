@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -309,6 +310,30 @@ def test_long_prompt_keeps_its_end_and_says_so(server):
     assert response.json()["usage"]["prompt_tokens"] == 64
     short = server.post("/v1/completions", json={"prompt": "word", "max_tokens": 2})
     assert "X-Nanogpt-Prompt-Truncated" not in short.headers
+
+
+@pytest.mark.slow
+def test_prepacked_and_plain_linear_layers_answer_alike(tuned_ckpt):
+    # The default prepacks the linear layers for oneDNN on the CPU; --no-prepack does not.
+    expected = greedy_sample(tuned_ckpt, PROMPTS[1])
+    prompts = [PROMPTS[1], *PROMPTS]  # 5 requests at once: prompts of 4 lengths batched
+    answers = {}
+    for options in ((), ("--no-prepack",)):
+        with running(tuned_ckpt, *options) as server:
+            client = server.client()
+
+            def complete(prompt: str, client=client) -> str:
+                out = client.completions.create(
+                    model=MODEL, prompt=prompt, max_tokens=MAX_NEW, temperature=0
+                )
+                return out.choices[0].text
+
+            with ThreadPoolExecutor(len(prompts)) as pool:
+                answers[options] = list(pool.map(complete, prompts))
+        prepacked = "linear layers prepacked for oneDNN" in server.stderr
+        assert prepacked == (not options), server.stderr
+    assert answers[()][0] == answers[()][2] == expected  # PROMPTS[1] twice in one batch
+    assert answers[()] == answers[("--no-prepack",)]
 
 
 @pytest.mark.slow
