@@ -313,6 +313,34 @@ def test_kv_cache_bytes_and_the_max_batch_check():
     assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
 
 
+@pytest.mark.parametrize(
+    ("capability", "expected"),
+    [((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+     ((9, 0), torch.bfloat16), ((6, 1), torch.float32)],
+)  # fmt: skip
+def test_auto_dtype_follows_the_gpus_compute_capability(monkeypatch, capability, expected):
+    # No GPU here: the capability CUDA would report is what --dtype auto decides on.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert resolve_dtype("auto", torch.device("cuda", 0)) == expected
+    assert resolve_dtype("float32", torch.device("cuda", 0)) == torch.float32
+
+
+def test_a_max_batch_that_cannot_fit_the_gpu_is_refused_before_start(monkeypatch):
+    from nanogpt_core.errors import NanoGPTError
+    from nanogpt_core.generate.serve_memory import check_kv_fits
+
+    config = GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304)
+    cuda = torch.device("cuda", 0)
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**30, 16 * 2**30))
+    check_kv_fits(config, 8, torch.float16, cuda)  # 324 MiB fit in 1 GiB
+    with pytest.raises(NanoGPTError, match=r"^--max-batch 64: .* use --max-batch 27 or less$"):
+        check_kv_fits(config, 64, torch.float16, cuda)
+    assert emptied  # the float32 copies a cast left behind count as free
+    check_kv_fits(config, 10**6, torch.float32, torch.device("cpu"))  # the CPU is not checked
+
+
 def test_half_precision_keeps_rope_frequencies_and_caches_in_its_dtype():
     from nanogpt_core.generate.serve_memory import to_dtype
 
