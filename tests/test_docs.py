@@ -163,3 +163,32 @@ def test_paths_named_in_the_docs_exist():
                 assert (REPO / span).exists(), f"{name} names {span}, which does not exist"
                 checked += 1
     assert checked > 20
+
+
+def test_every_option_of_every_command_is_named_in_the_docs():
+    # An option added to a command without a word in the README or docs/ fails here.
+    import click
+
+    from nanogpt_core.cli import CORE_COMMANDS
+
+    text = "\n".join(p.read_text() for p in [REPO / "README.md", *sorted(DOCS.glob("*.md"))])
+
+    def options(command: click.Command, path: str):
+        if isinstance(command, click.Group):
+            for name, sub in command.commands.items():
+                yield from options(sub, f"{path} {name}")
+            return
+        for param in command.params:
+            if isinstance(param, click.Option):
+                for flag in [*param.opts, *param.secondary_opts]:
+                    if flag.startswith("--"):
+                        yield path, flag
+
+    flags = [pair for command in CORE_COMMANDS for pair in options(command, command.name)]
+    assert ("serve", "--no-prepack") in flags  # the walk reaches secondary flags
+    missing = [
+        f"gpt {path} {flag}"
+        for path, flag in flags
+        if not re.search(re.escape(flag) + r"(?![\w-])", text)
+    ]
+    assert not missing, f"options the docs never name: {missing}"

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from nanogpt_core.data.tokenizers import tokenizer_from_description
+from nanogpt_core.errors import NanoGPTError
 from nanogpt_core.generate.batch_sampling import BatchSampler, RowSettings
 from nanogpt_core.generate.sampling import LoadedModel
 from nanogpt_core.generate.scheduler import Scheduler
@@ -25,7 +26,13 @@ from nanogpt_core.generate.serve_generation import (
     Row,
     Sampling,
 )
-from nanogpt_core.generate.serve_memory import kv_cache_bytes, kv_problem, resolve_dtype
+from nanogpt_core.generate.serve_memory import (
+    check_kv_fits,
+    kv_cache_bytes,
+    kv_problem,
+    resolve_dtype,
+    to_dtype,
+)
 from nanogpt_core.model.batch_cache import kv_bytes_per_token
 from nanogpt_core.model.gpt import GPT, GPTConfig
 from nanogpt_core.model.kv_cache import KVCache
@@ -326,9 +333,6 @@ def test_auto_dtype_follows_the_gpus_compute_capability(monkeypatch, capability,
 
 
 def test_a_max_batch_that_cannot_fit_the_gpu_is_refused_before_start(monkeypatch):
-    from nanogpt_core.errors import NanoGPTError
-    from nanogpt_core.generate.serve_memory import check_kv_fits
-
     config = GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304)
     cuda = torch.device("cuda", 0)
     emptied = []
@@ -342,8 +346,6 @@ def test_a_max_batch_that_cannot_fit_the_gpu_is_refused_before_start(monkeypatch
 
 
 def test_half_precision_keeps_rope_frequencies_and_caches_in_its_dtype():
-    from nanogpt_core.generate.serve_memory import to_dtype
-
     loaded = loaded_model("rope")
     frequencies = loaded.model.rope_inv_freq.clone()
     to_dtype(loaded.model, torch.bfloat16)
